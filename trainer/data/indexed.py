@@ -1,0 +1,108 @@
+"""Token shards in Megatron's indexed format (``PREFIX.bin`` + ``PREFIX.idx``).
+
+Writing goes through ``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder`` so the files
+are Megatron's own. Reading in the training hot path uses a small parser of the ``.idx`` header
+plus a numpy memmap of the ``.bin``: the ``.bin`` is every document's tokens back to back, so a
+domain is one contiguous token stream and a training sample is a slice of it. Importing megatron
+costs ~5 s, which the trainer should not pay on every start; ``tests/test_indexed.py`` proves the
+two readers agree.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+_HEADER = b"MMIDIDX\x00\x00"
+# Megatron's DType enum (indexed_dataset.py): code -> numpy dtype.
+_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
+
+
+class ShardFormatError(ValueError):
+    """A file pair that is missing or not in Megatron's indexed format."""
+
+
+def exists(prefix: str | os.PathLike) -> bool:
+    prefix = str(prefix)
+    return os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")
+
+
+def write_indexed(prefix: str | os.PathLike, documents: Iterable[np.ndarray], dtype=np.uint16) -> dict:
+    """Write documents (1-D integer arrays, each already ending with EOD) as one Megatron prefix.
+
+    Written under a temporary name and renamed, so an interrupted write never leaves a prefix that
+    looks complete. Returns ``{"documents": n, "tokens": t}``.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(prefix)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{prefix}.tmp{os.getpid()}"
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+    n_docs = n_tokens = 0
+    info = np.iinfo(dtype)
+    for doc in documents:
+        doc = np.asarray(doc)
+        if doc.size == 0:
+            continue
+        if doc.min() < info.min or doc.max() > info.max:
+            raise ValueError(f"token ids outside the range of {np.dtype(dtype).name} while writing {prefix}")
+        builder.add_document(doc.astype(dtype, copy=False), [int(doc.size)])
+        n_docs += 1
+        n_tokens += int(doc.size)
+    builder.finalize(tmp + ".idx")
+    os.replace(tmp + ".bin", prefix + ".bin")
+    os.replace(tmp + ".idx", prefix + ".idx")
+    return {"documents": n_docs, "tokens": n_tokens}
+
+
+@dataclass
+class IndexedTokens:
+    """Read-only view of one Megatron prefix as a flat token stream."""
+
+    prefix: str
+
+    def __post_init__(self):
+        self.prefix = str(self.prefix)
+        if not exists(self.prefix):
+            raise FileNotFoundError(f"no Megatron shard at prefix {self.prefix!r} (expected {self.prefix}.bin and .idx)")
+        with open(self.prefix + ".idx", "rb") as f:
+            header = f.read(len(_HEADER))
+            if header != _HEADER:
+                raise ShardFormatError(f"{self.prefix}.idx is not a Megatron index (bad magic)")
+            (version,) = struct.unpack("<Q", f.read(8))
+            if version != 1:
+                raise ShardFormatError(f"{self.prefix}.idx has index version {version}, only 1 is supported")
+            (code,) = struct.unpack("<B", f.read(1))
+            if code not in _DTYPES:
+                raise ShardFormatError(f"{self.prefix}.idx has unknown dtype code {code}")
+            self.dtype = np.dtype(_DTYPES[code])
+            self.sequence_count, self.document_count = struct.unpack("<QQ", f.read(16))
+            self._offset = f.tell()
+        bin_bytes = os.path.getsize(self.prefix + ".bin")
+        if bin_bytes % self.dtype.itemsize:
+            raise ShardFormatError(f"{self.prefix}.bin size is not a multiple of {self.dtype.itemsize}")
+        self.num_tokens = bin_bytes // self.dtype.itemsize
+
+    @cached_property
+    def tokens(self) -> np.ndarray:
+        if self.num_tokens == 0:
+            return np.zeros(0, dtype=self.dtype)
+        return np.memmap(self.prefix + ".bin", dtype=self.dtype, mode="r")
+
+    @cached_property
+    def sequence_lengths(self) -> np.ndarray:
+        return np.fromfile(self.prefix + ".idx", dtype=np.int32, count=self.sequence_count, offset=self._offset)
+
+    def max_token(self) -> int:
+        """Largest token id, scanned in blocks (used once, to check against the model's vocabulary)."""
+        best = -1
+        for s in range(0, self.num_tokens, 1 << 24):
+            best = max(best, int(self.tokens[s : s + (1 << 24)].max()))
+        return best

@@ -1,0 +1,76 @@
+"""A shard set: a folder of Megatron prefixes plus ``manifest.json`` describing them.
+
+Layout (prefixes are relative to the folder)::
+
+    manifest.json
+    <domain>/train.{bin,idx}   <domain>/valid.{bin,idx}
+    targets/<name>.{bin,idx}
+
+``manifest.json``::
+
+    {"format": "mixtrain-shards/1",
+     "tokenizer": {"name", "vocab_size", "eod", "files": {file: sha256}},
+     "recipe_hash": "...",                      # hash of whatever built it (cache key)
+     "domains": {name: {"splits": {"train": {"prefix", "documents", "tokens"}, "valid": {...}},
+                        "sources": [...], ...}},
+     "targets": {name: {"prefix", "documents", "tokens"}},
+     "missing": {name: "why it could not be built"}}
+
+The demo builder (``trainer.data.demo``) and ``mixtrain data ingest`` both write this; the trainer
+reads it, or takes bare Megatron prefixes named in the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT = "mixtrain-shards/1"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Split:
+    prefix: str  # absolute
+    documents: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class ShardSet:
+    root: Path
+    tokenizer: dict
+    domains: dict[str, dict[str, Split]]  # domain -> split name -> Split
+    targets: dict[str, Split] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+    recipe_hash: str = ""
+
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> "ShardSet":
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"data.path={str(root)!r} holds no {MANIFEST}: build it with `mixtrain data demo` or `mixtrain data ingest`")
+        meta = json.loads(path.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+
+        def split(d):
+            return Split(prefix=str(root / d["prefix"]), documents=int(d.get("documents", 0)), tokens=int(d.get("tokens", 0)))
+
+        domains = {name: {s: split(v) for s, v in d["splits"].items()} for name, d in meta["domains"].items()}
+        targets = {name: split(v) for name, v in meta.get("targets", {}).items()}
+        return cls(root=root, tokenizer=meta["tokenizer"], domains=domains, targets=targets,
+                   missing=dict(meta.get("missing", {})), recipe_hash=meta.get("recipe_hash", ""))
+
+
+def write_manifest(root: str | os.PathLike, meta: dict) -> Path:
+    """Write ``manifest.json`` atomically; it is written last, so its presence means the set is complete."""
+    root = Path(root)
+    meta = {"format": FORMAT, **meta}
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    os.replace(tmp, root / MANIFEST)
+    return root / MANIFEST
