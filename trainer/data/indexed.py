@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -39,9 +40,12 @@ def write_indexed(prefix: str | os.PathLike, documents: Iterable[np.ndarray], dt
     Written under a temporary name and renamed, so an interrupted write never leaves a prefix that
     looks complete. Returns ``{"documents": n, "tokens": t}``.
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    with warnings.catch_warnings():  # megatron announces missing Transformer Engine/Apex on import
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     prefix = str(prefix)
+    dtype = np.dtype(dtype).type  # megatron's DType lookup wants the scalar type, not a dtype instance
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{prefix}.tmp{os.getpid()}"
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)

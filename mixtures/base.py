@@ -1,0 +1,180 @@
+"""The controller contract: what the trainer gives a mixture controller and what it gets back.
+
+Controllers are pure decision logic on numpy arrays. They never import the trainer and never talk
+to torch.distributed: the trainer reduces statistics over ranks before ``observe`` and makes sure
+every rank uses rank 0's weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+class MixtureConfigError(ValueError):
+    """A mixture knob with a bad value; the message names the knob (``mixture.<name>``)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """Signals a controller needs at one step. The trainer computes only what is asked for."""
+
+    loss: bool = True
+    """Per-domain mean training loss and token counts (cheap; always available)."""
+    align: tuple[str, ...] = ()
+    """Reference gradients to align every domain gradient with (e.g. "heldout_mix", "target:humaneval")."""
+    gram: bool = False
+    """Exact K x K Gram of per-domain gradients."""
+    norms: bool = False
+    """Per-domain gradient norms."""
+    ref_model_loss: bool = False
+    """Per-domain loss of a reference model on the same batch."""
+
+
+@dataclass
+class DomainStats:
+    """Per-step statistics, already reduced over data-parallel ranks and micro-batches.
+
+    ``loss[i]`` is NaN and ``tokens[i]`` is 0 for a domain absent from the step.
+    """
+
+    step: int
+    lr: float
+    loss: np.ndarray
+    tokens: np.ndarray
+    align: np.ndarray | None = None  # [K, R]
+    gram: np.ndarray | None = None  # [K, K]
+    norms: np.ndarray | None = None  # [K]
+    ref_loss: np.ndarray | None = None  # [K]
+    extra: dict = field(default_factory=dict)
+
+    def finite(self) -> bool:
+        """True when every statistic of the present domains is finite."""
+        present = self.tokens > 0
+        arrays = [self.loss[present]]
+        for a in (self.align, self.gram, self.norms, self.ref_loss):
+            if a is not None:
+                arrays.append(np.asarray(a)[present] if np.ndim(a) else np.asarray(a))
+        return all(np.all(np.isfinite(a)) for a in arrays) and math.isfinite(self.lr)
+
+
+def check_weights(weights, domains: list[str], knob: str) -> np.ndarray:
+    """Validate a weight vector or name->weight map and return it normalised, in domain order."""
+    if isinstance(weights, dict):
+        unknown = sorted(set(weights) - set(domains))
+        if unknown:
+            raise MixtureConfigError(f"{knob} names unknown domains {unknown}; the domains are {domains}")
+        missing = [d for d in domains if d not in weights]
+        if missing:
+            raise MixtureConfigError(f"{knob} gives no weight for domains {missing}; give every domain a weight (0 is allowed)")
+        weights = [weights[d] for d in domains]
+    try:
+        w = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise MixtureConfigError(f"{knob} must be numbers, got {weights!r}") from None
+    if w.shape != (len(domains),):
+        raise MixtureConfigError(f"{knob} has {w.size} entries but there are {len(domains)} domains {domains}")
+    if not np.all(np.isfinite(w)):
+        raise MixtureConfigError(f"{knob} contains NaN or infinite values: {w.tolist()}")
+    if np.any(w < 0):
+        raise MixtureConfigError(f"{knob} contains negative weights: {w.tolist()}")
+    if w.sum() <= 0:
+        raise MixtureConfigError(f"{knob} sums to zero; at least one domain needs a positive weight")
+    return w / w.sum()
+
+
+def apply_floor(w: np.ndarray, floor: float) -> np.ndarray:
+    """Mix with uniform so every entry is at least floor/K (controllers.md: the shared floor rule)."""
+    if floor <= 0:
+        return w
+    return (1.0 - floor) * w + floor / w.size
+
+
+class Controller(ABC):
+    """Base class. Subclasses set ``name`` and ``Config`` (a dataclass of their knobs)."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, domains: list[str], cfg: Any, *, domain_tokens: np.ndarray | None = None):
+        self.domains = list(domains)
+        self.K = len(domains)
+        self.cfg = cfg
+        self.domain_tokens = None if domain_tokens is None else np.asarray(domain_tokens, dtype=np.float64)
+        self._weights = np.full(self.K, 1.0 / self.K)
+        self._sum = np.zeros(self.K)
+        self._count = 0
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Sampling distribution for the next shard."""
+        return self._weights
+
+    @property
+    def loss_weights(self) -> np.ndarray:
+        """Per-domain multipliers of the training loss (ones unless the method reweights the loss)."""
+        return np.ones(self.K)
+
+    def request(self, step: int) -> Request:
+        return Request()
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether weights can change during a run (static controllers skip the per-step sync)."""
+        return True
+
+    @abstractmethod
+    def observe(self, stats: DomainStats) -> None:
+        """Update from one step's statistics. Must leave state untouched when ``stats`` is not finite."""
+
+    def record(self) -> None:
+        """Add the current weights to the running average; called by the trainer once per update."""
+        self._sum += self._weights
+        self._count += 1
+
+    @property
+    def average_weights(self) -> np.ndarray:
+        """What a proxy search exports: the time average of the weights (current weights if none yet)."""
+        return self._sum / self._count if self._count else self._weights.copy()
+
+    def state_dict(self) -> dict:
+        return {"weights": self._weights.copy(), "sum": self._sum.copy(), "count": self._count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._weights = np.asarray(state["weights"], dtype=np.float64).copy()
+        self._sum = np.asarray(state["sum"], dtype=np.float64).copy()
+        self._count = int(state["count"])
+
+
+REGISTRY: dict[str, type[Controller]] = {}
+
+
+def register(cls: type[Controller]) -> type[Controller]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def config_from_dict(config_cls: type, values: dict, prefix: str = "mixture"):
+    """Build a knob dataclass from a plain dict, naming unknown knobs and allowed ones."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise MixtureConfigError(f"unknown knob(s) {', '.join(prefix + '.' + u for u in unknown)}; allowed: {', '.join(sorted(names))}")
+    cfg = config_cls(**values)
+    validate = getattr(cfg, "validate", None)
+    if validate:
+        validate()
+    return cfg
+
+
+def build_controller(name: str, domains: list[str], values: dict, *, domain_tokens=None) -> Controller:
+    if name not in REGISTRY:
+        raise MixtureConfigError(f"mixture.name={name!r} is not a registered controller; allowed: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[name]
+    cfg = config_from_dict(cls.Config, values)
+    return cls(domains, cfg, domain_tokens=domain_tokens)

@@ -1,0 +1,101 @@
+"""Shared test helpers: tiny synthetic shard sets and configs that train in seconds on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from trainer.config import load_config
+from trainer.data.indexed import write_indexed
+from trainer.data.shardset import write_manifest
+from trainer.data.tokenizer import get_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def synthetic_text(kind: str, n_docs: int, rng: np.random.Generator) -> list[str]:
+    """Texts with clearly different statistics per kind (learnable patterns vs noise)."""
+    docs = []
+    for _ in range(n_docs):
+        if kind == "counting":
+            start = int(rng.integers(0, 50))
+            docs.append(" ".join(str(i) for i in range(start, start + 60)))
+        elif kind == "abc":
+            docs.append("abcdefgh" * int(rng.integers(20, 40)))
+        elif kind == "words":
+            vocab = ["the", "cat", "sat", "on", "mat", "and", "dog", "ran", "far"]
+            docs.append(" ".join(rng.choice(vocab, size=80)))
+        elif kind == "noise":
+            docs.append(bytes(rng.integers(32, 127, size=300, dtype=np.uint8)).decode("ascii"))
+        else:
+            raise ValueError(kind)
+    return docs
+
+
+def make_shardset(root: Path, kinds: dict[str, str] | None = None, n_docs: int = 40, targets: dict[str, str] | None = None, seed: int = 0) -> Path:
+    """A shard set with the bytes tokenizer: domain name -> text kind."""
+    kinds = kinds or {"counting": "counting", "abc": "abc", "words": "words", "noise": "noise"}
+    targets = targets if targets is not None else {"wordy": "words"}
+    tok = get_tokenizer("bytes")
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+
+    def write(prefix: str, texts: list[str]) -> dict:
+        docs = [np.array(tok.encode(t) + [tok.eod], dtype=tok.dtype) for t in texts]
+        info = write_indexed(root / prefix, docs, dtype=tok.dtype)
+        return {"prefix": prefix, **info}
+
+    domains = {name: {"splits": {"train": write(f"{name}/train", synthetic_text(k, n_docs, rng)),
+                                 "valid": write(f"{name}/valid", synthetic_text(k, 4, rng))}}
+               for name, k in kinds.items()}
+    tgts = {name: {"splits": {"train": write(f"targets/{name}/train", synthetic_text(k, 4, rng)),
+                              "valid": write(f"targets/{name}/valid", synthetic_text(k, 4, rng))}}
+            for name, k in targets.items()}
+    write_manifest(root, {"tokenizer": tok.identity(), "recipe_hash": "synthetic", "domains": domains, "targets": tgts, "missing": {}})
+    return root
+
+
+def tiny_values(data_path: Path, run_dir: Path, **overrides) -> dict:
+    """A plain config dict for a fast run on a synthetic shard set; dotted overrides allowed."""
+    values = {
+        "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64},
+        "data": {"source": "path", "path": str(data_path), "tokenizer": "bytes", "seq_len": 32, "steps_per_shard": 3, "eval_sequences": 4},
+        "train": {"steps": 8, "micro_batch": 4, "grad_accum": 1, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "eval_every": 4},
+        "engine": {"threads": 1},
+        "run": {"dir": str(run_dir), "wandb": "disabled", "plots": False, "progress": False},
+        "mixture": {"name": "uniform"},
+    }
+    for key, value in overrides.items():
+        node = values
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return values
+
+
+def tiny_config(data_path: Path, run_dir: Path, **overrides):
+    return load_config(tiny_values(data_path, run_dir, **overrides))
+
+
+def run_torchrun(nproc: int, script: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``script`` under torchrun with gloo on CPU; raises with the output on failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def losses_by_step(run_dir: Path) -> dict[int, dict]:
+    """step -> {key: value} for the deterministic keys of metrics.jsonl (no timings)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = {k: v for k, v in rec.items() if not k.startswith("perf/")}
+    return out

@@ -1,0 +1,85 @@
+"""``mixtrain`` command line.
+
+    mixtrain                         the main job: build the demo corpus if needed, train briefly on it
+    mixtrain train [overrides] [-m]  a Hydra app: model=… data=… mixture=… engine=… key=value
+    mixtrain data demo               build the 8-domain demo corpus and its target sets
+    mixtrain data ingest …           turn jsonl/parquet/HF datasets/Megatron prefixes into a shard set
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+USAGE = __doc__
+
+
+def _train_app(overrides: list[str]) -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from . import dist
+    from .config import load_config
+    from .loop import run
+
+    if not CONF_DIR.is_dir():
+        raise SystemExit(f"mixtrain: config folder {CONF_DIR} not found (install with `pip install -e .` from the repository)")
+    rank, world, _ = dist.env_world()
+    if world > 1 and not any(o.startswith("hydra.run.dir=") for o in overrides):
+        # Every rank runs Hydra; rank 0 picks the timestamp so all ranks agree on one run directory.
+        import time
+
+        from .config import EngineConfig
+
+        backend = next((o.split("=", 1)[1] for o in overrides if o.startswith("engine.backend=")), EngineConfig.backend)
+        dist.init(backend)
+        stamp = dist.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+        overrides = [*overrides, f"hydra.run.dir=runs/${{run.name}}-{stamp}"]
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def app(cfg) -> None:
+        values = OmegaConf.to_container(cfg, resolve=True)
+        if not values.get("run", {}).get("dir"):
+            values.setdefault("run", {})["dir"] = HydraConfig.get().runtime.output_dir
+        run(load_config(values))
+
+    sys.argv = ["mixtrain train", *overrides]
+    app()
+
+
+def _data_parser() -> argparse.ArgumentParser:
+    from .data import demo, ingest
+
+    parser = argparse.ArgumentParser(prog="mixtrain data", description="Build or ingest token shards (Megatron .bin/.idx).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo.add_parser(sub)
+    ingest.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if not argv:
+        print("[mixtrain] main job: demo corpus (built on first use) + a short training with a static mixture "
+              "(conf/experiment/demo.yaml). `mixtrain --help` lists the commands.", flush=True)
+        _train_app(["+experiment=demo"])
+    elif argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+    elif argv[0] == "train":
+        _train_app(argv[1:])
+    elif argv[0] == "data":
+        args = _data_parser().parse_args(argv[1:])
+        args.func(args)
+    else:
+        raise SystemExit(f"mixtrain: unknown command {argv[0]!r}\n{USAGE}")
+
+
+if __name__ == "__main__":
+    main()

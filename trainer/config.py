@@ -1,0 +1,258 @@
+"""Typed run configuration. Hydra composes YAML from ``conf/``; ``load_config`` turns the result
+into these dataclasses and validates every knob, naming it in the error.
+
+Each field's docstring is the knob's documentation (``mixtrain train --help`` lists the groups).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad knob value; the message starts with the knob's dotted name."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "gpt"
+    """Registered model family."""
+    n_layer: int = 2
+    """Transformer blocks."""
+    n_head: int = 2
+    """Attention heads per block (must divide d_model)."""
+    d_model: int = 64
+    """Residual width."""
+    max_seq_len: int = 256
+    """Context length: positions in the learned position table."""
+    vocab_size: int | None = None
+    """Vocabulary rows; null = the data tokenizer's vocabulary rounded up to a multiple of 64."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the LM head."""
+    bias: bool = True
+    """Biases in linear layers and LayerNorms (GPT-2 style)."""
+    dropout: float = 0.0
+    """Dropout on attention and residual paths (0 keeps runs deterministic)."""
+
+    def validate(self):
+        for knob in ("n_layer", "n_head", "d_model", "max_seq_len"):
+            if getattr(self, knob) <= 0:
+                raise ConfigError(f"model.{knob}={getattr(self, knob)} must be positive")
+        if self.d_model % self.n_head:
+            raise ConfigError(f"model.n_head={self.n_head} must divide model.d_model={self.d_model}")
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise ConfigError(f"model.vocab_size={self.vocab_size} must be positive or null")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    source: str = "demo"
+    """'demo' (the built-in 8-domain corpus, built on first use), 'path' (a shard set folder from
+    `mixtrain data ingest`) or 'prefixes' (bare Megatron .bin/.idx prefixes)."""
+    path: str | None = None
+    """Shard set folder (source=path)."""
+    prefixes: dict = field(default_factory=dict)
+    """source=prefixes: domain -> prefix, or domain -> {train: prefix, valid: prefix}."""
+    tokenizer: str = "gpt2"
+    """Tokenizer of prefixes given directly (a shard set records its own)."""
+    domains: list | None = None
+    """Subset and order of domains to train on; null = all, in the shard set's order."""
+    targets: list | None = None
+    """Target sets to evaluate (demo: humaneval, champ, news); null = all available."""
+    seq_len: int = 128
+    """Tokens per training sequence (a sample is seq_len + 1 tokens sliced from a domain's stream)."""
+    steps_per_shard: int = 10
+    """Optimizer steps per shard: weights change only at shard boundaries."""
+    exhaustion: str = "cycle"
+    """When a domain runs out: 'cycle' (reshuffle, next epoch), 'stop' (end training) or
+    'renormalize' (drop the domain, spread its share over the others)."""
+    eval_sequences: int = 32
+    """Validation sequences per domain and per target set at each evaluation."""
+    cache_dir: str | None = None
+    """Where the demo corpus is built (default: $MIXTRAIN_CACHE or ./.cache/mixtrain)."""
+    max_tokens_per_domain: int = 4_000_000
+    """Demo corpus: cap on each domain's training tokens."""
+
+    def validate(self):
+        if self.source not in ("demo", "path", "prefixes"):
+            raise ConfigError(f"data.source={self.source!r}; allowed: demo, path, prefixes")
+        if self.source == "path" and not self.path:
+            raise ConfigError("data.path must be set when data.source=path")
+        if self.source == "prefixes" and not self.prefixes:
+            raise ConfigError("data.prefixes must name at least one domain when data.source=prefixes")
+        for knob in ("seq_len", "steps_per_shard", "eval_sequences"):
+            if getattr(self, knob) <= 0:
+                raise ConfigError(f"data.{knob}={getattr(self, knob)} must be positive")
+        from .data.sampler import POLICIES
+
+        if self.exhaustion not in POLICIES:
+            raise ConfigError(f"data.exhaustion={self.exhaustion!r}; allowed: {', '.join(POLICIES)}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps."""
+    micro_batch: int = 8
+    """Sequences per rank per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only; not norms, biases, embeddings' position table)."""
+    betas: tuple = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    seed: int = 1234
+    """Seeds model init and the data order."""
+    eval_every: int = 50
+    """Steps between validation passes (0 = only at the end)."""
+    log_every: int = 1
+    """Steps between metric lines."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept (older ones are deleted)."""
+    resume: str = "auto"
+    """'auto' (latest complete checkpoint of this run dir, if any), 'never', or a checkpoint path."""
+    fail_at_step: int = 0
+    """Fault injection for restart tests: hard-exit right after this step (0 = off)."""
+
+    def validate(self):
+        for knob in ("steps", "micro_batch", "grad_accum"):
+            if getattr(self, knob) <= 0:
+                raise ConfigError(f"train.{knob}={getattr(self, knob)} must be positive")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr={self.lr} must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"train.min_lr={self.min_lr} must be in [0, train.lr]")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas={self.betas} must be two numbers in [0, 1)")
+        if self.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip={self.grad_clip} must be >= 0")
+        for knob in ("eval_every", "checkpoint_every", "fail_at_step"):
+            if getattr(self, knob) < 0:
+                raise ConfigError(f"train.{knob} must be >= 0")
+        if self.log_every <= 0 or self.keep_checkpoints <= 0:
+            raise ConfigError("train.log_every and train.keep_checkpoints must be positive")
+
+
+@dataclass
+class EngineConfig:
+    name: str = "torch"
+    """Registered engine: 'torch' (DDP)."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
+    device: str = "auto"
+    """auto (cuda:LOCAL_RANK when available, else cpu), cpu or cuda."""
+    threads: int = 0
+    """torch intra-op threads per rank (0 = leave torch's default)."""
+
+    def validate(self):
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ConfigError(f"engine.backend={self.backend!r}; allowed: auto, gloo, nccl")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"engine.device={self.device!r}; allowed: auto, cpu, cuda")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name (the run directory's default last component)."""
+    dir: str | None = None
+    """Run directory; set by Hydra to its output dir (runs/<name>), rank 0's choice wins under torchrun."""
+    wandb: str = "offline"
+    """wandb mode: offline (default, sync later with `wandb sync`), online or disabled."""
+    wandb_project: str = "mixtrain"
+    """wandb project."""
+    plots: bool = True
+    """Write PNG plots at the end of the run."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+    def validate(self):
+        if self.wandb not in ("offline", "online", "disabled"):
+            raise ConfigError(f"run.wandb={self.wandb!r}; allowed: offline, online, disabled")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    mixture: dict = field(default_factory=lambda: {"name": "uniform"})
+    """Controller name and its knobs; validated by the controller's own Config dataclass."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> dict:
+        """Knobs a checkpoint must agree with to be resumed (what shapes the model, data order and
+        the meaning of a step). Logging, evaluation cadence and fault injection are free to change."""
+        d = self.to_dict()
+        t = d["train"]
+        return {
+            "model": d["model"],
+            "data": {k: d["data"][k] for k in ("source", "path", "prefixes", "domains", "seq_len", "steps_per_shard", "exhaustion", "tokenizer")},
+            "train": {k: t[k] for k in ("steps", "micro_batch", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "seed")},
+            "mixture": d["mixture"],
+        }
+
+
+def _build(cls, values: Any, prefix: str):
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix} must be a mapping, got {values!r}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown knob(s) {', '.join(f'{prefix}.{u}' for u in unknown)}; allowed: {', '.join(sorted(names))}")
+    kwargs = {}
+    for k, v in values.items():
+        if k == "betas" and isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    obj = cls(**kwargs)
+    obj.validate()
+    return obj
+
+
+def load_config(values: dict) -> Config:
+    """Validate a plain dict (Hydra's composed config, resolved) into a Config."""
+    values = dict(values)
+    allowed = {"model", "data", "train", "engine", "run", "mixture"}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown config group(s) {unknown}; allowed: {sorted(allowed)}")
+    mixture = values.get("mixture") or {"name": "uniform"}
+    if not isinstance(mixture, dict) or "name" not in mixture:
+        raise ConfigError("mixture must be a mapping with a 'name' (e.g. mixture=static)")
+    return Config(
+        model=_build(ModelConfig, values.get("model"), "model"),
+        data=_build(DataConfig, values.get("data"), "data"),
+        train=_build(TrainConfig, values.get("train"), "train"),
+        engine=_build(EngineConfig, values.get("engine"), "engine"),
+        run=_build(RunConfig, values.get("run"), "run"),
+        mixture=dict(mixture),
+    )
+
+
+def config_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,180 @@
+"""DomainSampler: turns domain weights into a deterministic plan of samples, one shard at a time.
+
+A shard is a fixed number of global samples (a whole number of optimizer steps). At each shard
+boundary the current weights become per-domain counts (largest-remainder rounding), each domain
+supplies its next samples from a per-epoch permutation (its cursor advances), and the shard's
+samples are interleaved by a permutation seeded with (seed, shard index). The plan is a pure
+function of (seed, shard index, weights, cursors): every rank computes the same plan and takes its
+own slice, and a resumed run recomputes exactly the plan it was in. Weights therefore act exactly
+from the next shard boundary, never earlier and never later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+POLICIES = ("cycle", "stop", "renormalize")
+_PERM_STREAM, _ORDER_STREAM = 1, 2  # separate RNG streams for epoch permutations and shard order
+
+
+class DataExhausted(RuntimeError):
+    """No valid plan: a domain ran out under ``exhaustion=stop`` or every domain ran out."""
+
+
+def largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
+    """Integer counts summing to ``total`` closest to ``weights * total`` (Hamilton apportionment).
+
+    Ties in the remainders go to the lower domain index, so the result is deterministic.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    quota = w * total
+    counts = np.floor(quota).astype(np.int64)
+    short = total - int(counts.sum())
+    if short:
+        order = np.lexsort((np.arange(w.size), -(quota - counts)))  # by remainder desc, then index
+        counts[order[:short]] += 1
+    return counts
+
+
+@lru_cache(maxsize=64)
+def epoch_permutation(seed: int, domain: int, epoch: int, size: int) -> np.ndarray:
+    """The order in which a domain's samples are visited during one epoch (a pure function)."""
+    perm = np.random.default_rng([seed, _PERM_STREAM, domain, epoch]).permutation(size)
+    perm.setflags(write=False)
+    return perm
+
+
+@dataclass
+class Cursor:
+    epoch: int = 0
+    position: int = 0  # samples of this epoch already consumed
+
+
+@dataclass
+class SamplerState:
+    shard_index: int = 0
+    cursors: list[Cursor] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"shard_index": self.shard_index, "cursors": [[c.epoch, c.position] for c in self.cursors]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplerState":
+        return cls(shard_index=int(d["shard_index"]), cursors=[Cursor(int(e), int(p)) for e, p in d["cursors"]])
+
+
+@dataclass
+class ShardPlan:
+    """The global sample order of one shard; ``domains[j]``/``indices[j]`` name global sample j."""
+
+    shard_index: int
+    weights: np.ndarray
+    counts: np.ndarray
+    domains: np.ndarray  # int16 domain id per sample
+    indices: np.ndarray  # int64 sample index within its domain
+    next_state: SamplerState
+
+    def __len__(self) -> int:
+        return int(self.domains.size)
+
+
+class DomainSampler:
+    def __init__(self, sizes, shard_size: int, seed: int, exhaustion: str = "cycle"):
+        if exhaustion not in POLICIES:
+            raise ValueError(f"data.exhaustion={exhaustion!r}; allowed: {', '.join(POLICIES)}")
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        if np.any(self.sizes <= 0):
+            raise ValueError("every domain needs at least one sample")
+        self.shard_size = int(shard_size)
+        self.seed = int(seed)
+        self.exhaustion = exhaustion
+        self.state = SamplerState(cursors=[Cursor() for _ in self.sizes])
+
+    @property
+    def K(self) -> int:
+        return int(self.sizes.size)
+
+    def _counts(self, weights: np.ndarray, remaining: np.ndarray) -> np.ndarray:
+        """Per-domain counts for the shard under the exhaustion policy."""
+        S = self.shard_size
+        if self.exhaustion == "cycle":
+            return largest_remainder(weights, S)
+        counts = largest_remainder(weights, S)
+        if self.exhaustion == "stop":
+            over = np.flatnonzero(counts > remaining)
+            if over.size:
+                raise DataExhausted(f"domain {int(over[0])} has {int(remaining[over[0]])} samples left in its first epoch "
+                                    f"but the next shard needs {int(counts[over[0]])} (data.exhaustion=stop)")
+            return counts
+        # renormalize: cap exhausted domains, hand their share to the others by weight, repeat.
+        if remaining.sum() < S:
+            raise DataExhausted(f"only {int(remaining.sum())} unseen samples remain for a shard of {S} (data.exhaustion=renormalize)")
+        w = np.where(remaining > 0, weights, 0.0)
+        fixed = np.zeros(self.K, dtype=np.int64)
+        free = remaining > 0
+        while True:
+            if w[free].sum() <= 0:  # only zero-weight domains have data left: spread evenly over them
+                w = np.where(free, 1.0, 0.0)
+            need = S - int(fixed.sum())
+            counts = fixed + np.where(free, largest_remainder(np.where(free, w, 0.0), need), 0)
+            over = free & (counts > remaining)
+            if not over.any():
+                return counts
+            fixed[over] = remaining[over]
+            free &= ~over
+
+    def plan_shard(self, weights, state: SamplerState | None = None) -> ShardPlan:
+        """Plan the next shard from ``state`` (default: the sampler's own) without changing it."""
+        state = state or self.state
+        weights = np.asarray(weights, dtype=np.float64)
+        first_epoch = np.array([c.epoch == 0 for c in state.cursors])
+        left = self.sizes - np.array([c.position for c in state.cursors], dtype=np.int64)
+        remaining = np.where(first_epoch, left, 0) if self.exhaustion != "cycle" else left
+        counts = self._counts(weights, remaining)
+
+        parts_dom, parts_idx, cursors = [], [], []
+        for d, (cur, n) in enumerate(zip(state.cursors, counts)):
+            epoch, pos, n = cur.epoch, cur.position, int(n)
+            taken = []
+            while n > 0:
+                perm = epoch_permutation(self.seed, d, epoch, int(self.sizes[d]))
+                take = min(n, perm.size - pos)
+                taken.append(perm[pos : pos + take])
+                pos, n = pos + take, n - take
+                if pos == perm.size:  # epoch ends: the next one is a fresh deterministic reshuffle
+                    epoch, pos = epoch + 1, 0
+            cursors.append(Cursor(epoch, pos))
+            if taken:
+                idx = np.concatenate(taken)
+                parts_idx.append(idx)
+                parts_dom.append(np.full(idx.size, d, dtype=np.int16))
+        doms = np.concatenate(parts_dom)
+        idxs = np.concatenate(parts_idx)
+        order = np.random.default_rng([self.seed, _ORDER_STREAM, state.shard_index]).permutation(doms.size)
+        return ShardPlan(shard_index=state.shard_index, weights=weights.copy(), counts=counts,
+                         domains=doms[order], indices=idxs[order],
+                         next_state=SamplerState(state.shard_index + 1, cursors))
+
+    def advance(self, plan: ShardPlan) -> None:
+        """Commit a plan: the cursors move past its samples."""
+        self.state = plan.next_state
+
+    def state_dict(self) -> dict:
+        return self.state.to_dict()
+
+    def load_state_dict(self, d: dict) -> None:
+        state = SamplerState.from_dict(d)
+        if len(state.cursors) != self.K:
+            raise ValueError(f"sampler state has {len(state.cursors)} domains, the data has {self.K}")
+        self.state = state
+
+
+def rank_slice(start: int, global_batch: int, rank: int, world: int) -> slice:
+    """Positions of one optimizer step's global batch that belong to ``rank`` (contiguous, disjoint)."""
+    per_rank = global_batch // world
+    s = start + rank * per_rank
+    return slice(s, s + per_rank)

@@ -1,0 +1,16 @@
+"""Engine registry (``engine.name``)."""
+
+from __future__ import annotations
+
+from ..config import ConfigError
+from .base import ENGINES, Engine, MicroBatch
+from . import torch_ddp  # noqa: F401  (registers "torch")
+
+
+def build_engine(cfg) -> Engine:
+    if cfg.engine.name not in ENGINES:
+        raise ConfigError(f"engine.name={cfg.engine.name!r}; allowed: {', '.join(sorted(ENGINES))}")
+    return ENGINES[cfg.engine.name](cfg.engine, cfg.model, cfg.train)
+
+
+__all__ = ["ENGINES", "Engine", "MicroBatch", "build_engine"]

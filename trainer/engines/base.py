@@ -1,0 +1,67 @@
+"""The engine contract: build model and optimizer on a framework, run one training step.
+
+The loop hands an engine micro-batches (token ids + a domain id per sequence) and per-domain loss
+weights; the engine runs forward/backward with its framework's gradient reduction and returns this
+rank's per-domain loss sums and token counts. Everything else (data, controllers, logging,
+checkpoint layout) is the loop's.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor  # [b, T+1] int64
+    domains: torch.Tensor  # [b] int64, sorted so each domain's rows are contiguous
+
+
+class Engine(ABC):
+    rank: int
+    world_size: int
+    device: torch.device
+    model: torch.nn.Module  # the unwrapped module
+
+    @abstractmethod
+    def forward_backward(self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulate gradients of mean-token loss (weighted per domain) over the micro-batches.
+        Returns this rank's per-domain (sum of token losses, token count), both float64 [K]."""
+
+    @abstractmethod
+    def optimizer_step(self, lr: float) -> float:
+        """Clip, step, zero gradients; returns the global gradient norm before clipping."""
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """Model and optimizer state (rank 0's is saved)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...
+
+    @torch.no_grad()
+    def token_loss_sum(self, batch: torch.Tensor) -> tuple[float, int]:
+        """Sum of token losses and token count of an evaluation batch on this rank."""
+        from ..models import token_losses
+
+        was = self.model.training
+        self.model.eval()
+        try:
+            loss = token_losses(self.model, batch.to(self.device))
+        finally:
+            self.model.train(was)
+        return float(loss.double().sum()), int(loss.numel())
+
+
+ENGINES: dict[str, type[Engine]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        ENGINES[name] = cls
+        return cls
+
+    return deco

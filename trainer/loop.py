@@ -1,0 +1,342 @@
+"""The training loop: one loop for every controller and engine.
+
+    weights -> sampler.plan_shard -> steps (engine.forward_backward, optimizer_step)
+            -> DomainStats (reduced over ranks) -> controller.observe -> next shard's weights
+
+New weights apply at the next shard boundary and are rank 0's, broadcast, so every rank samples
+the same plan. Everything a restart needs goes through ``checkpoint.save``; a resumed run replays
+the same shard plans and continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from mixtures import DomainStats, build_controller
+
+from . import checkpoint, dist
+from .config import Config, ConfigError
+from .data.domains import DataBundle, check_vocab, load_data
+from .data.sampler import DataExhausted, DomainSampler, ShardPlan, rank_slice
+from .engines import MicroBatch, build_engine
+from .tracking import Tracker
+from .weights_io import megatron_blend, read_weights, write_weights
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    domains: list[str]
+    final_weights: np.ndarray
+    average_weights: np.ndarray
+    eval: dict
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _say(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(f"[mixtrain] {msg}", flush=True)
+
+
+def _resolve_model(cfg: Config, data: DataBundle) -> Config:
+    """Fill model.vocab_size from the data and check the data fits the model."""
+    model = cfg.model
+    if model.vocab_size is None:
+        model = dataclasses.replace(model, vocab_size=int(math.ceil(data.vocab_size / 64) * 64))
+    check_vocab(data, model.vocab_size, scan=cfg.data.source == "prefixes")
+    if cfg.data.seq_len > model.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context model.max_seq_len={model.max_seq_len}")
+    return dataclasses.replace(cfg, model=model)
+
+
+def _controller(cfg: Config, data: DataBundle):
+    values = dict(cfg.mixture)
+    name = values.pop("name")
+    if values.get("weights_from"):
+        if values.get("weights") is not None:
+            raise ConfigError("give mixture.weights or mixture.weights_from, not both")
+        values["weights"] = read_weights(values["weights_from"])
+    return build_controller(name, data.domains, values, domain_tokens=data.train_tokens)
+
+
+class Loop:
+    def __init__(self, cfg: Config):
+        self.rank, self.world, _ = dist.init(cfg.engine.backend)
+        self.run_dir = Path(dist.broadcast_object(cfg.run.dir or f"runs/{cfg.run.name}"))
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(self.run_dir)))
+        # Rank 0 builds the demo corpus if needed; the others open it once it exists.
+        if self.rank == 0:
+            self.data = load_data(cfg.data)
+        dist.barrier()
+        if self.rank != 0:
+            self.data = load_data(cfg.data, quiet=True)
+        self.cfg = cfg = _resolve_model(cfg, self.data)
+        self.K = len(self.data.domains)
+        self.controller = _controller(cfg, self.data)
+        t = cfg.train
+        self.global_batch = t.micro_batch * t.grad_accum * self.world
+        self.sampler = DomainSampler(self.data.train_samples, cfg.data.steps_per_shard * self.global_batch,
+                                     seed=t.seed, exhaustion=cfg.data.exhaustion)
+        self.fingerprint = {**cfg.fingerprint(), "world_size": self.world, "domains": self.data.domains,
+                            "tokenizer": self.data.tokenizer}
+        self.ckpt_root = self.run_dir / "checkpoints"
+        resume_from = self._find_resume()
+        resume_state = self._check_resume(resume_from) if resume_from else None
+        # Nothing is written before this point: bad input never touches an existing run.
+        self.engine = build_engine(cfg)
+        self.step = 0
+        self.tokens_seen = np.zeros(self.K)
+        self.history: list[dict] = []
+        self.plan: ShardPlan | None = None
+        self.shard_start_state = None
+        if resume_state is not None:
+            self._restore(*resume_state)
+            _say(self.rank, f"resumed from {resume_from} at step {self.step}")
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.tracker = Tracker(self.run_dir, cfg.to_dict(), enabled=self.rank == 0, wandb_mode=cfg.run.wandb,
+                               project=cfg.run.wandb_project, resume_step=self.step if resume_state else None)
+
+    # ---- resume -------------------------------------------------------------------------------
+    def _find_resume(self) -> Path | None:
+        mode = self.cfg.train.resume
+        if mode == "never":
+            return None
+        if mode == "auto":
+            return checkpoint.latest(self.ckpt_root)
+        path = Path(mode)
+        if not (path / "meta.json").is_file():
+            raise ConfigError(f"train.resume={mode!r} is not a complete checkpoint directory")
+        return path
+
+    def _check_resume(self, path: Path):
+        state, meta, rng = checkpoint.load(path, self.rank)
+        diffs = checkpoint.diff_fingerprints(meta.get("fingerprint", {}), self.fingerprint)
+        if diffs:
+            raise checkpoint.CheckpointMismatch(
+                f"checkpoint {path} was written with a different configuration; differing knobs:\n  " + "\n  ".join(diffs)
+                + "\nuse train.resume=never (or another run.dir) to start fresh")
+        return state, rng
+
+    def _restore(self, state: dict, rng) -> None:
+        self.engine.load_state_dict(state["engine"])
+        self.controller.load_state_dict(state["controller"])
+        loop = state["loop"]
+        self.step = int(loop["step"])
+        self.tokens_seen = np.asarray(loop["tokens_seen"], dtype=np.float64)
+        self.history = list(loop["history"])
+        self.sampler.load_state_dict(loop["shard_start_state"])
+        if loop["shard_weights"] is not None:
+            # Re-plan the shard in progress from the state it started from: the same pure function.
+            self.shard_start_state = self.sampler.state
+            self.plan = self.sampler.plan_shard(np.asarray(loop["shard_weights"]))
+            self.sampler.advance(self.plan)
+        if rng is not None:
+            checkpoint.set_rng_state(rng)
+
+    def _save(self) -> None:
+        from .data.sampler import SamplerState
+
+        start = self.shard_start_state if self.plan is not None else self.sampler.state
+        state = None
+        if self.rank == 0:
+            state = {
+                "engine": self.engine.state_dict(),
+                "controller": self.controller.state_dict(),
+                "loop": {
+                    "step": self.step,
+                    "tokens_seen": self.tokens_seen.tolist(),
+                    "history": self.history,
+                    "shard_start_state": SamplerState.to_dict(start),
+                    "shard_weights": None if self.plan is None else self.plan.weights.tolist(),
+                },
+            }
+        checkpoint.save(self.ckpt_root, self.step, state, {"fingerprint": self.fingerprint}, self.cfg.train.keep_checkpoints)
+
+    # ---- data ---------------------------------------------------------------------------------
+    def _sync(self, v: np.ndarray) -> np.ndarray:
+        """Rank 0's vector on every rank, bit for bit."""
+        return dist.broadcast(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))).numpy()
+
+    def _next_shard(self) -> None:
+        weights = self.controller.weights
+        if self.controller.adaptive:
+            weights = self._sync(weights)
+        self.shard_start_state = self.sampler.state
+        self.plan = self.sampler.plan_shard(weights)
+        self.sampler.advance(self.plan)
+        rec = {"step": self.step, "shard": self.plan.shard_index,
+               "weights": dict(zip(self.data.domains, map(float, weights))),
+               "counts": dict(zip(self.data.domains, map(int, self.plan.counts)))}
+        self.history.append(rec)
+        self.tracker.log_weights(rec)
+
+    def _batch(self) -> list[MicroBatch]:
+        t = self.cfg.train
+        pos = (self.step % self.cfg.data.steps_per_shard) * self.global_batch
+        sl = rank_slice(pos, self.global_batch, self.rank, self.world)
+        doms, idxs = self.plan.domains[sl].astype(np.int64), self.plan.indices[sl]
+        tokens = np.empty((doms.size, self.cfg.data.seq_len + 1), dtype=np.int64)
+        for d in np.unique(doms):
+            rows = np.flatnonzero(doms == d)
+            tokens[rows] = self.data.train[d].get(idxs[rows])
+        out = []
+        for m in range(t.grad_accum):
+            r = slice(m * t.micro_batch, (m + 1) * t.micro_batch)
+            order = np.argsort(doms[r], kind="stable")  # domain-contiguous rows (the probe's layout)
+            out.append(MicroBatch(torch.from_numpy(tokens[r][order]), torch.from_numpy(doms[r][order])))
+        return out
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def _eval_groups(self) -> dict[str, object]:
+        groups = {f"eval/{d}/loss": self.data.valid[d] for d in self.data.domains if d in self.data.valid}
+        for name, splits in self.data.targets.items():
+            groups[f"target/{name}/loss"] = splits.get("valid") or splits.get("train")
+        return groups
+
+    def evaluate(self) -> dict:
+        groups = self._eval_groups()
+        if not groups:
+            return {}
+        sums = torch.zeros(len(groups), 2, dtype=torch.float64)
+        mb = self.cfg.train.micro_batch
+        for g, view in enumerate(groups.values()):
+            idx = view.eval_indices(self.cfg.data.eval_sequences)[self.rank :: self.world]
+            for s in range(0, idx.size, mb):
+                loss, n = self.engine.token_loss_sum(torch.from_numpy(view.get(idx[s : s + mb])))
+                sums[g, 0] += loss
+                sums[g, 1] += n
+        dist.all_reduce_sum(sums)
+        out = {k: float(sums[g, 0] / sums[g, 1]) for g, k in enumerate(groups) if sums[g, 1] > 0}
+        dom = [g for g, k in enumerate(groups) if k.startswith("eval/")]
+        if dom:
+            out["eval/loss"] = float(sums[dom, 0].sum() / sums[dom, 1].sum())
+            out["eval/macro_loss"] = float(np.mean([out[k] for k in groups if k.startswith("eval/")]))
+        return out
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _step_record(self, sums, counts, lr, gnorm, dt) -> tuple[dict, DomainStats]:
+        present = counts > 0
+        loss = np.where(present, sums / np.where(present, counts, 1), np.nan)
+        self.tokens_seen += counts
+        stats = DomainStats(step=self.step, lr=lr, loss=loss, tokens=counts)
+        rec = {"step": self.step, "lr": lr, "train/loss": float(sums.sum() / counts.sum()), "train/grad_norm": gnorm,
+               "perf/tokens_per_sec": float(counts.sum() / dt) if dt > 0 else None}
+        w = self.plan.weights
+        for i, d in enumerate(self.data.domains):
+            if present[i]:
+                rec[f"train/loss/{d}"] = float(loss[i])
+            rec[f"mixture/weight/{d}"] = float(w[i])
+            rec[f"mixture/tokens/{d}"] = float(self.tokens_seen[i])
+        rec["mixture/entropy"] = float(-(w[w > 0] * np.log(w[w > 0])).sum())
+        return rec, stats
+
+    def train(self) -> RunResult:
+        cfg, t = self.cfg, self.cfg.train
+        n_params = sum(p.numel() for p in self.engine.model.parameters())
+        _say(self.rank, f"run dir {self.run_dir} | {self.world} rank(s) on {self.engine.device} | model {n_params / 1e6:.2f}M params | "
+                        f"{self.K} domains | global batch {self.global_batch} x {cfg.data.seq_len} tokens | "
+                        f"shard {self.sampler.shard_size} sequences = {cfg.data.steps_per_shard} steps | mixture {cfg.mixture['name']}")
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not cfg.run.progress,
+                   desc="train", unit="step", dynamic_ncols=True, file=sys.stdout)
+        try:
+            while self.step < t.steps:
+                if self.step % cfg.data.steps_per_shard == 0:
+                    try:
+                        self._next_shard()
+                    except DataExhausted as e:
+                        _say(self.rank, f"stopping at step {self.step}: {e}")
+                        break
+                t0 = time.perf_counter()
+                lr = lr_at(self.step, t)
+                lw = self.controller.loss_weights
+                if self.controller.adaptive:
+                    lw = self._sync(lw)
+                sums, counts = self.engine.forward_backward(self._batch(), torch.from_numpy(np.asarray(lw)), self.K)
+                gnorm = self.engine.optimizer_step(lr)
+                reduced = dist.all_reduce_sum(torch.cat([sums, counts])).numpy()
+                rec, stats = self._step_record(reduced[: self.K], reduced[self.K :], lr, gnorm, time.perf_counter() - t0)
+                if self.controller.adaptive:
+                    if stats.finite():
+                        self.controller.observe(stats)
+                    self.controller.record()
+                self.step += 1
+                evaluated = bool(t.eval_every) and self.step % t.eval_every == 0 and self.step < t.steps
+                if evaluated:
+                    rec.update(self.evaluate())
+                if evaluated or self.step % t.log_every == 0 or self.step == t.steps:
+                    self.tracker.log(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['train/loss']:.3f}", tok_s=f"{rec['perf/tokens_per_sec'] or 0:.0f}")
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
+                    self._save()
+                if t.fail_at_step and self.step == t.fail_at_step:
+                    sys.stdout.flush()
+                    os._exit(17)  # simulated crash: no cleanup, like a killed process
+        finally:
+            bar.close()
+        return self._finish()
+
+    def _finish(self) -> RunResult:
+        final_eval = self.evaluate()
+        if final_eval:
+            self.tracker.log({"step": self.step, **final_eval})
+        self._save()
+        domains = self.data.domains
+        final = np.asarray(self.plan.weights if self.plan is not None else self.controller.weights)
+        avg = self.controller.average_weights if self.controller.adaptive else final
+        if self.history:
+            self.history[-1]["end_step"] = self.step
+        if self.rank == 0:
+            write_weights(self.run_dir / "weights.json", domains, avg, final, self.cfg.mixture["name"], self.step)
+            prefixes = [v.stream.prefix for v in self.data.train]
+            (self.run_dir / "blend.txt").write_text(megatron_blend(domains, avg, prefixes) + "\n")
+            self.tracker.log_weights({"step": self.step, "end_step": self.step, "final": True,
+                                      "weights": dict(zip(domains, map(float, final)))})
+            self.tracker.summary(final_eval)
+            if self.cfg.run.plots:
+                from .plots import plot_run
+
+                plot_run(self.run_dir, domains)
+            self._print_summary(final, avg, final_eval)
+        self.tracker.close()
+        return RunResult(self.run_dir, self.step, domains, final, np.asarray(avg), final_eval)
+
+    def _print_summary(self, final, avg, ev) -> None:
+        lines = [f"{'domain':<14}{'weight':>9}{'avg':>9}{'tokens':>12}{'val loss':>10}"]
+        for i, d in enumerate(self.data.domains):
+            vl = ev.get(f"eval/{d}/loss")
+            lines.append(f"{d:<14}{final[i]:>9.3f}{avg[i]:>9.3f}{self.tokens_seen[i]:>12.0f}{'' if vl is None else f'{vl:>10.3f}'}")
+        for k, v in ev.items():
+            if k.startswith("target/"):
+                lines.append(f"{k:<44}{v:>10.3f}")
+        if "eval/loss" in ev:
+            per = {d: ev[f"eval/{d}/loss"] for d in self.data.domains if f"eval/{d}/loss" in ev}
+            lines.append(f"eval/loss {ev['eval/loss']:.3f} | macro {ev['eval/macro_loss']:.3f} | best {min(per, key=per.get)} | worst {max(per, key=per.get)}")
+        _say(0, f"done: {self.step} steps | run dir {self.run_dir}\n" + "\n".join(lines))
+
+
+def run(cfg: Config) -> RunResult:
+    return Loop(cfg).train()

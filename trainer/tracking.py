@@ -1,0 +1,88 @@
+"""Run artifacts on rank 0: metrics.jsonl, weights.jsonl, wandb (offline by default).
+
+Keys follow DESIGN.md: ``train/loss/<d>``, ``eval/<d>/loss``, ``mixture/weight/<d>`` ... wandb
+panels group by the first path segment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+
+def _truncate_jsonl(path: Path, first_step: int) -> None:
+    """Keep records of steps before ``first_step``: a resumed run rewrites the steps after its checkpoint."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) < first_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, cfg_dict: dict, *, enabled: bool, wandb_mode: str, project: str, resume_step: int | None):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.weights_path = self.run_dir / "weights.jsonl"
+        self._wandb = None
+        if not enabled:
+            return
+        if resume_step is None:
+            for p in (self.metrics_path, self.weights_path):
+                p.unlink(missing_ok=True)
+        else:
+            _truncate_jsonl(self.metrics_path, resume_step)
+            _truncate_jsonl(self.weights_path, resume_step)
+        self._metrics = open(self.metrics_path, "a")
+        self._weights = open(self.weights_path, "a")
+        if wandb_mode != "disabled":
+            self._init_wandb(cfg_dict, wandb_mode, project)
+
+    def _init_wandb(self, cfg_dict: dict, mode: str, project: str) -> None:
+        import wandb
+
+        id_file = self.run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        self._wandb = wandb.init(project=project, id=run_id, resume="allow", mode=mode, dir=str(self.run_dir),
+                                 config=cfg_dict, name=self.run_dir.name)
+        self._wandb.define_metric("trainer/global_step")
+        self._wandb.define_metric("*", step_metric="trainer/global_step")
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self._wandb is not None:
+            self._wandb.log({"trainer/global_step": record["step"], **{k: v for k, v in record.items() if k != "step"}})
+
+    def log_weights(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._weights.write(json.dumps(record) + "\n")
+        self._weights.flush()
+
+    def summary(self, values: dict) -> None:
+        if self._wandb is not None:
+            for k, v in values.items():
+                self._wandb.summary[k] = v
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._metrics.close()
+        self._weights.close()
+        if self._wandb is not None:
+            self._wandb.finish()
