@@ -4,7 +4,7 @@ Layout (prefixes are relative to the folder)::
 
     manifest.json
     <domain>/train.{bin,idx}   <domain>/valid.{bin,idx}
-    targets/<name>.{bin,idx}
+    targets/<name>/train.{bin,idx}  targets/<name>/valid.{bin,idx}
 
 ``manifest.json``::
 
@@ -13,10 +13,10 @@ Layout (prefixes are relative to the folder)::
      "recipe_hash": "...",                      # hash of whatever built it (cache key)
      "domains": {name: {"splits": {"train": {"prefix", "documents", "tokens"}, "valid": {...}},
                         "sources": [...], ...}},
-     "targets": {name: {"prefix", "documents", "tokens"}},
+     "targets": {name: {"splits": {"train": {...}, "valid": {...}}, ...}},   # few-shot pool / held-out eval
      "missing": {name: "why it could not be built"}}
 
-The demo builder (``trainer.data.demo``) and ``mixtrain data ingest`` both write this; the trainer
+Absolute prefixes are allowed (existing Megatron data used in place). The demo builder (``trainer.data.demo``) and ``mixtrain data ingest`` both write this; the trainer
 reads it, or takes bare Megatron prefixes named in the config.
 """
 
@@ -43,7 +43,7 @@ class ShardSet:
     root: Path
     tokenizer: dict
     domains: dict[str, dict[str, Split]]  # domain -> split name -> Split
-    targets: dict[str, Split] = field(default_factory=dict)
+    targets: dict[str, dict[str, Split]] = field(default_factory=dict)  # same shape as domains
     missing: dict[str, str] = field(default_factory=dict)
     recipe_hash: str = ""
 
@@ -61,7 +61,7 @@ class ShardSet:
             return Split(prefix=str(root / d["prefix"]), documents=int(d.get("documents", 0)), tokens=int(d.get("tokens", 0)))
 
         domains = {name: {s: split(v) for s, v in d["splits"].items()} for name, d in meta["domains"].items()}
-        targets = {name: split(v) for name, v in meta.get("targets", {}).items()}
+        targets = {name: {s: split(v) for s, v in d["splits"].items()} for name, d in meta.get("targets", {}).items()}
         return cls(root=root, tokenizer=meta["tokenizer"], domains=domains, targets=targets,
                    missing=dict(meta.get("missing", {})), recipe_hash=meta.get("recipe_hash", ""))
 
