@@ -101,30 +101,32 @@ def _select(names: list[str], wanted, knob: str) -> list[str]:
 def load_data(cfg: DataConfig, *, quiet: bool = False) -> DataBundle:
     """Open every domain named by the config (building the demo corpus first if it is missing)."""
     if cfg.source == "prefixes":
-        splits = _prefix_splits(cfg)
+        splits = {d: {s: (p, None) for s, p in v.items()} for d, v in _prefix_splits(cfg).items()}
         tokenizer = get_tokenizer(cfg.tokenizer).identity()
         target_splits: dict = {}
         root = ""
     else:
         ss = _shardset(cfg, quiet)
-        splits = {d: {s: sp.prefix for s, sp in v.items()} for d, v in ss.domains.items()}
-        target_splits = {t: {s: sp.prefix for s, sp in v.items()} for t, v in ss.targets.items()}
+        # A manifest's token count bounds its split: ingest may carve a valid split off the end
+        # of an existing Megatron prefix and use the front of it, in place, for training.
+        splits = {d: {s: (sp.prefix, sp.tokens or None) for s, sp in v.items()} for d, v in ss.domains.items()}
+        target_splits = {t: {s: (sp.prefix, sp.tokens or None) for s, sp in v.items()} for t, v in ss.targets.items()}
         tokenizer = ss.tokenizer
         root = str(ss.root)
     names = _select(list(splits), cfg.domains, "data.domains")
     train, valid = [], {}
     for d in names:
-        view = SequenceView(IndexedTokens(splits[d]["train"]), cfg.seq_len)
+        view = SequenceView(IndexedTokens(*splits[d]["train"]), cfg.seq_len)
         if len(view) == 0:
             raise ConfigError(f"domain {d!r} is empty: {view.stream.num_tokens} tokens, a sample needs data.seq_len + 1 = {cfg.seq_len + 1}")
         train.append(view)
         if "valid" in splits[d]:
-            v = SequenceView(IndexedTokens(splits[d]["valid"]), cfg.seq_len)
+            v = SequenceView(IndexedTokens(*splits[d]["valid"]), cfg.seq_len)
             if len(v):
                 valid[d] = v
     targets = {}
     for t in _select(sorted(target_splits), cfg.targets, "data.targets"):
-        views = {s: SequenceView(IndexedTokens(p), cfg.seq_len) for s, p in target_splits[t].items()}
+        views = {s: SequenceView(IndexedTokens(*p), cfg.seq_len) for s, p in target_splits[t].items()}
         views = {s: v for s, v in views.items() if len(v)}
         if views:
             targets[t] = views

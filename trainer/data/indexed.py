@@ -71,6 +71,8 @@ class IndexedTokens:
     """Read-only view of one Megatron prefix as a flat token stream."""
 
     prefix: str
+    max_tokens: int | None = None
+    """Use only the first max_tokens tokens (a split carved from the front of a larger prefix)."""
 
     def __post_init__(self):
         self.prefix = str(self.prefix)
@@ -93,12 +95,14 @@ class IndexedTokens:
         if bin_bytes % self.dtype.itemsize:
             raise ShardFormatError(f"{self.prefix}.bin size is not a multiple of {self.dtype.itemsize}")
         self.num_tokens = bin_bytes // self.dtype.itemsize
+        if self.max_tokens is not None:
+            self.num_tokens = min(self.num_tokens, int(self.max_tokens))
 
     @cached_property
     def tokens(self) -> np.ndarray:
         if self.num_tokens == 0:
             return np.zeros(0, dtype=self.dtype)
-        return np.memmap(self.prefix + ".bin", dtype=self.dtype, mode="r")
+        return np.memmap(self.prefix + ".bin", dtype=self.dtype, mode="r", shape=(self.num_tokens,))
 
     @cached_property
     def sequence_lengths(self) -> np.ndarray:

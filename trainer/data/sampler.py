@@ -152,12 +152,14 @@ class DomainSampler:
                 idx = np.concatenate(taken)
                 parts_idx.append(idx)
                 parts_dom.append(np.full(idx.size, d, dtype=np.int16))
-        doms = np.concatenate(parts_dom)
-        idxs = np.concatenate(parts_idx)
-        order = np.random.default_rng([self.seed, _ORDER_STREAM, state.shard_index]).permutation(doms.size)
+        # Shuffle which position holds which domain, then fill each domain's positions in cursor
+        # order: the stream never shows a sample of epoch e+1 before the rest of epoch e.
+        labels = np.concatenate(parts_dom)
+        labels = labels[np.random.default_rng([self.seed, _ORDER_STREAM, state.shard_index]).permutation(labels.size)]
+        indices = np.empty(labels.size, dtype=np.int64)
+        indices[np.argsort(labels, kind="stable")] = np.concatenate(parts_idx)
         return ShardPlan(shard_index=state.shard_index, weights=weights.copy(), counts=counts,
-                         domains=doms[order], indices=idxs[order],
-                         next_state=SamplerState(state.shard_index + 1, cursors))
+                         domains=labels, indices=indices, next_state=SamplerState(state.shard_index + 1, cursors))
 
     def advance(self, plan: ShardPlan) -> None:
         """Commit a plan: the cursors move past its samples."""

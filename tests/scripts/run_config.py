@@ -1,0 +1,35 @@
+"""Run one training from a JSON config (used under torchrun by the multi-rank tests).
+
+Writes ``rank<r>.json`` into the run dir: the shard weights this rank used and a hash of its
+final parameters, so tests can check every rank agrees.
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import adaptive_controller  # noqa: F401,E402  (registers test_loss_softmax)
+
+from trainer import dist  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.loop import Loop  # noqa: E402
+
+
+def main() -> None:
+    cfg = load_config(json.loads(Path(sys.argv[1]).read_text()))
+    loop = Loop(cfg)
+    loop.train()
+    h = hashlib.sha256()
+    for name, p in sorted(loop.engine.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().numpy().tobytes())
+    out = {"history": loop.history, "params_sha256": h.hexdigest(), "step": loop.step}
+    (Path(loop.run_dir) / f"rank{loop.rank}.json").write_text(json.dumps(out))
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()

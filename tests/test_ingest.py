@@ -1,0 +1,343 @@
+"""``trainer.data.ingest``: every input format round-trips, splits are stable, errors name their cause."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from trainer.data.indexed import IndexedTokens, write_indexed  # noqa: E402
+from trainer.data.ingest import IngestError, add_parser, ingest  # noqa: E402
+from trainer.data.shardset import ShardSet  # noqa: E402
+from trainer.data.tokenizer import get_tokenizer  # noqa: E402
+
+TOK = get_tokenizer("bytes")
+ROWS = [{"text": f"web page {i} ✓ héllo", "domain": "web"} for i in range(12)] + \
+       [{"text": f"def f{i}():\n\n    return {i}", "domain": "code"} for i in range(7)]
+
+
+def run(inputs, out, **kw):
+    kw.setdefault("tokenizer", "bytes")
+    kw.setdefault("quiet", True)
+    return ingest(inputs, out, **kw)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+def write_parquet(path: Path, rows, row_group_size=3) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+    return path
+
+
+def decode_prefix(prefix) -> list[str]:
+    """Documents of a prefix: each must end with EOD, and EOD appears nowhere else."""
+    tokens = np.asarray(IndexedTokens(prefix).tokens)
+    assert tokens.size and tokens[-1] == TOK.eod
+    cuts = np.flatnonzero(tokens == TOK.eod)
+    starts = np.concatenate([[0], cuts[:-1] + 1])
+    return [bytes(tokens[s:e].astype(np.uint8)).decode() for s, e in zip(starts, cuts)]
+
+
+def texts(split_map) -> list[str]:
+    return [t for split in split_map.values() for t in decode_prefix(split.prefix)]
+
+
+def domain_texts(rows, domain) -> Counter:
+    return Counter(r["text"] for r in rows if r["domain"] == domain)
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".json"])
+def test_json_lines_round_trip(tmp_path, suffix):
+    src = write_jsonl(tmp_path / f"data{suffix}", ROWS)
+    shards = ShardSet.load(run([src], tmp_path / "out", valid_fraction=0.3))
+    assert set(shards.domains) == {"web", "code"}
+    for domain, splits in shards.domains.items():
+        assert Counter(texts(splits)) == domain_texts(ROWS, domain)
+        assert set(splits) == {"train", "valid"}
+        for split in splits.values():
+            assert split.documents == len(decode_prefix(split.prefix))
+            assert split.tokens == IndexedTokens(split.prefix).num_tokens
+    meta = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert meta["domains"]["web"]["format_in"] == ["jsonl"]
+    assert meta["domains"]["web"]["sources"] == [str(src)]
+    assert meta["domains"]["web"]["splits"]["train"]["prefix"] == "web/train"
+    assert meta["tokenizer"] == TOK.identity()
+    (tmp_path / "plain").mkdir()
+    assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode  # umask respected, not 0700
+
+
+def test_parquet_round_trip_over_row_groups(tmp_path):
+    rows = [{**r, "extra": 1} for r in ROWS]
+    src = write_parquet(tmp_path / "data.parquet", rows)
+    shards = ShardSet.load(run([src], tmp_path / "out", valid_fraction=0.3))
+    for domain in ("web", "code"):
+        assert Counter(texts(shards.domains[domain])) == domain_texts(ROWS, domain)
+
+
+def test_hf_dataset_dict_round_trip(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    half = len(ROWS) // 2
+    DatasetDict({"train": Dataset.from_list(ROWS[:half]), "test": Dataset.from_list(ROWS[half:])}).save_to_disk(
+        str(tmp_path / "hf"))
+    out = run([tmp_path / "hf"], tmp_path / "out", valid_fraction=0.3)
+    shards = ShardSet.load(out)
+    for domain in ("web", "code"):
+        assert Counter(texts(shards.domains[domain])) == domain_texts(ROWS, domain)
+    assert json.loads((out / "manifest.json").read_text())["domains"]["web"]["format_in"] == ["hf"]
+
+
+def test_txt_documents_are_separated_by_two_blank_lines(tmp_path):
+    (tmp_path / "book.txt").write_text("\n\nline one\nline two\n\nsame doc\n\n\nsecond\n \n\n\n\nthird\n")
+    shards = ShardSet.load(run([f"books={tmp_path / 'book.txt'}"], tmp_path / "out", valid_fraction=0))
+    assert set(shards.domains["books"]) == {"train"}
+    assert decode_prefix(shards.domains["books"]["train"].prefix) == ["line one\nline two\n\nsame doc", "second", "third"]
+
+
+def test_named_folder_mixes_formats_without_a_domain_field(tmp_path):
+    folder = tmp_path / "code"
+    (folder / "sub").mkdir(parents=True)
+    write_jsonl(folder / "a.jsonl", [{"text": "alpha"}, {"text": "beta"}])
+    write_parquet(folder / "sub" / "b.parquet", [{"text": "gamma"}])
+    (folder / "sub" / "c.txt").write_text("delta\n\n\nepsilon\n")
+    (folder / ".hidden.csv").write_text("ignored")
+    shards = ShardSet.load(run([f"code={folder}"], tmp_path / "out", valid_fraction=0))
+    assert decode_prefix(shards.domains["code"]["train"].prefix) == ["alpha", "beta", "gamma", "delta", "epsilon"]
+    meta = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert meta["domains"]["code"]["format_in"] == ["jsonl", "parquet", "txt"]
+    assert len(meta["domains"]["code"]["sources"]) == 3
+
+
+def test_per_domain_dirs_and_domain_field_merge(tmp_path):
+    root = tmp_path / "corpus"
+    for domain in ("news", "wiki"):
+        (root / domain).mkdir(parents=True)
+        (root / domain / "x.txt").write_text(f"{domain} one\n\n\n{domain} two\n")
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "more wiki", "domain": "wiki"}, {"text": "blog", "domain": "blog"}])
+    shards = ShardSet.load(run([root, mixed], tmp_path / "out", valid_fraction=0, per_domain_dirs=True))
+    assert set(shards.domains) == {"news", "wiki", "blog"}
+    assert texts(shards.domains["wiki"]) == ["wiki one", "wiki two", "more wiki"]
+    meta = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert meta["domains"]["wiki"]["sources"] == [str(root / "wiki" / "x.txt"), str(mixed)]
+
+
+def test_split_is_deterministic_and_keyed_by_id(tmp_path):
+    rows = [{"id": f"doc-{i}", "text": f"text number {i}", "domain": "web"} for i in range(60)]
+    src = write_jsonl(tmp_path / "a.jsonl", rows)
+    a = run([src], tmp_path / "a", valid_fraction=0.25)
+    b = run([src], tmp_path / "b", valid_fraction=0.25)
+    for split in ("train", "valid"):
+        for ext in ("bin", "idx"):
+            assert (a / "web" / f"{split}.{ext}").read_bytes() == (b / "web" / f"{split}.{ext}").read_bytes()
+    assert ShardSet.load(a).recipe_hash == ShardSet.load(b).recipe_hash
+    assert ShardSet.load(run([src], tmp_path / "c", valid_fraction=0.3)).recipe_hash != ShardSet.load(a).recipe_hash
+
+    shuffled = write_jsonl(tmp_path / "shuffled.jsonl", rows[::-1])
+    x = ShardSet.load(run([src], tmp_path / "x", valid_fraction=0.25, id_key="id"))
+    y = ShardSet.load(run([shuffled], tmp_path / "y", valid_fraction=0.25, id_key="id"))
+    valid = set(decode_prefix(x.domains["web"]["valid"].prefix))
+    assert valid == set(decode_prefix(y.domains["web"]["valid"].prefix))
+    assert 0 < len(valid) < len(rows)
+
+
+def test_tiny_domain_still_gets_both_splits(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "one", "domain": "d"}, {"text": "two", "domain": "d"}])
+    splits = ShardSet.load(run([src], tmp_path / "out", valid_fraction=0.001)).domains["d"]
+    assert (splits["train"].documents, splits["valid"].documents) == (1, 1)
+
+
+def make_prefix(path: Path, docs: list[str]) -> Path:
+    write_indexed(path, [np.array(list(d.encode()) + [TOK.eod]) for d in docs], np.uint16)
+    return path
+
+
+def test_megatron_prefix_used_in_place_with_carved_valid(tmp_path):
+    docs = [f"megatron doc {i}" for i in range(10)]
+    prefix = make_prefix(tmp_path / "old" / "text_document", docs)
+    before = (Path(f"{prefix}.bin").read_bytes(), Path(f"{prefix}.idx").read_bytes())
+    src = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    out = run([src], tmp_path / "out", megatron={"old": str(prefix)}, valid_fraction=0.2)
+    shards = ShardSet.load(out)
+    train, valid = shards.domains["old"]["train"], shards.domains["old"]["valid"]
+    assert train.prefix == str(prefix)
+    assert Path(valid.prefix) == out / "old" / "valid"
+    assert (train.documents, valid.documents) == (8, 2)
+    assert decode_prefix(valid.prefix) == docs[8:]
+    full = IndexedTokens(prefix)
+    assert train.tokens + valid.tokens == full.num_tokens
+    assert decode_prefix(prefix)[: train.documents] == docs[:8]
+    assert (Path(f"{prefix}.bin").read_bytes(), Path(f"{prefix}.idx").read_bytes()) == before
+    meta = json.loads((out / "manifest.json").read_text())["domains"]["old"]
+    assert meta["format_in"] == ["megatron"] and meta["dtype"] == "uint16" and meta["valid_carved"]
+
+
+def test_megatron_prefix_with_its_own_valid_prefix(tmp_path):
+    train = make_prefix(tmp_path / "m" / "train", ["a", "b", "c"])
+    valid = make_prefix(tmp_path / "m" / "valid", ["d"])
+    shards = ShardSet.load(run([], tmp_path / "out", megatron={"m": f"{train}:{valid}"}))
+    assert {k: (s.prefix, s.documents, s.tokens) for k, s in shards.domains["m"].items()} == {
+        "train": (str(train), 3, 6), "valid": (str(valid), 1, 2)}
+    assert not (tmp_path / "out" / "m").exists()
+
+
+def test_megatron_reader_agrees_with_ours(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    out = run([write_jsonl(tmp_path / "a.jsonl", ROWS)], tmp_path / "out", valid_fraction=0.3)
+    for splits in ShardSet.load(out).domains.values():
+        for split in splits.values():
+            theirs = IndexedDataset(split.prefix)
+            ours = IndexedTokens(split.prefix)
+            assert len(theirs.document_indices) - 1 == split.documents
+            assert np.array_equal(np.concatenate([theirs[i] for i in range(len(theirs))]), np.asarray(ours.tokens))
+            assert theirs[len(theirs) - 1][-1] == TOK.eod
+
+
+def test_targets_are_split_too(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    target = write_jsonl(tmp_path / "eval.jsonl", [{"text": f"question {i}"} for i in range(20)])
+    out = run([src], tmp_path / "out", targets={"eval": target}, valid_fraction=0.3)
+    shards = ShardSet.load(out)
+    assert set(shards.targets["eval"]) == {"train", "valid"}
+    assert Path(shards.targets["eval"]["train"].prefix) == out / "targets" / "eval" / "train"
+    assert Counter(texts(shards.targets["eval"])) == Counter(f"question {i}" for i in range(20))
+    assert "eval" not in shards.domains
+
+
+def test_summary_table_and_quiet(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    run([src], tmp_path / "loud", quiet=False)
+    out = capsys.readouterr().out
+    table = [[cell.strip() for cell in line.split("|")] for line in out.splitlines()]
+    assert table[0] == ["domain", "docs", "train tokens", "valid tokens"]
+    assert ["web", "12"] in [row[:2] for row in table]
+    run([src], tmp_path / "quiet")
+    assert capsys.readouterr() == ("", "")
+
+
+def bad_inputs(tmp_path: Path) -> dict:
+    """name -> (inputs, extra kwargs, fragments the error message must contain)."""
+    j = lambda name, rows: write_jsonl(tmp_path / name, rows)  # noqa: E731
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    csv = tmp_path / "data.csv"
+    csv.write_text("text,domain\n")
+    badjson = tmp_path / "bad.jsonl"
+    badjson.write_text('{"text": "ok", "domain": "a"}\n{not json\n')
+    uint8 = tmp_path / "u8" / "p"
+    write_indexed(uint8, [np.array([1, 2, 3])], np.uint8)  # a byte-level corpus without room for EOD 256
+    return {
+        "missing path": ([tmp_path / "nope.jsonl"], {}, ["does not exist", "nope.jsonl"]),
+        "unknown type": ([csv], {}, ["unknown file type", "data.csv"]),
+        "missing text": ([j("t.jsonl", [{"body": "x", "domain": "a"}])], {}, ["'text'", "t.jsonl", "line 1", "--text-key"]),
+        "missing domain": ([j("d.jsonl", [{"text": "x"}])], {}, ["'domain'", "d.jsonl", "--domain-key"]),
+        "custom key": ([j("k.jsonl", ROWS)], {"text_key": "content"}, ["'content'", "k.jsonl"]),
+        "missing id": ([j("i.jsonl", ROWS)], {"id_key": "uid"}, ["'uid'", "--id-key"]),
+        "parquet column": ([write_parquet(tmp_path / "p.parquet", [{"body": "x", "domain": "a"}])], {},
+                           ["'text'", "p.parquet", "body"]),
+        "non-string text": ([j("n.jsonl", [{"text": 5, "domain": "a"}])], {}, ["'text'", "is int", "n.jsonl"]),
+        "null text": ([j("z.jsonl", [{"text": None, "domain": "a"}])], {}, ["'text'", "is null"]),
+        "empty file domain": ([f"quiet={empty}"], {}, ["domain 'quiet' is empty"]),
+        "empty texts domain": ([j("e.jsonl", [{"text": "", "domain": "hollow"}, {"text": "x", "domain": "a"}])], {},
+                               ["domain 'hollow' is empty", "1 empty"]),
+        "unsafe domain": ([j("u.jsonl", [{"text": "x", "domain": "../up"}])], {}, ["'../up'", "u.jsonl", "safe folder name"]),
+        "unsafe name": ([f"a b={empty}"], {}, ["'a b'", "safe folder name"]),
+        "txt without name": ([empty], {}, ["NAME=", "empty.txt"]),
+        "bad json": ([badjson], {}, ["bad.jsonl line 2", "not valid JSON"]),
+        "megatron missing": ([], {"megatron": {"old": str(tmp_path / "gone")}}, ["'old'", "gone"]),
+        "megatron dtype": ([], {"megatron": {"small": str(uint8)}}, ["'small'", "uint8", "257"]),
+        "megatron clash": ([j("c.jsonl", ROWS)], {"megatron": {"web": str(make_prefix(tmp_path / "w", ["x"]))}},
+                           ["domain 'web'", "megatron"]),
+        "bad fraction": ([j("f.jsonl", ROWS)], {"valid_fraction": 1.0}, ["valid_fraction"]),
+        "nothing": ([], {}, ["nothing to ingest"]),
+    }
+
+
+ERROR_CASES = ["missing path", "unknown type", "missing text", "missing domain", "custom key", "missing id",
+               "parquet column", "non-string text", "null text", "empty file domain", "empty texts domain",
+               "unsafe domain", "unsafe name", "txt without name", "bad json", "megatron missing", "megatron dtype",
+               "megatron clash", "bad fraction", "nothing"]
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_errors_name_their_cause_and_leave_nothing(tmp_path, case):
+    cases = bad_inputs(tmp_path)
+    assert sorted(cases) == sorted(ERROR_CASES)
+    inputs, kwargs, fragments = cases[case]
+    parent = tmp_path / "shards"
+    parent.mkdir()
+    with pytest.raises(IngestError) as err:
+        run(inputs, parent / "out", **kwargs)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+    assert list(parent.iterdir()) == []
+
+
+def test_failure_after_good_input_leaves_no_out_dir(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", ROWS)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "x", "domain": "a"}, {"text": 3, "domain": "a"}])
+    with pytest.raises(IngestError, match="bad.jsonl line 2"):
+        run([good, bad], tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_existing_out_dir_needs_overwrite(tmp_path):
+    first = write_jsonl(tmp_path / "first.jsonl", ROWS)
+    second = write_jsonl(tmp_path / "second.jsonl", [{"text": "only", "domain": "solo"}])
+    out = run([first], tmp_path / "out")
+    with pytest.raises(IngestError, match="overwrite"):
+        run([second], out)
+    assert set(ShardSet.load(out).domains) == {"web", "code"}
+    run([second], out, overwrite=True)
+    assert set(ShardSet.load(out).domains) == {"solo"}
+    assert not (out / "web").exists() and leftovers(tmp_path) == []
+    (tmp_path / "empty").mkdir()
+    assert ShardSet.load(run([second], tmp_path / "empty")).domains["solo"]
+
+
+def test_megatron_prefix_inside_out_dir_is_refused_on_overwrite(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    out = run([src], tmp_path / "out")
+    with pytest.raises(IngestError, match="inside out_dir"):
+        run([], out, megatron={"web": str(out / "web" / "train")}, overwrite=True)
+
+
+def cli(argv):
+    parser = argparse.ArgumentParser(prog="mixtrain data")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli(tmp_path):
+    src = write_jsonl(tmp_path / "code.jsonl", [{"body": f"x = {i}"} for i in range(5)])
+    prefix = make_prefix(tmp_path / "m" / "p", ["a", "b", "c"])
+    target = write_jsonl(tmp_path / "eval.jsonl", [{"body": "q"}, {"body": "r"}])
+    out = cli(["ingest", f"code={src}", "--out", str(tmp_path / "out"), "--tokenizer", "bytes", "--text-key", "body",
+               "--valid-fraction", "0.5", "--megatron", f"old={prefix}", "--target", f"eval={target}", "--quiet"])
+    shards = ShardSet.load(out)
+    assert set(shards.domains) == {"code", "old"} and set(shards.targets) == {"eval"}
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli(["ingest", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o2"), "--quiet"])
+    with pytest.raises(SystemExit, match="given twice"):
+        cli(["ingest", "--out", str(tmp_path / "o3"), "--megatron", f"a={prefix}", "--megatron", f"a={prefix}"])
