@@ -249,8 +249,8 @@ THE SOFTWARE IS PROVIDED ((
 
 def test_lre_to_text_strips_template_markup():
     text = clean.lre_to_text(LRE)
-    assert text == ("Copyright\n\nPermission is hereby granted free of charge to any person obtaining a copy of this software.\n\n"
-                    'THE SOFTWARE IS PROVIDED "AS IS" AND WITH ALL FAULTS , WITHOUT WARRANTY.')
+    assert text == ("Copyright Permission is hereby granted free of charge to any person obtaining a copy of this software.\n\n"
+                    'THE SOFTWARE IS PROVIDED "AS IS" AND WITH ALL FAULTS, WITHOUT WARRANTY.')
     for markup in ("((", "))", "||", "//**", "__3__", "https://spdx"):
         assert markup not in text
 
@@ -318,7 +318,8 @@ def test_hash_order_is_deterministic_shuffle():
     chunks = _chunks(20)
     ordered = build.hash_order(chunks, "x")
     assert ordered == build.hash_order(list(reversed(chunks)), "x")
-    assert sorted(ordered, key=lambda c: (c.source, c.index)) == chunks and ordered != chunks
+    key = lambda c: (c.source, c.index)  # noqa: E731
+    assert sorted(ordered, key=key) == sorted(chunks, key=key) and ordered != chunks
 
 
 def test_tokenize_capped_appends_eod_and_respects_cap():
@@ -413,7 +414,7 @@ def test_offline_mini_build_writes_manifest_and_is_idempotent(tmp_path, monkeypa
     for splits in [*loaded.domains.values(), *loaded.targets.values()]:
         for split in splits.values():
             shard = IndexedTokens(split.prefix)
-            assert shard.document_count == split.documents and shard.num_tokens == split.tokens
+            assert shard.sequence_count == split.documents and shard.num_tokens == split.tokens
             ends = np.cumsum(shard.sequence_lengths) - 1
             assert (shard.tokens[ends] == tok.eod).all()
     assert loaded.domains["code"]["train"].tokens <= 20_000
