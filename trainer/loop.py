@@ -320,8 +320,9 @@ class Loop:
                 from .plots import plot_run
 
                 plot_run(self.run_dir, domains)
-            self._print_summary(final, avg, final_eval)
         self.tracker.close()
+        if self.rank == 0:
+            self._print_summary(final, avg, final_eval)
         return RunResult(self.run_dir, self.step, domains, final, np.asarray(avg), final_eval)
 
     def _print_summary(self, final, avg, ev) -> None:

@@ -55,8 +55,10 @@ class Tracker:
         id_file = self.run_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
+        # silent: wandb's own banner and history table would bury the run summary; close() says
+        # where the run is and how to upload it.
         self._wandb = wandb.init(project=project, id=run_id, resume="allow", mode=mode, dir=str(self.run_dir),
-                                 config=cfg_dict, name=self.run_dir.name)
+                                 config=cfg_dict, name=self.run_dir.name, settings=wandb.Settings(silent=True))
         self._wandb.define_metric("trainer/global_step")
         self._wandb.define_metric("*", step_metric="trainer/global_step")
 
@@ -85,4 +87,8 @@ class Tracker:
         self._metrics.close()
         self._weights.close()
         if self._wandb is not None:
+            offline = self._wandb.settings.mode == "offline"
+            where = self._wandb.dir
             self._wandb.finish()
+            if offline:
+                print(f"[mixtrain] wandb offline run in {Path(where).parent} (upload: wandb sync {Path(where).parent})", flush=True)
