@@ -393,7 +393,7 @@ def _tree_state(root: Path) -> dict[str, tuple[int, bytes]]:
 
 
 def _mtimes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+    return {str(p.relative_to(root)): p.lstat().st_mtime_ns for p in sorted(root.rglob("*"))}
 
 
 def test_offline_mini_build_writes_manifest_and_is_idempotent(tmp_path, monkeypatch, capsys):
