@@ -41,6 +41,8 @@ def test_resume_after_crash_is_bit_exact(tmp_path, nproc):
 
     # identical per-step losses (every domain), learning rates, weights and evaluations
     assert losses_by_step(tmp_path / "run") == losses_by_step(tmp_path / "ref")
+    n_lines = [len((tmp_path / d / "metrics.jsonl").read_text().splitlines()) for d in ("run", "ref")]
+    assert n_lines[0] == n_lines[1]  # the steps replayed after the checkpoint were cut, not duplicated
     ref_ranks = [json.loads((tmp_path / "ref" / f"rank{r}.json").read_text()) for r in range(nproc)]
     run_ranks = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in range(nproc)]
     assert run_ranks[0]["history"] == ref_ranks[0]["history"]

@@ -114,8 +114,9 @@ class Loop:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        positions = resume_state[0]["loop"]["tracker"] if resume_state and self.rank == 0 else None
         self.tracker = Tracker(self.run_dir, cfg.to_dict(), enabled=self.rank == 0, wandb_mode=cfg.run.wandb,
-                               project=cfg.run.wandb_project, resume_step=self.step if resume_state else None)
+                               project=cfg.run.wandb_project, resume_positions=positions)
 
     # ---- resume -------------------------------------------------------------------------------
     def _find_resume(self) -> Path | None:
@@ -169,6 +170,7 @@ class Loop:
                     "history": self.history,
                     "shard_start_state": SamplerState.to_dict(start),
                     "shard_weights": None if self.plan is None else self.plan.weights.tolist(),
+                    "tracker": self.tracker.positions(),
                 },
             }
         checkpoint.save(self.ckpt_root, self.step, state, {"fingerprint": self.fingerprint}, self.cfg.train.keep_checkpoints)
@@ -282,12 +284,13 @@ class Loop:
                     if stats.finite():
                         self.controller.observe(stats)
                     self.controller.record()
-                self.step += 1
-                evaluated = bool(t.eval_every) and self.step % t.eval_every == 0 and self.step < t.steps
-                if evaluated:
-                    rec.update(self.evaluate())
-                if evaluated or self.step % t.log_every == 0 or self.step == t.steps:
+                if (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps:
                     self.tracker.log(rec)
+                self.step += 1
+                # "step" in every record = optimizer updates applied to the parameters it measures:
+                # a training loss of record n is taken before update n, an evaluation after it.
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                    self.tracker.log({"step": self.step, **self.evaluate()})
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['train/loss']:.3f}", tok_s=f"{rec['perf/tokens_per_sec'] or 0:.0f}")
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
@@ -301,9 +304,9 @@ class Loop:
 
     def _finish(self) -> RunResult:
         final_eval = self.evaluate()
+        self._save()  # before logging the evaluation: re-running a finished run logs it once, not twice
         if final_eval:
             self.tracker.log({"step": self.step, **final_eval})
-        self._save()
         domains = self.data.domains
         final = np.asarray(self.plan.weights if self.plan is not None else self.controller.weights)
         avg = self.controller.average_weights if self.controller.adaptive else final

@@ -12,14 +12,11 @@ import uuid
 from pathlib import Path
 
 
-def _truncate_jsonl(path: Path, first_step: int) -> None:
-    """Keep records of steps before ``first_step``: a resumed run rewrites the steps after its checkpoint."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) < first_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+def _truncate(path: Path, size: int) -> None:
+    """Cut a log back to what it held at the checkpoint: a resumed run rewrites what came after."""
+    if path.is_file() and path.stat().st_size > size:
+        with open(path, "r+b") as f:
+            f.truncate(size)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -30,7 +27,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, cfg_dict: dict, *, enabled: bool, wandb_mode: str, project: str, resume_step: int | None):
+    def __init__(self, run_dir: Path, cfg_dict: dict, *, enabled: bool, wandb_mode: str, project: str, resume_positions: dict | None):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -38,12 +35,12 @@ class Tracker:
         self._wandb = None
         if not enabled:
             return
-        if resume_step is None:
+        if resume_positions is None:
             for p in (self.metrics_path, self.weights_path):
                 p.unlink(missing_ok=True)
         else:
-            _truncate_jsonl(self.metrics_path, resume_step)
-            _truncate_jsonl(self.weights_path, resume_step)
+            _truncate(self.metrics_path, resume_positions["metrics"])
+            _truncate(self.weights_path, resume_positions["weights"])
         self._metrics = open(self.metrics_path, "a")
         self._weights = open(self.weights_path, "a")
         if wandb_mode != "disabled":
@@ -69,6 +66,12 @@ class Tracker:
         self._metrics.flush()
         if self._wandb is not None:
             self._wandb.log({"trainer/global_step": record["step"], **{k: v for k, v in record.items() if k != "step"}})
+
+    def positions(self) -> dict:
+        """Byte sizes of the logs, saved with each checkpoint so a resume can cut them back."""
+        if not self.enabled:
+            return {"metrics": 0, "weights": 0}
+        return {"metrics": self._metrics.tell(), "weights": self._weights.tell()}
 
     def log_weights(self, record: dict) -> None:
         if not self.enabled:
