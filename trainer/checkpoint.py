@@ -100,6 +100,10 @@ def latest(ckpt_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def load_meta(path: Path) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
 def load(path: Path, rank: int) -> tuple[dict, dict, dict | None]:
     """(state, meta, this rank's RNG state or None if the checkpoint has none for this rank)."""
     path = Path(path)

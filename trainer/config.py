@@ -170,6 +170,20 @@ class EngineConfig:
 
 
 @dataclass
+class ProbeConfig:
+    exact_budget_mb: int = 512
+    """Memory allowed for exact per-domain gradient accumulators (K x parameters x 4 bytes) when
+    norms or the Gram are needed across micro-batches or ranks; above it the probe sketches."""
+    sketch_dim: int = 0
+    """0 = exact norms/Gram; > 0 = always use a shared-seed sketch of this dimension (unbiased,
+    relative error about sqrt(2/m))."""
+
+    def validate(self):
+        if self.exact_budget_mb < 0 or self.sketch_dim < 0:
+            raise ConfigError("probe.exact_budget_mb and probe.sketch_dim must be >= 0")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     """Run name (the run directory's default last component)."""
@@ -196,6 +210,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     mixture: dict = field(default_factory=lambda: {"name": "uniform"})
     """Controller name and its knobs; validated by the controller's own Config dataclass."""
 
@@ -237,7 +252,7 @@ def _build(cls, values: Any, prefix: str):
 def load_config(values: dict) -> Config:
     """Validate a plain dict (Hydra's composed config, resolved) into a Config."""
     values = dict(values)
-    allowed = {"model", "data", "train", "engine", "run", "mixture"}
+    allowed = {"model", "data", "train", "engine", "run", "probe", "mixture"}
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise ConfigError(f"unknown config group(s) {unknown}; allowed: {sorted(allowed)}")
@@ -250,6 +265,7 @@ def load_config(values: dict) -> Config:
         train=_build(TrainConfig, values.get("train"), "train"),
         engine=_build(EngineConfig, values.get("engine"), "engine"),
         run=_build(RunConfig, values.get("run"), "run"),
+        probe=_build(ProbeConfig, values.get("probe"), "probe"),
         mixture=dict(mixture),
     )
 

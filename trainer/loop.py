@@ -103,6 +103,12 @@ class Loop:
         resume_state = self._check_resume(resume_from) if resume_from else None
         # Nothing is written before this point: bad input never touches an existing run.
         self.engine = build_engine(cfg)
+        self._signals = None
+        self.reference = None
+        if cfg.mixture.get("reference"):
+            from .signals import load_reference_model
+
+            self.reference = load_reference_model(cfg.mixture["reference"], self.data, self.engine.device)
         self.step = 0
         self.tokens_seen = np.zeros(self.K)
         self.history: list[dict] = []
@@ -237,13 +243,42 @@ class Loop:
         return out
 
     # ---- the loop -----------------------------------------------------------------------------
-    def _step_record(self, sums, counts, lr, gnorm, dt) -> tuple[dict, DomainStats]:
+    @property
+    def signals(self):
+        """Measurement beyond per-domain losses, built on first use (static runs never pay for it)."""
+        if self._signals is None:
+            from .signals import Signals
+
+            self._signals = Signals(self.engine, self.data, self.cfg.train.seed, self.cfg.probe, self.reference)
+        return self._signals
+
+    def _train_step(self, lr: float) -> tuple[dict, DomainStats]:
+        """One optimizer step with the measurements the controller asked for (at the same θ)."""
+        lw = np.asarray(self.controller.loss_weights, dtype=np.float64)
+        req = self.controller.request(self.step) if self.controller.adaptive else None
+        measuring = req is not None and (req.any_gradient or req.ref_model_loss)
+        if self.controller.adaptive:
+            lw = self._sync(lw)
+        state = self.signals.begin(req, self.step) if measuring else None
+        sums, counts = self.engine.forward_backward(
+            self._batch(), torch.from_numpy(lw), self.K,
+            probe=self.signals.in_batch_probe(state) if measuring else None,
+            on_losses=self.signals.on_losses(state) if measuring else None)
+        reduced = dist.all_reduce_sum(torch.cat([sums, counts])).numpy()
+        sums, counts = reduced[: self.K], reduced[self.K :]
         present = counts > 0
-        loss = np.where(present, sums / np.where(present, counts, 1), np.nan)
+        stats = DomainStats(step=self.step, lr=lr, loss=np.where(present, sums / np.where(present, counts, 1), np.nan), tokens=counts)
+        if measuring:
+            t = self.cfg.train
+            self.signals.end(state, stats, self.step, lw, t.micro_batch * t.grad_accum * self.cfg.data.seq_len)
+        gnorm = self.engine.optimizer_step(lr)
+        return self._step_record(sums, counts, lr, gnorm, stats, req, lw), stats
+
+    def _step_record(self, sums, counts, lr, gnorm, stats: DomainStats, req, lw: np.ndarray) -> dict:
+        present = counts > 0
+        loss = stats.loss
         self.tokens_seen += counts
-        stats = DomainStats(step=self.step, lr=lr, loss=loss, tokens=counts)
-        rec = {"step": self.step, "lr": lr, "train/loss": float(sums.sum() / counts.sum()), "train/grad_norm": gnorm,
-               "perf/tokens_per_sec": float(counts.sum() / dt) if dt > 0 else None}
+        rec = {"step": self.step, "lr": lr, "train/loss": float(sums.sum() / counts.sum()), "train/grad_norm": gnorm}
         w = self.plan.weights
         for i, d in enumerate(self.data.domains):
             if present[i]:
@@ -251,7 +286,26 @@ class Loop:
             rec[f"mixture/weight/{d}"] = float(w[i])
             rec[f"mixture/tokens/{d}"] = float(self.tokens_seen[i])
         rec["mixture/entropy"] = float(-(w[w > 0] * np.log(w[w > 0])).sum())
-        return rec, stats
+        self._log_signals(rec, stats, req, lw)
+        return rec
+
+    def _log_signals(self, rec: dict, stats: DomainStats, req, lw: np.ndarray) -> None:
+        """What the controller saw this step and the loss weights it used, per domain."""
+        columns = {}
+        if stats.align is not None:
+            for r, name in enumerate(req.align):
+                columns[f"probe/align/{name}"] = stats.align[:, r]
+        if stats.norms is not None:
+            columns["probe/grad_norm"] = stats.norms
+        if stats.excess_loss is not None:
+            columns["mixture/excess_loss"] = stats.excess_loss
+        for key, values in columns.items():
+            for d, v in zip(self.data.domains, values):
+                if np.isfinite(v):
+                    rec[f"{key}/{d}"] = float(v)
+        if not np.allclose(lw, 1.0):
+            for d, v in zip(self.data.domains, lw):
+                rec[f"mixture/loss_weight/{d}"] = float(v)
 
     def train(self) -> RunResult:
         cfg, t = self.cfg, self.cfg.train
@@ -272,14 +326,8 @@ class Loop:
                         _say(self.rank, f"stopping at step {self.step}: {e}")
                         break
                 t0 = time.perf_counter()
-                lr = lr_at(self.step, t)
-                lw = self.controller.loss_weights
-                if self.controller.adaptive:
-                    lw = self._sync(lw)
-                sums, counts = self.engine.forward_backward(self._batch(), torch.from_numpy(np.asarray(lw)), self.K)
-                gnorm = self.engine.optimizer_step(lr)
-                reduced = dist.all_reduce_sum(torch.cat([sums, counts])).numpy()
-                rec, stats = self._step_record(reduced[: self.K], reduced[self.K :], lr, gnorm, time.perf_counter() - t0)
+                rec, stats = self._train_step(lr_at(self.step, t))
+                rec["perf/tokens_per_sec"] = float(stats.tokens.sum() / (time.perf_counter() - t0))
                 if self.controller.adaptive:
                     if stats.finite():
                         self.controller.observe(stats)

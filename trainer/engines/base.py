@@ -27,9 +27,14 @@ class Engine(ABC):
     model: torch.nn.Module  # the unwrapped module
 
     @abstractmethod
-    def forward_backward(self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_backward(self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int,
+                         probe=None, on_losses=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate gradients of mean-token loss (weighted per domain) over the micro-batches.
-        Returns this rank's per-domain (sum of token losses, token count), both float64 [K]."""
+
+        ``probe``: a ``trainer.probe.Probe`` to record per-domain gradient pieces in the same
+        backward; ``on_losses(tokens, domains, token_losses)``: called per micro-batch (DoReMi's
+        reference-model pass). Returns this rank's per-domain (sum of token losses, token count),
+        both float64 [K]."""
 
     @abstractmethod
     def optimizer_step(self, lr: float) -> float:

@@ -41,7 +41,8 @@ class TorchEngine(Engine):
         self.wrapped = DDP(self.model) if dist.active() else self.model
         self.optimizer = adamw(self.model, train_cfg)
 
-    def forward_backward(self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int):
+    def forward_backward(self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int,
+                         probe=None, on_losses=None):
         sums = torch.zeros(num_domains, dtype=torch.float64)
         counts = torch.zeros(num_domains, dtype=torch.float64)
         # Normalise by this rank's tokens per step (fixed: every sequence is full length), so DDP's
@@ -51,11 +52,14 @@ class TorchEngine(Engine):
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not isinstance(self.wrapped, DDP) else self.wrapped.no_sync()
+            recording = probe.micro_batch(mb.domains) if probe is not None else contextlib.nullcontext()
             tokens, doms = mb.tokens.to(self.device), mb.domains.to(self.device)
-            with sync:
+            with sync, recording:
                 losses = token_losses(self.wrapped, tokens)  # [b, T]
                 objective = (losses * lw[doms].unsqueeze(1)).sum() / tokens_per_rank
                 objective.backward()
+            if on_losses is not None:
+                on_losses(tokens, mb.domains, losses.detach())
             per_seq = losses.detach().double().sum(dim=1).cpu()
             sums.index_add_(0, mb.domains, per_seq)
             counts.index_add_(0, mb.domains, torch.full_like(per_seq, losses.shape[1]))
