@@ -22,44 +22,71 @@ class MixtureConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Request:
-    """Signals a controller needs at one step. The trainer computes only what is asked for."""
+    """Signals a controller needs at one step. The trainer computes only what is asked for.
+
+    Reference names (for ``align``): ``"heldout"`` — a held-out mixed batch drawn uniformly from
+    every domain's validation split (DoGE universal); ``"target:<name>"`` — a batch of the named
+    target set's few-shot pool (DGA, DoGE OOD). Column r of ``DomainStats.align`` is ``align[r]``.
+    """
 
     loss: bool = True
     """Per-domain mean training loss and token counts (cheap; always available)."""
     align: tuple[str, ...] = ()
-    """Reference gradients to align every domain gradient with (e.g. "heldout_mix", "target:humaneval")."""
-    gram: bool = False
-    """Exact K x K Gram of per-domain gradients."""
+    """Reference gradients r to align every domain gradient with: align[i, r] = <g_i, r>."""
     norms: bool = False
-    """Per-domain gradient norms."""
+    """Per-domain gradient norms ||g_i|| (exact when affordable, sketched otherwise)."""
+    gram: bool = False
+    """The K x K Gram <g_i, g_j> (its diagonal are the squared norms)."""
+    source: str = "in_batch"
+    """Where per-domain gradients come from: "in_batch" (the training step's own batch, split by
+    domain inside its backward) or "probe_batch" (a separate batch of ``probe_sequences`` sequences
+    per domain drawn from the training data, forward/backward without touching the training
+    gradient; every domain gets a signal even at weight ~0)."""
+    probe_sequences: int = 16
+    """Sequences per domain in a probe batch (source="probe_batch")."""
+    ref_sequences: int = 16
+    """Sequences in each reference batch."""
     ref_model_loss: bool = False
-    """Per-domain loss of a reference model on the same batch."""
+    """Per-domain clipped excess loss against the reference model, on the same batch (DoReMi)."""
+
+    @property
+    def any_gradient(self) -> bool:
+        return bool(self.align) or self.norms or self.gram
 
 
 @dataclass
 class DomainStats:
     """Per-step statistics, already reduced over data-parallel ranks and micro-batches.
 
-    ``loss[i]`` is NaN and ``tokens[i]`` is 0 for a domain absent from the step.
+    ``loss[i]`` is NaN and ``tokens[i]`` is 0 for a domain absent from the step. Gradient
+    statistics refer to g_i = the gradient of domain i's *mean* token loss (unweighted), at the
+    parameters before this step's update; NaN rows for absent domains.
     """
 
     step: int
     lr: float
-    loss: np.ndarray
-    tokens: np.ndarray
-    align: np.ndarray | None = None  # [K, R]
+    loss: np.ndarray  # [K] mean token loss per domain
+    tokens: np.ndarray  # [K] token counts
+    align: np.ndarray | None = None  # [K, R] <g_i, r_k>, columns in Request.align order
+    ref_norms: np.ndarray | None = None  # [R] ||r_k||
     gram: np.ndarray | None = None  # [K, K]
-    norms: np.ndarray | None = None  # [K]
-    ref_loss: np.ndarray | None = None  # [K]
+    norms: np.ndarray | None = None  # [K] ||g_i||
+    excess_loss: np.ndarray | None = None  # [K] mean over domain tokens of max(loss - ref_loss, 0)
+    ref_loss: np.ndarray | None = None  # [K] reference model's mean token loss per domain
+    sample_weights: np.ndarray | None = None  # [K] the distribution this step's batch was drawn from
     extra: dict = field(default_factory=dict)
 
     def finite(self) -> bool:
         """True when every statistic of the present domains is finite."""
         present = self.tokens > 0
         arrays = [self.loss[present]]
-        for a in (self.align, self.gram, self.norms, self.ref_loss):
+        for a in (self.align, self.norms, self.excess_loss, self.ref_loss):
             if a is not None:
-                arrays.append(np.asarray(a)[present] if np.ndim(a) else np.asarray(a))
+                arrays.append(np.asarray(a)[present])
+        if self.gram is not None:
+            arrays.append(np.asarray(self.gram)[np.ix_(present, present)])
+        if self.ref_norms is not None:
+            arrays.append(np.asarray(self.ref_norms))
         return all(np.all(np.isfinite(a)) for a in arrays) and math.isfinite(self.lr)
 
 

@@ -1,6 +1,7 @@
 """``mixtrain`` command line.
 
-    mixtrain                         the main job: build the demo corpus if needed, train briefly on it
+    mixtrain                         the main job: DoGE proxy weight search on the demo corpus
+    mixtrain search mixture=NAME …   proxy weight search with any controller; writes weights.json
     mixtrain train [overrides] [-m]  a Hydra app: model=… data=… mixture=… engine=… key=value
     mixtrain data demo               build the 8-domain demo corpus and its target sets
     mixtrain data ingest …           turn jsonl/parquet/HF datasets/Megatron prefixes into a shard set
@@ -67,9 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if not argv:
-        print("[mixtrain] main job: demo corpus (built on first use) + a short training with a static mixture "
-              "(conf/experiment/demo.yaml). `mixtrain --help` lists the commands.", flush=True)
-        _train_app(["+experiment=demo"])
+        print("[mixtrain] main job: DoGE proxy weight search on the demo corpus (built on first use); "
+              "conf/experiment/search.yaml. `mixtrain --help` lists the commands.", flush=True)
+        _train_app(["+experiment=search", "mixture=doge"])
+    elif argv[0] == "search":
+        _train_app(["+experiment=search", *argv[1:]])
     elif argv[0] in ("-h", "--help", "help"):
         print(USAGE)
     elif argv[0] == "train":

@@ -267,7 +267,8 @@ class Loop:
         reduced = dist.all_reduce_sum(torch.cat([sums, counts])).numpy()
         sums, counts = reduced[: self.K], reduced[self.K :]
         present = counts > 0
-        stats = DomainStats(step=self.step, lr=lr, loss=np.where(present, sums / np.where(present, counts, 1), np.nan), tokens=counts)
+        stats = DomainStats(step=self.step, lr=lr, loss=np.where(present, sums / np.where(present, counts, 1), np.nan),
+                            tokens=counts, sample_weights=self.plan.weights.copy())
         if measuring:
             t = self.cfg.train
             self.signals.end(state, stats, self.step, lw, t.micro_batch * t.grad_accum * self.cfg.data.seq_len)
@@ -329,8 +330,7 @@ class Loop:
                 rec, stats = self._train_step(lr_at(self.step, t))
                 rec["perf/tokens_per_sec"] = float(stats.tokens.sum() / (time.perf_counter() - t0))
                 if self.controller.adaptive:
-                    if stats.finite():
-                        self.controller.observe(stats)
+                    self.controller.observe(stats)  # controllers skip non-finite steps themselves
                     self.controller.record()
                 if (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps:
                     self.tracker.log(rec)
@@ -377,16 +377,20 @@ class Loop:
         return RunResult(self.run_dir, self.step, domains, final, np.asarray(avg), final_eval)
 
     def _print_summary(self, final, avg, ev) -> None:
-        lines = [f"{'domain':<14}{'weight':>9}{'avg':>9}{'tokens':>12}{'val loss':>10}"]
+        """One screen: exported weights next to uniform and the last shard's, tokens, losses."""
+        lines = [f"{'domain':<14}{'uniform':>9}{'exported':>10}{'last shard':>12}{'tokens':>12}{'val loss':>10}"]
         for i, d in enumerate(self.data.domains):
             vl = ev.get(f"eval/{d}/loss")
-            lines.append(f"{d:<14}{final[i]:>9.3f}{avg[i]:>9.3f}{self.tokens_seen[i]:>12.0f}{'' if vl is None else f'{vl:>10.3f}'}")
+            lines.append(f"{d:<14}{1 / self.K:>9.3f}{avg[i]:>10.3f}{final[i]:>12.3f}{self.tokens_seen[i]:>12.0f}"
+                         f"{'' if vl is None else f'{vl:>10.3f}'}")
         for k, v in ev.items():
             if k.startswith("target/"):
                 lines.append(f"{k:<44}{v:>10.3f}")
         if "eval/loss" in ev:
             per = {d: ev[f"eval/{d}/loss"] for d in self.data.domains if f"eval/{d}/loss" in ev}
             lines.append(f"eval/loss {ev['eval/loss']:.3f} | macro {ev['eval/macro_loss']:.3f} | best {min(per, key=per.get)} | worst {max(per, key=per.get)}")
+        lines.append(f"weights: {self.run_dir / 'weights.json'} (exported = {'time average' if self.controller.adaptive else 'fixed'}); "
+                     f"reuse with: mixtrain train mixture=static mixture.weights_from={self.run_dir}")
         _say(0, f"done: {self.step} steps | run dir {self.run_dir}\n" + "\n".join(lines))
 
 

@@ -1,0 +1,203 @@
+"""Probe-aware Linear, Embedding and LayerNorm.
+
+With no probe recording they ARE the stock torch modules: subclasses with the same parameters,
+initialisation, state_dict keys and forward code; the only addition is one attribute read per call.
+While a probe records a micro-batch (``trainer.probe.Probe.micro_batch``), their forward runs a
+custom autograd Function whose backward computes each weight gradient as a sum of per-domain pieces
+(gradient-probe.md §2, route M): the rows of a micro-batch are sorted by domain, so every domain owns
+one contiguous block of token rows, and G = Σ_j D_jᵀ X_j. The pieces are handed to the probe, and
+their sum is what autograd receives, so the probe adds no weight-gradient FLOPs; the result equals
+the stock gradient up to fp32 summation order.
+
+A layer talks to the probe through a ``Recording`` (the probe's per-micro-batch object): it asks
+where the domain blocks start and hands over dense pieces (``[k, *param.shape]``, one per present
+domain) or, for embeddings, sparse rows (token ids and their output-gradient rows).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Recording(Protocol):
+    """What a probe provides to the layers while it records one micro-batch."""
+
+    sequences: int
+    """Rows b of the [b, T] micro-batch."""
+
+    def slot(self, param: torch.Tensor | None):
+        """An opaque key for a trainable parameter (None for a frozen or absent one)."""
+
+    def bounds(self, rows: int) -> list[int]:
+        """Token-row offsets [k + 1] of the k present domains in a flattened [rows, ...] activation."""
+
+    def lengths(self, rows: int) -> torch.Tensor:
+        """The same blocks as a tensor of lengths (for ``torch.segment_reduce``)."""
+
+    def chunk(self, numel: int) -> int:
+        """How many domains' dense pieces of a ``numel``-sized parameter to materialise at once."""
+
+    def dense(self, slot, first: int, pieces: torch.Tensor) -> None:
+        """pieces[j] is the gradient piece of present domain ``first + j``."""
+
+    def rows(self, slot, ids: torch.Tensor, values: torch.Tensor, bounds: list[int]) -> None:
+        """Embedding pieces: domain j's gradient is the scatter-add of values[b_j:b_j+1] at ids[b_j:b_j+1]."""
+
+
+class Tap:
+    """The switch shared by the probe-aware layers of one model: ``current`` is None (stock code) or
+    the Recording of the micro-batch being probed."""
+
+    __slots__ = ("current",)
+
+    def __init__(self) -> None:
+        self.current: Recording | None = None
+
+
+OFF = Tap()
+"""The tap of layers no probe is attached to; never switched on."""
+
+
+class ProbeAware:
+    """Mixin: ``_tap`` is replaced by a probe's own Tap when a probe attaches to the model."""
+
+    _tap: Tap = OFF
+
+
+def _segment_sums(rec: Recording, slot, rows: torch.Tensor) -> torch.Tensor:
+    """Gradient of a vector parameter whose stock gradient is ``rows.sum(0)`` (biases, LayerNorm
+    gain/bias): per-domain block sums go to the probe, their sum to autograd."""
+    pieces = torch.segment_reduce(rows, "sum", lengths=rec.lengths(rows.shape[0]), axis=0)
+    rec.dense(slot, 0, pieces)
+    return pieces.sum(0)
+
+
+def _segmented_weight_grad(rec: Recording, slot, shape: torch.Size, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Σ_j dy_jᵀ x_j over domain blocks; the pieces are materialised a chunk of domains at a time so the
+    transient stays within the probe's budget, and each chunk is handed over before it is summed."""
+    bounds = rec.bounds(x.shape[0])
+    k = len(bounds) - 1
+    step = rec.chunk(shape.numel())
+    total = None
+    for lo in range(0, k, step):
+        hi = min(k, lo + step)
+        pieces = dy.new_empty(hi - lo, *shape)
+        for j in range(lo, hi):
+            s, e = bounds[j], bounds[j + 1]
+            torch.mm(dy[s:e].T, x[s:e], out=pieces[j - lo])
+        rec.dense(slot, lo, pieces)
+        part = pieces.sum(0)
+        total = part if total is None else total.add_(part)
+    return total
+
+
+class _LinearFn(torch.autograd.Function):
+    """y = x Wᵀ + b with the weight and bias gradients split by domain in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rec: Recording):
+        ctx.save_for_backward(x, weight)
+        ctx.rec = rec
+        ctx.slots = (rec.slot(weight), rec.slot(bias))
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        rec, (w_slot, b_slot) = ctx.rec, ctx.slots
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        # Compute in the output gradient's dtype (bf16 under autocast, as the stock backward would).
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        grad_x = dy @ weight.to(dy.dtype) if need_x else None
+        grad_w = grad_b = None
+        if need_w:
+            x2 = x.reshape(-1, x.shape[-1]).to(dy.dtype)
+            grad_w = _segmented_weight_grad(rec, w_slot, weight.shape, dy2, x2)
+        if need_b:
+            grad_b = _segment_sums(rec, b_slot, dy2)
+        return grad_x, grad_w, grad_b, None
+
+
+class _EmbeddingFn(torch.autograd.Function):
+    """Row lookup whose weight gradient is also handed to the probe as per-domain sparse rows."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, rec: Recording):
+        ctx.save_for_backward(ids)
+        ctx.rec, ctx.slot, ctx.shape = rec, rec.slot(weight), weight.shape
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (ids,) = ctx.saved_tensors
+        ids = ids.reshape(-1)
+        rows = dy.reshape(ids.numel(), -1)
+        ctx.rec.rows(ctx.slot, ids, rows, ctx.rec.bounds(ids.numel()))
+        return None, rows.new_zeros(ctx.shape).index_add_(0, ids, rows), None
+
+
+class _AffineFn(torch.autograd.Function):
+    """y = x̂ ⊙ w + b (the affine half of a LayerNorm) with w and b's gradients split by domain."""
+
+    @staticmethod
+    def forward(ctx, xhat, weight, bias, rec: Recording):
+        ctx.save_for_backward(xhat, weight)
+        ctx.rec = rec
+        ctx.slots = (rec.slot(weight), rec.slot(bias))
+        y = xhat * weight
+        return y if bias is None else y + bias
+
+    @staticmethod
+    def backward(ctx, dy):
+        xhat, weight = ctx.saved_tensors
+        rec, (w_slot, b_slot) = ctx.rec, ctx.slots
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        grad_x = dy * weight if need_x else None
+        grad_w = _segment_sums(rec, w_slot, dy2 * xhat.reshape(dy2.shape)) if need_w else None
+        grad_b = _segment_sums(rec, b_slot, dy2) if need_b else None
+        return grad_x, grad_w, grad_b, None
+
+
+class Linear(ProbeAware, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rec = self._tap.current
+        if rec is None:
+            return super().forward(x)
+        return _LinearFn.apply(x, self.weight, self.bias, rec)
+
+
+class Embedding(ProbeAware, nn.Embedding):
+    """Token embedding; the probed path is a plain lookup (no padding_idx, max_norm or sparse
+    gradients, which the GPT does not use)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rec = self._tap.current
+        if rec is None:
+            return super().forward(ids)
+        return _EmbeddingFn.apply(ids, self.weight, rec)
+
+
+class PositionEmbedding(Embedding):
+    """Learned position table, looked up with positions [T] and broadcast over the batch. While
+    probed the lookup is expanded to [b, T] so that its gradient still has one row per token, which
+    the domain split needs (the stock path sums over the batch before the table sees it)."""
+
+    def forward(self, pos: torch.Tensor) -> torch.Tensor:
+        rec = self._tap.current
+        if rec is None:
+            return super().forward(pos)
+        return _EmbeddingFn.apply(pos.expand(rec.sequences, -1), self.weight, rec)
+
+
+class LayerNorm(ProbeAware, nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rec = self._tap.current
+        if rec is None or self.weight is None:
+            return super().forward(x)
+        xhat = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        return _AffineFn.apply(xhat, self.weight, self.bias, rec)

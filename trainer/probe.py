@@ -1,0 +1,318 @@
+"""Per-domain gradient statistics inside the ordinary training backward (gradient-probe.md).
+
+The probe-aware layers of ``trainer.models.layers`` split every weight gradient of a probed
+micro-batch into per-domain pieces (their sum is the training gradient) and hand each piece to the
+step's accumulators here. Every statistic is built from LINEAR maps of those pieces, so the state
+adds up across micro-batches and data-parallel ranks with one all-reduce, and the non-linear part
+(products) happens once, in ``finish``:
+
+- alignments (Tier A): a[i, r] += <piece_i, ref_r>, K x R floats; all-reduce K·R floats;
+- exact norms/Gram (Tier B): the pieces themselves, summed into K x P accumulators (one row per
+  domain, all trainable parameters flattened); all-reduce K·P floats; Gram = A Aᵀ. The probe cannot
+  tell whether more micro-batches (or ranks) will come, and the Gram of a sum is not the sum of
+  Grams, so exact mode ALWAYS accumulates; alignments then come from A as well (A·Rᵀ);
+- sketched norms/Gram (Tier C): CountSketch of every piece into K x m, all-reduce K·m floats,
+  Gram ≈ S Sᵀ (unbiased). Used when asked for (sketch_dim > 0) or when K·P·4 bytes exceeds the
+  exact budget.
+
+Tied weights need no special case: both uses of the shared matrix (LM head and input embedding)
+key into the same parameter slot, so their pieces land in the same accumulator row (exact), are
+dotted with the same reference slice (alignment, linear) and hashed with the same sketch map; the
+cross terms <emb_i, head_j> then appear in the products taken in ``finish``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from . import dist
+from .models.layers import ProbeAware, Tap
+
+
+@dataclass
+class ProbeSpec:
+    refs: int = 0
+    """Number of reference vectors to align with (Tier A)."""
+    norms: bool = False
+    """Per-domain ||g_i||."""
+    gram: bool = False
+    """K x K Gram <g_i, g_j>."""
+    sketch_dim: int = 0
+    """0 = exact norms/Gram (K x P accumulators while they fit the budget); > 0 = CountSketch of this
+    total dimension m (Tier C; relative std of a squared norm <= sqrt(2/m))."""
+    seed: int = 0
+    """Sketch seed: the same on every rank, a new one every step."""
+
+    @property
+    def products(self) -> bool:
+        return self.norms or self.gram
+
+
+@dataclass
+class ProbeResult:
+    align: np.ndarray | None = None
+    """[K, R] <g_i, r_k>."""
+    norms: np.ndarray | None = None
+    """[K] ||g_i|| (not squared)."""
+    gram: np.ndarray | None = None
+    """[K, K] <g_i, g_j>."""
+    sketch_dim: int = 0
+    """0 when norms/Gram are exact, else the sketch dimension they were estimated with."""
+
+
+class _Slot(NamedTuple):
+    """Where a trainable parameter lives in the flattened [P] gradient layout."""
+
+    index: int
+    offset: int
+    numel: int
+    width: int  # last dimension (row length for embedding tables)
+
+
+class _StepState:
+    """The linear accumulators of one optimizer step (see the module docstring)."""
+
+    def __init__(self, K: int, P: int, spec: ProbeSpec, refs: torch.Tensor | None, exact: bool, sketch_dim: int, device):
+        self.K, self.spec, self.refs, self.sketch_dim = K, spec, refs, sketch_dim
+        self.seqs = torch.zeros(K, device=device)
+        self.exact = torch.zeros(K, P, device=device) if exact else None
+        self.align = torch.zeros(K, spec.refs, device=device) if spec.refs and not exact else None
+        self.sketch = torch.zeros(K, sketch_dim, device=device) if sketch_dim else None
+
+    def _refs_of(self, slot: _Slot) -> torch.Tensor:
+        return self.refs[:, slot.offset:slot.offset + slot.numel]
+
+    def _exact_of(self, slot: _Slot) -> torch.Tensor:
+        return self.exact[:, slot.offset:slot.offset + slot.numel]
+
+    def _hash(self, slot: _Slot) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's CountSketch map of one parameter: a bucket in [0, m) and a ±1 sign per entry.
+        Regenerated from (seed, parameter index) on demand rather than stored (8 bytes per parameter
+        otherwise); identical on every rank and for both uses of a tied matrix."""
+        device = self.sketch.device
+        state = np.random.SeedSequence([self.spec.seed % (1 << 64), slot.index]).generate_state(1, np.uint64)[0]
+        gen = torch.Generator(device=device).manual_seed(int(state))
+        bucket = torch.randint(self.sketch_dim, (slot.numel,), generator=gen, device=device)
+        sign = torch.randint(2, (slot.numel,), generator=gen, device=device).float().mul_(2).sub_(1)
+        return bucket, sign
+
+    def dense(self, slot: _Slot, doms: torch.Tensor, pieces: torch.Tensor) -> None:
+        """Add dense pieces [k, *shape] of domains ``doms`` to every requested accumulator."""
+        flat = pieces.reshape(pieces.shape[0], slot.numel).float()
+        if self.exact is not None:
+            self._exact_of(slot).index_add_(0, doms, flat)
+            return
+        if self.align is not None:
+            self.align.index_add_(0, doms, flat @ self._refs_of(slot).T)
+        if self.sketch is not None:
+            bucket, sign = self._hash(slot)
+            sketched = flat.new_zeros(flat.shape[0], self.sketch_dim).index_add_(1, bucket, flat * sign)
+            self.sketch.index_add_(0, doms, sketched)
+
+    def rows(self, slot: _Slot, doms: list[int], ids: torch.Tensor, values: torch.Tensor, bounds: list[int], lengths: torch.Tensor) -> None:
+        """Add embedding pieces: domain doms[j]'s piece scatters values[b_j:b_j+1] into rows ids[b_j:b_j+1]
+        of the table; only the touched rows are read or written."""
+        values = values.float()
+        if self.exact is not None:
+            table = self._exact_of(slot).view(self.K, -1, slot.width)
+            for j, dom in enumerate(doms):
+                table[dom].index_add_(0, ids[bounds[j]:bounds[j + 1]], values[bounds[j]:bounds[j + 1]])
+            return
+        if self.align is not None:
+            ref_rows = self._refs_of(slot).view(self.spec.refs, -1, slot.width)[:, ids]  # [R, n, d]
+            per_token = torch.einsum("rnd,nd->nr", ref_rows, values)
+            sums = torch.segment_reduce(per_token, "sum", lengths=lengths, axis=0)
+            self.align.index_add_(0, torch.tensor(doms, device=sums.device), sums)
+        if self.sketch is not None:
+            bucket, sign = self._hash(slot)
+            buckets = bucket.view(-1, slot.width)[ids]
+            signed = values * sign.view(-1, slot.width)[ids]
+            for j, dom in enumerate(doms):
+                s, e = bounds[j], bounds[j + 1]
+                self.sketch[dom].index_add_(0, buckets[s:e].reshape(-1), signed[s:e].reshape(-1))
+
+    def all_reduce(self) -> None:
+        """Sum the state over data-parallel ranks: the small accumulators in one collective, the exact
+        K x P ones (only present when exact norms/Gram were asked for) in a second."""
+        small = [t for t in (self.align, self.sketch) if t is not None]
+        flat = torch.cat([self.seqs] + [t.reshape(-1) for t in small])
+        dist.all_reduce_sum(flat)
+        self.seqs.copy_(flat[:self.K])
+        at = self.K
+        for t in small:
+            t.view(-1).copy_(flat[at:at + t.numel()])
+            at += t.numel()
+        if self.exact is not None:
+            dist.all_reduce_sum(self.exact)
+
+
+class _MicroBatch:
+    """The Recording the probe-aware layers see for one micro-batch (see layers.Recording)."""
+
+    def __init__(self, probe: "Probe", state: _StepState, seq_domains: torch.Tensor):
+        seq = seq_domains.detach().to("cpu", torch.int64).reshape(-1)
+        if seq.numel() == 0:
+            raise ValueError("micro_batch() needs at least one sequence")
+        if bool((seq[1:] < seq[:-1]).any()) or int(seq.min()) < 0 or int(seq.max()) >= state.K:
+            raise ValueError(f"seq_domains must be sorted ascending in [0, {state.K}); got {seq.tolist()}")
+        counts = torch.bincount(seq, minlength=state.K)
+        state.seqs += counts.to(state.seqs)
+        self.probe, self.state, self.sequences = probe, state, seq.numel()
+        self.domains = torch.nonzero(counts).flatten().tolist()
+        self.seq_bounds = [0] + torch.cumsum(counts[self.domains], 0).tolist()
+        self.device = probe.device
+        self.domains_t = torch.tensor(self.domains, device=self.device)
+        self._bounds: dict[int, list[int]] = {}
+        self._lengths: dict[int, torch.Tensor] = {}
+
+    def slot(self, param):
+        return None if param is None or not param.requires_grad else self.probe.slot_of(param)
+
+    def bounds(self, rows: int) -> list[int]:
+        if rows not in self._bounds:
+            per_seq, rest = divmod(rows, self.sequences)
+            if rest:
+                raise ValueError(f"a probed activation has {rows} rows, not a multiple of the {self.sequences} sequences")
+            self._bounds[rows] = [s * per_seq for s in self.seq_bounds]
+        return self._bounds[rows]
+
+    def lengths(self, rows: int) -> torch.Tensor:
+        if rows not in self._lengths:
+            self._lengths[rows] = torch.tensor(np.diff(self.bounds(rows)), device=self.device)
+        return self._lengths[rows]
+
+    def chunk(self, numel: int) -> int:
+        return max(1, self.probe.transient_bytes // (4 * numel))
+
+    def dense(self, slot, first: int, pieces: torch.Tensor) -> None:
+        self.state.dense(slot, self.domains_t[first:first + pieces.shape[0]], pieces)
+
+    def rows(self, slot, ids, values, bounds) -> None:
+        self.state.rows(slot, self.domains, ids, values, bounds, self.lengths(ids.numel()))
+
+
+class Probe:
+    """Per-domain gradient statistics of a model built from probe-aware layers.
+
+    Per optimizer step: ``start(spec, refs)``, then one ``with micro_batch(seq_domains):`` around each
+    micro-batch's forward and backward, then ``finish(domain_scale)``. ``reference_gradient`` computes
+    a reference vector without touching the training gradient.
+    """
+
+    def __init__(self, model: torch.nn.Module, num_domains: int, *, exact_budget_bytes: int = 512 << 20,
+                 fallback_sketch_dim: int = 4096, transient_bytes: int = 64 << 20):
+        """``fallback_sketch_dim``: sketch dimension used when exact norms/Gram exceed the budget and
+        the spec asked for exact; ``transient_bytes``: cap on the dense pieces a layer materialises at
+        once (it then processes its domains in chunks)."""
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        self.K = num_domains
+        self.exact_budget_bytes = exact_budget_bytes
+        self.fallback_sketch_dim = fallback_sketch_dim
+        self.transient_bytes = transient_bytes
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.params[0].device
+        self._slots: dict[int, _Slot] = {}
+        offset = 0
+        for i, p in enumerate(self.params):
+            self._slots[id(p)] = _Slot(i, offset, p.numel(), p.shape[-1])
+            offset += p.numel()
+        self.P = offset
+        self._tap = Tap()
+        covered = set()
+        for m in model.modules():
+            if isinstance(m, ProbeAware):
+                m._tap = self._tap
+                covered.update(id(p) for p in m.parameters(recurse=False))
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+        if missing:
+            raise ValueError(f"parameters outside probe-aware layers would be missing from every statistic: {missing}")
+        self._state: _StepState | None = None
+        self._warned = False
+
+    def slot_of(self, param: torch.Tensor) -> _Slot:
+        try:
+            return self._slots[id(param)]
+        except KeyError:
+            raise ValueError("a probed layer's parameter is not among the probe's trainable parameters "
+                             "(created or unfrozen after the Probe?)") from None
+
+    def reference_gradient(self, loss: torch.Tensor) -> list[torch.Tensor]:
+        """Gradient of ``loss`` w.r.t. every trainable parameter (model.parameters() order) via
+        torch.autograd.grad: nothing is accumulated into .grad and no DDP hook fires (those sit on the
+        gradient-accumulation nodes). Compute ``loss`` with the UNWRAPPED module, outside micro_batch()."""
+        if self._tap.current is not None:
+            raise RuntimeError("reference_gradient() inside micro_batch(): its forward would be recorded as training data")
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+
+    def _exact_fits(self) -> bool:
+        return self.K * self.P * 4 <= self.exact_budget_bytes
+
+    def start(self, spec: ProbeSpec, refs: list[list[torch.Tensor]] | None = None) -> None:
+        """Begin an optimizer step's statistics; refs[r] is a full gradient-shaped list (same order as
+        the parameters) and must be identical on every rank."""
+        refs = refs or []
+        if len(refs) != spec.refs:
+            raise ValueError(f"spec.refs={spec.refs} but {len(refs)} reference vectors were given")
+        for r in refs:
+            if len(r) != len(self.params) or any(t.shape != p.shape for t, p in zip(r, self.params)):
+                raise ValueError("a reference vector must have one tensor per trainable parameter, shaped like it")
+        flat_refs = torch.stack([torch.cat([t.detach().reshape(-1).float() for t in r]) for r in refs]).to(self.device) if refs else None
+        exact = spec.products and spec.sketch_dim == 0 and self._exact_fits()
+        sketch_dim = 0
+        if spec.products and not exact:
+            sketch_dim = spec.sketch_dim or self.fallback_sketch_dim
+            if spec.sketch_dim == 0 and not self._warned:
+                warnings.warn(f"exact norms/Gram need K·P·4 = {self.K * self.P * 4 / 2**20:.0f} MiB of accumulators, over the "
+                              f"{self.exact_budget_bytes / 2**20:.0f} MiB budget: sketching them (m = {sketch_dim})", stacklevel=2)
+                self._warned = True
+        self._state = _StepState(self.K, self.P, spec, flat_refs, exact, sketch_dim, self.device)
+
+    @contextlib.contextmanager
+    def micro_batch(self, seq_domains: torch.Tensor):
+        """While active, forward passes through the probe-aware layers record this micro-batch's domain
+        blocks (seq_domains[b] sorted ascending: the domain of each row of a [b, T] batch), and their
+        backward (inside or after the block) adds the per-domain pieces to this step's statistics."""
+        if self._state is None:
+            raise RuntimeError("Probe.micro_batch() before start()")
+        if self._tap.current is not None:
+            raise RuntimeError("Probe.micro_batch() blocks do not nest")
+        self._tap.current = _MicroBatch(self, self._state, seq_domains)
+        try:
+            yield
+        finally:
+            self._tap.current = None
+
+    def finish(self, domain_scale: np.ndarray) -> ProbeResult:
+        """Reduce over micro-batches and ranks; statistics of v_i = domain_scale[i] · (sum over
+        micro-batches and ranks of domain i's pieces). NaN rows/entries for domains absent everywhere."""
+        state, self._state = self._state, None
+        if state is None:
+            raise RuntimeError("Probe.finish() before start()")
+        state.all_reduce()
+        scale = np.asarray(domain_scale, dtype=np.float64).reshape(-1)
+        if scale.shape != (self.K,):
+            raise ValueError(f"domain_scale has {scale.size} entries, expected {self.K}")
+        scale = np.where(state.seqs.cpu().numpy() > 0, scale, np.nan)
+        spec, out = state.spec, ProbeResult(sketch_dim=state.sketch_dim)
+        if spec.refs:
+            raw = state.exact @ state.refs.T if state.exact is not None else state.align
+            out.align = scale[:, None] * raw.double().cpu().numpy()
+        if spec.products:
+            rows = state.exact if state.exact is not None else state.sketch
+            if spec.gram:
+                raw = (rows @ rows.T).double().cpu().numpy()
+                out.gram = np.outer(scale, scale) * raw
+                squared = np.diag(raw)
+            else:
+                squared = torch.linalg.vector_norm(rows, dim=1).double().cpu().numpy() ** 2
+            out.norms = np.abs(scale) * np.sqrt(squared) if spec.norms else None
+        return out
