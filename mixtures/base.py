@@ -147,6 +147,12 @@ class Controller(ABC):
         """Per-domain multipliers of the training loss (ones unless the method reweights the loss)."""
         return np.ones(self.K)
 
+    @property
+    def mixture(self) -> np.ndarray:
+        """The method's current distribution over domains. Equal to ``weights`` unless the method
+        acts through the loss instead of the sampler (DoGE/DoReMi proxy mode)."""
+        return self._weights
+
     def request(self, step: int) -> Request:
         return Request()
 

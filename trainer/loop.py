@@ -304,6 +304,9 @@ class Loop:
             for d, v in zip(self.data.domains, values):
                 if np.isfinite(v):
                     rec[f"{key}/{d}"] = float(v)
+        if self.controller.adaptive:  # the method's own distribution (differs from the sampler's in proxy mode)
+            for d, v in zip(self.data.domains, self.controller.mixture):
+                rec[f"mixture/learned/{d}"] = float(v)
         if not np.allclose(lw, 1.0):
             for d, v in zip(self.data.domains, lw):
                 rec[f"mixture/loss_weight/{d}"] = float(v)
@@ -356,7 +359,7 @@ class Loop:
         if final_eval:
             self.tracker.log({"step": self.step, **final_eval})
         domains = self.data.domains
-        final = np.asarray(self.plan.weights if self.plan is not None else self.controller.weights)
+        final = np.asarray(self.controller.mixture)
         avg = self.controller.average_weights if self.controller.adaptive else final
         if self.history:
             self.history[-1]["end_step"] = self.step
@@ -378,10 +381,10 @@ class Loop:
 
     def _print_summary(self, final, avg, ev) -> None:
         """One screen: exported weights next to uniform and the last shard's, tokens, losses."""
-        lines = [f"{'domain':<14}{'uniform':>9}{'exported':>10}{'last shard':>12}{'tokens':>12}{'val loss':>10}"]
+        lines = [f"{'domain':<14}{'uniform':>9}{'exported':>10}{'final':>9}{'tokens':>12}{'val loss':>10}"]
         for i, d in enumerate(self.data.domains):
             vl = ev.get(f"eval/{d}/loss")
-            lines.append(f"{d:<14}{1 / self.K:>9.3f}{avg[i]:>10.3f}{final[i]:>12.3f}{self.tokens_seen[i]:>12.0f}"
+            lines.append(f"{d:<14}{1 / self.K:>9.3f}{avg[i]:>10.3f}{final[i]:>9.3f}{self.tokens_seen[i]:>12.0f}"
                          f"{'' if vl is None else f'{vl:>10.3f}'}")
         for k, v in ev.items():
             if k.startswith("target/"):

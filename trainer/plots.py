@@ -27,25 +27,36 @@ def _ema(x: np.ndarray, alpha: float = 0.1) -> np.ndarray:
     return out
 
 
+def _stacked(plt, path: Path, steps, W, domains, title: str, step_post: bool) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.stackplot(steps, W.T, labels=domains, step="post" if step_post else None)
+    ax.set(xlabel="step", ylabel="weight", ylim=(0, 1), xlim=(steps[0], steps[-1]), title=title)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_run(run_dir: Path, domains: list[str]) -> list[Path]:
+    """weights.png: the controller's learned mixture per step when it has one (adaptive runs),
+    else the sampling weights per shard; losses.png: per-domain training and validation loss."""
     run_dir = Path(run_dir)
     plt = _pyplot()
     written = []
-    weights = read_jsonl(run_dir / "weights.jsonl")
-    if weights:
-        steps = np.array([r["step"] for r in weights] + [weights[-1].get("end_step", weights[-1]["step"])])
-        W = np.array([[r["weights"][d] for d in domains] for r in weights])
-        W = np.vstack([W, W[-1]])  # a shard's weights hold until the next boundary
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        ax.stackplot(steps, W.T, labels=domains, step="post")
-        ax.set(xlabel="step", ylabel="sampling weight", ylim=(0, 1), xlim=(steps[0], steps[-1]), title="Domain weights (applied per shard)")
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-        fig.tight_layout()
-        path = run_dir / "weights.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
     metrics = read_jsonl(run_dir / "metrics.jsonl")
+    learned = [r for r in metrics if f"mixture/learned/{domains[0]}" in r]
+    shards = [r for r in read_jsonl(run_dir / "weights.jsonl") if not r.get("final")]
+    if learned:
+        steps = np.array([r["step"] for r in learned])
+        W = np.array([[r[f"mixture/learned/{d}"] for d in domains] for r in learned])
+        written.append(_stacked(plt, run_dir / "weights.png", steps, W, domains, "Learned domain weights", step_post=False))
+    elif shards:
+        end = read_jsonl(run_dir / "weights.jsonl")[-1].get("end_step", shards[-1]["step"])
+        steps = np.array([r["step"] for r in shards] + [end])
+        W = np.array([[r["weights"][d] for d in domains] for r in shards])
+        W = np.vstack([W, W[-1]])  # a shard's weights hold until the next boundary
+        written.append(_stacked(plt, run_dir / "weights.png", steps, W, domains, "Domain weights (applied per shard)", step_post=True))
     train = [r for r in metrics if "train/loss" in r]
     evals = [r for r in metrics if "eval/loss" in r]
     if train:

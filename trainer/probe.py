@@ -83,7 +83,7 @@ class _StepState:
         self.K, self.spec, self.refs, self.sketch_dim = K, spec, refs, sketch_dim
         self.seqs = torch.zeros(K, device=device)
         self.exact = torch.zeros(K, P, device=device) if exact else None
-        self.align = torch.zeros(K, spec.refs, device=device) if spec.refs and not exact else None
+        self.align = torch.zeros(K, spec.refs, dtype=torch.float64, device=device) if spec.refs and not exact else None
         self.sketch = torch.zeros(K, sketch_dim, device=device) if sketch_dim else None
 
     def _refs_of(self, slot: _Slot) -> torch.Tensor:
@@ -110,7 +110,7 @@ class _StepState:
             self._exact_of(slot).index_add_(0, doms, flat)
             return
         if self.align is not None:
-            self.align.index_add_(0, doms, flat @ self._refs_of(slot).T)
+            self.align.index_add_(0, doms, (flat @ self._refs_of(slot).T).double())
         if self.sketch is not None:
             bucket, sign = self._hash(slot)
             sketched = flat.new_zeros(flat.shape[0], self.sketch_dim).index_add_(1, bucket, flat * sign)
@@ -129,7 +129,7 @@ class _StepState:
             ref_rows = self._refs_of(slot).view(self.spec.refs, -1, slot.width)[:, ids]  # [R, n, d]
             per_token = torch.einsum("rnd,nd->nr", ref_rows, values)
             sums = torch.segment_reduce(per_token, "sum", lengths=lengths, axis=0)
-            self.align.index_add_(0, torch.tensor(doms, device=sums.device), sums)
+            self.align.index_add_(0, torch.tensor(doms, device=sums.device), sums.double())
         if self.sketch is not None:
             bucket, sign = self._hash(slot)
             buckets = bucket.view(-1, slot.width)[ids]
@@ -142,7 +142,7 @@ class _StepState:
         """Sum the state over data-parallel ranks: the small accumulators in one collective, the exact
         K x P ones (only present when exact norms/Gram were asked for) in a second."""
         small = [t for t in (self.align, self.sketch) if t is not None]
-        flat = torch.cat([self.seqs] + [t.reshape(-1) for t in small])
+        flat = torch.cat([self.seqs.double()] + [t.reshape(-1).double() for t in small])
         dist.all_reduce_sum(flat)
         self.seqs.copy_(flat[:self.K])
         at = self.K
@@ -196,6 +196,23 @@ class _MicroBatch:
 
     def rows(self, slot, ids, values, bounds) -> None:
         self.state.rows(slot, self.domains, ids, values, bounds, self.lengths(ids.numel()))
+
+
+def _products(a: torch.Tensor, b: torch.Tensor, cols: int) -> torch.Tensor:
+    """a @ bᵀ in float64, ``cols`` columns at a time: fp32 dot products over millions of entries
+    lose ~1e-5 relative, more than the exact tiers may (gradient-probe.md P5: 1e-5)."""
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for lo in range(0, a.shape[1], cols):
+        out += a[:, lo:lo + cols].double() @ b[:, lo:lo + cols].double().T
+    return out
+
+
+def _squared_norms(a: torch.Tensor, cols: int) -> torch.Tensor:
+    """Row-wise squared norms in float64 (the Gram diagonal without the off-diagonal products)."""
+    out = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    for lo in range(0, a.shape[1], cols):
+        out += a[:, lo:lo + cols].double().pow(2).sum(1)
+    return out
 
 
 class Probe:
@@ -303,16 +320,17 @@ class Probe:
             raise ValueError(f"domain_scale has {scale.size} entries, expected {self.K}")
         scale = np.where(state.seqs.cpu().numpy() > 0, scale, np.nan)
         spec, out = state.spec, ProbeResult(sketch_dim=state.sketch_dim)
+        cols = max(1, self.transient_bytes // (8 * self.K))
         if spec.refs:
-            raw = state.exact @ state.refs.T if state.exact is not None else state.align
-            out.align = scale[:, None] * raw.double().cpu().numpy()
+            raw = _products(state.exact, state.refs, cols) if state.exact is not None else state.align
+            out.align = scale[:, None] * raw.cpu().numpy()
         if spec.products:
             rows = state.exact if state.exact is not None else state.sketch
             if spec.gram:
-                raw = (rows @ rows.T).double().cpu().numpy()
+                raw = _products(rows, rows, cols).cpu().numpy()
                 out.gram = np.outer(scale, scale) * raw
                 squared = np.diag(raw)
             else:
-                squared = torch.linalg.vector_norm(rows, dim=1).double().cpu().numpy() ** 2
+                squared = _squared_norms(rows, cols).cpu().numpy()
             out.norms = np.abs(scale) * np.sqrt(squared) if spec.norms else None
         return out
