@@ -40,3 +40,19 @@ def test_doremi_upweights_the_domain_with_the_largest_excess_loss(data, tmp_path
     assert int(np.argmax(excess)) == words, excess
     assert int(np.argmax(result.average_weights)) == words, result.average_weights
     assert result.average_weights[words] > 0.5
+
+
+def test_doge_starves_the_random_token_domain(data, tmp_path):
+    result = run(tiny_config(data, tmp_path / "doge", **MODEL, **{
+        "train.steps": 120, "train.lr": 5e-3, "train.micro_batch": 8, "mixture": {"name": "doge", "ref_sequences": 8}}))
+    noise = result.domains.index("noise")
+    assert result.final_weights[noise] < 0.10, dict(zip(result.domains, result.final_weights))
+
+
+def test_dga_moves_weight_onto_the_domain_the_target_comes_from(data, tmp_path):
+    result = run(tiny_config(data, tmp_path / "dga", **MODEL, **{
+        "train.steps": 60, "train.lr": 5e-3, "train.micro_batch": 8, "data.steps_per_shard": 2,
+        "mixture": {"name": "dga", "target": "target:words_target", "update_every": 2, "probe_sequences": 4,
+                    "target_sequences": 8}}))
+    words = result.domains.index("words")
+    assert result.final_weights[words] > 0.5, dict(zip(result.domains, result.final_weights))
