@@ -33,7 +33,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import dist
-from .models.layers import ProbeAware, Tap
+from .models.layers import ProbeAware, Tap, segment_sums
 
 
 @dataclass
@@ -76,21 +76,54 @@ class _Slot(NamedTuple):
     width: int  # last dimension (row length for embedding tables)
 
 
+class _Exact:
+    """The K x P per-domain accumulators of exact norms/Gram, one buffer reused across steps. Rather
+    than zeroing K·P floats every step, the first piece a (parameter, domain) pair receives is copied
+    in and later ones are added; ``seal`` zeroes what nothing wrote (absent domains, unused layers)."""
+
+    def __init__(self, buffer: torch.Tensor, slots: list[_Slot]):
+        self.rows, self.slots = buffer, slots
+        self.written: list[set[int]] = [set() for _ in slots]
+
+    def block(self, slot: _Slot) -> torch.Tensor:
+        return self.rows[:, slot.offset:slot.offset + slot.numel]
+
+    def add(self, slot: _Slot, dom: int, piece: torch.Tensor) -> None:
+        """rows[dom] += piece over this parameter's columns (piece flattened, any float dtype)."""
+        target = self.block(slot)[dom]
+        if dom in self.written[slot.index]:
+            target.add_(piece)
+        else:
+            target.copy_(piece)
+            self.written[slot.index].add(dom)
+
+    def table(self, slot: _Slot, dom: int) -> torch.Tensor:
+        """Domain ``dom``'s [rows, width] view of an embedding table's columns, zeroed on first use."""
+        target = self.block(slot)[dom].view(-1, slot.width)
+        if dom not in self.written[slot.index]:
+            target.zero_()
+            self.written[slot.index].add(dom)
+        return target
+
+    def seal(self) -> None:
+        for slot in self.slots:
+            block = self.block(slot)
+            for dom in set(range(self.rows.shape[0])) - self.written[slot.index]:
+                block[dom].zero_()
+
+
 class _StepState:
     """The linear accumulators of one optimizer step (see the module docstring)."""
 
-    def __init__(self, K: int, P: int, spec: ProbeSpec, refs: torch.Tensor | None, exact: bool, sketch_dim: int, device):
+    def __init__(self, K: int, spec: ProbeSpec, refs: torch.Tensor | None, exact: _Exact | None, sketch_dim: int, device):
         self.K, self.spec, self.refs, self.sketch_dim = K, spec, refs, sketch_dim
         self.seqs = torch.zeros(K, device=device)
-        self.exact = torch.zeros(K, P, device=device) if exact else None
-        self.align = torch.zeros(K, spec.refs, dtype=torch.float64, device=device) if spec.refs and not exact else None
+        self.exact = exact
+        self.align = torch.zeros(K, spec.refs, dtype=torch.float64, device=device) if spec.refs and exact is None else None
         self.sketch = torch.zeros(K, sketch_dim, device=device) if sketch_dim else None
 
     def _refs_of(self, slot: _Slot) -> torch.Tensor:
         return self.refs[:, slot.offset:slot.offset + slot.numel]
-
-    def _exact_of(self, slot: _Slot) -> torch.Tensor:
-        return self.exact[:, slot.offset:slot.offset + slot.numel]
 
     def _hash(self, slot: _Slot) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's CountSketch map of one parameter: a bucket in [0, m) and a ±1 sign per entry.
@@ -103,33 +136,34 @@ class _StepState:
         sign = torch.randint(2, (slot.numel,), generator=gen, device=device).float().mul_(2).sub_(1)
         return bucket, sign
 
-    def dense(self, slot: _Slot, doms: torch.Tensor, pieces: torch.Tensor) -> None:
-        """Add dense pieces [k, *shape] of domains ``doms`` to every requested accumulator."""
-        flat = pieces.reshape(pieces.shape[0], slot.numel).float()
+    def dense(self, slot: _Slot, doms: list[int], index: torch.Tensor, pieces: torch.Tensor) -> None:
+        """Add dense pieces [k, *shape] of domains ``doms`` (the same as a tensor: ``index``) to every
+        requested accumulator."""
+        flat = pieces.reshape(pieces.shape[0], slot.numel)
         if self.exact is not None:
-            self._exact_of(slot).index_add_(0, doms, flat)
+            for j, dom in enumerate(doms):
+                self.exact.add(slot, dom, flat[j])
             return
+        flat = flat.float()
         if self.align is not None:
-            self.align.index_add_(0, doms, (flat @ self._refs_of(slot).T).double())
+            self.align.index_add_(0, index, (flat @ self._refs_of(slot).T).double())
         if self.sketch is not None:
             bucket, sign = self._hash(slot)
             sketched = flat.new_zeros(flat.shape[0], self.sketch_dim).index_add_(1, bucket, flat * sign)
-            self.sketch.index_add_(0, doms, sketched)
+            self.sketch.index_add_(0, index, sketched)
 
-    def rows(self, slot: _Slot, doms: list[int], ids: torch.Tensor, values: torch.Tensor, bounds: list[int], lengths: torch.Tensor) -> None:
-        """Add embedding pieces: domain doms[j]'s piece scatters values[b_j:b_j+1] into rows ids[b_j:b_j+1]
-        of the table; only the touched rows are read or written."""
+    def rows(self, slot: _Slot, doms: list[int], index: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, bounds: list[int]) -> None:
+        """Add embedding pieces: domain doms[j]'s piece scatters values[b[j]:b[j+1]] into the table rows
+        ids[b[j]:b[j+1]] (b = bounds); only the touched rows are read or written."""
         values = values.float()
         if self.exact is not None:
-            table = self._exact_of(slot).view(self.K, -1, slot.width)
             for j, dom in enumerate(doms):
-                table[dom].index_add_(0, ids[bounds[j]:bounds[j + 1]], values[bounds[j]:bounds[j + 1]])
+                self.exact.table(slot, dom).index_add_(0, ids[bounds[j]:bounds[j + 1]], values[bounds[j]:bounds[j + 1]])
             return
         if self.align is not None:
             ref_rows = self._refs_of(slot).view(self.spec.refs, -1, slot.width)[:, ids]  # [R, n, d]
             per_token = torch.einsum("rnd,nd->nr", ref_rows, values)
-            sums = torch.segment_reduce(per_token, "sum", lengths=lengths, axis=0)
-            self.align.index_add_(0, torch.tensor(doms, device=sums.device), sums.double())
+            self.align.index_add_(0, index, segment_sums(per_token, bounds).double())
         if self.sketch is not None:
             bucket, sign = self._hash(slot)
             buckets = bucket.view(-1, slot.width)[ids]
@@ -150,7 +184,8 @@ class _StepState:
             t.view(-1).copy_(flat[at:at + t.numel()])
             at += t.numel()
         if self.exact is not None:
-            dist.all_reduce_sum(self.exact)
+            self.exact.seal()
+            dist.all_reduce_sum(self.exact.rows)
 
 
 class _MicroBatch:
@@ -170,7 +205,6 @@ class _MicroBatch:
         self.device = probe.device
         self.domains_t = torch.tensor(self.domains, device=self.device)
         self._bounds: dict[int, list[int]] = {}
-        self._lengths: dict[int, torch.Tensor] = {}
 
     def slot(self, param):
         return None if param is None or not param.requires_grad else self.probe.slot_of(param)
@@ -183,35 +217,36 @@ class _MicroBatch:
             self._bounds[rows] = [s * per_seq for s in self.seq_bounds]
         return self._bounds[rows]
 
-    def lengths(self, rows: int) -> torch.Tensor:
-        if rows not in self._lengths:
-            self._lengths[rows] = torch.tensor(np.diff(self.bounds(rows)), device=self.device)
-        return self._lengths[rows]
-
     def chunk(self, numel: int) -> int:
         return max(1, self.probe.transient_bytes // (4 * numel))
 
+    def _open_state(self) -> _StepState:
+        """The step this micro-batch belongs to, refusing a backward that arrives after finish()."""
+        if self.probe._state is not self.state:
+            raise RuntimeError("a probed micro-batch's backward ran after Probe.finish() of its step")
+        return self.state
+
     def dense(self, slot, first: int, pieces: torch.Tensor) -> None:
-        self.state.dense(slot, self.domains_t[first:first + pieces.shape[0]], pieces)
+        k = pieces.shape[0]
+        self._open_state().dense(slot, self.domains[first:first + k], self.domains_t[first:first + k], pieces)
 
     def rows(self, slot, ids, values, bounds) -> None:
-        self.state.rows(slot, self.domains, ids, values, bounds, self.lengths(ids.numel()))
+        self._open_state().rows(slot, self.domains, self.domains_t, ids, values, bounds)
 
 
-def _products(a: torch.Tensor, b: torch.Tensor, cols: int) -> torch.Tensor:
-    """a @ bᵀ in float64, ``cols`` columns at a time: fp32 dot products over millions of entries
-    lose ~1e-5 relative, more than the exact tiers may (gradient-probe.md P5: 1e-5)."""
+def _products(a: torch.Tensor, b: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """a @ bᵀ (float64) for long rows: fp32 partial products over blocks of ``block`` columns (one
+    batched GEMM), summed in float64. A single fp32 GEMM over millions of columns loses up to ~1e-4
+    relative (measured), more than the exact tiers allow (gradient-probe.md P5: 1e-5); this keeps
+    ~1e-7 at fp32 speed."""
+    whole = a.shape[1] // block * block
     out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
-    for lo in range(0, a.shape[1], cols):
-        out += a[:, lo:lo + cols].double() @ b[:, lo:lo + cols].double().T
-    return out
-
-
-def _squared_norms(a: torch.Tensor, cols: int) -> torch.Tensor:
-    """Row-wise squared norms in float64 (the Gram diagonal without the off-diagonal products)."""
-    out = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
-    for lo in range(0, a.shape[1], cols):
-        out += a[:, lo:lo + cols].double().pow(2).sum(1)
+    if whole:
+        ab = a[:, :whole].unflatten(1, (-1, block)).transpose(0, 1)
+        bb = b[:, :whole].unflatten(1, (-1, block)).transpose(0, 1)
+        out += torch.bmm(ab, bb.transpose(1, 2)).double().sum(0)
+    if whole < a.shape[1]:
+        out += (a[:, whole:] @ b[:, whole:].T).double()
     return out
 
 
@@ -219,8 +254,11 @@ class Probe:
     """Per-domain gradient statistics of a model built from probe-aware layers.
 
     Per optimizer step: ``start(spec, refs)``, then one ``with micro_batch(seq_domains):`` around each
-    micro-batch's forward and backward, then ``finish(domain_scale)``. ``reference_gradient`` computes
-    a reference vector without touching the training gradient.
+    micro-batch's forward and backward, then ``finish(domain_scale)`` (a collective under DDP: every
+    rank calls it). ``reference_gradient`` computes a reference vector without touching the training
+    gradient. Memory: R·P floats for the references during a step; K·P floats for exact norms/Gram,
+    allocated on first use and kept between steps (no per-step allocation or zeroing); K·m for a
+    sketch; a transient of at most ``transient_bytes`` per layer for the dense pieces.
     """
 
     def __init__(self, model: torch.nn.Module, num_domains: int, *, exact_budget_bytes: int = 512 << 20,
@@ -243,15 +281,16 @@ class Probe:
             offset += p.numel()
         self.P = offset
         self._tap = Tap()
+        self._layers = [m for m in model.modules() if isinstance(m, ProbeAware)]
         covered = set()
-        for m in model.modules():
-            if isinstance(m, ProbeAware):
-                m._tap = self._tap
-                covered.update(id(p) for p in m.parameters(recurse=False))
+        for m in self._layers:
+            m._tap = self._tap
+            covered.update(id(p) for p in m.parameters(recurse=False))
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
         if missing:
             raise ValueError(f"parameters outside probe-aware layers would be missing from every statistic: {missing}")
         self._state: _StepState | None = None
+        self._exact_rows: torch.Tensor | None = None  # K x P, allocated on first use, kept between steps
         self._warned = False
 
     def slot_of(self, param: torch.Tensor) -> _Slot:
@@ -291,7 +330,10 @@ class Probe:
                 warnings.warn(f"exact norms/Gram need K·P·4 = {self.K * self.P * 4 / 2**20:.0f} MiB of accumulators, over the "
                               f"{self.exact_budget_bytes / 2**20:.0f} MiB budget: sketching them (m = {sketch_dim})", stacklevel=2)
                 self._warned = True
-        self._state = _StepState(self.K, self.P, spec, flat_refs, exact, sketch_dim, self.device)
+        if exact and self._exact_rows is None:
+            self._exact_rows = torch.empty(self.K, self.P, device=self.device)
+        accumulators = _Exact(self._exact_rows, list(self._slots.values())) if exact else None
+        self._state = _StepState(self.K, spec, flat_refs, accumulators, sketch_dim, self.device)
 
     @contextlib.contextmanager
     def micro_batch(self, seq_domains: torch.Tensor):
@@ -302,7 +344,12 @@ class Probe:
             raise RuntimeError("Probe.micro_batch() before start()")
         if self._tap.current is not None:
             raise RuntimeError("Probe.micro_batch() blocks do not nest")
-        self._tap.current = _MicroBatch(self, self._state, seq_domains)
+        if any(m._tap is not self._tap for m in self._layers):
+            raise RuntimeError("another Probe has been attached to this model since; use that one")
+        recording = _MicroBatch(self, self._state, seq_domains)
+        spec = self._state.spec
+        if spec.refs or spec.products:  # an empty spec leaves the layers on the stock path
+            self._tap.current = recording
         try:
             yield
         finally:
@@ -311,26 +358,25 @@ class Probe:
     def finish(self, domain_scale: np.ndarray) -> ProbeResult:
         """Reduce over micro-batches and ranks; statistics of v_i = domain_scale[i] · (sum over
         micro-batches and ranks of domain i's pieces). NaN rows/entries for domains absent everywhere."""
+        scale = np.asarray(domain_scale, dtype=np.float64).reshape(-1)
+        if scale.shape != (self.K,):
+            raise ValueError(f"domain_scale has {scale.size} entries, expected {self.K}")
         state, self._state = self._state, None
         if state is None:
             raise RuntimeError("Probe.finish() before start()")
         state.all_reduce()
-        scale = np.asarray(domain_scale, dtype=np.float64).reshape(-1)
-        if scale.shape != (self.K,):
-            raise ValueError(f"domain_scale has {scale.size} entries, expected {self.K}")
         scale = np.where(state.seqs.cpu().numpy() > 0, scale, np.nan)
         spec, out = state.spec, ProbeResult(sketch_dim=state.sketch_dim)
-        cols = max(1, self.transient_bytes // (8 * self.K))
+        rows = state.exact.rows if state.exact is not None else state.sketch
         if spec.refs:
-            raw = _products(state.exact, state.refs, cols) if state.exact is not None else state.align
+            raw = _products(rows, state.refs) if state.exact is not None else state.align
             out.align = scale[:, None] * raw.cpu().numpy()
         if spec.products:
-            rows = state.exact if state.exact is not None else state.sketch
             if spec.gram:
-                raw = _products(rows, rows, cols).cpu().numpy()
+                raw = _products(rows, rows).cpu().numpy()
                 out.gram = np.outer(scale, scale) * raw
                 squared = np.diag(raw)
             else:
-                squared = _squared_norms(rows, cols).cpu().numpy()
+                squared = torch.linalg.vector_norm(rows, dim=1).double().cpu().numpy() ** 2
             out.norms = np.abs(scale) * np.sqrt(squared) if spec.norms else None
         return out
