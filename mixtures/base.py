@@ -44,8 +44,9 @@ class Request:
     gradient; every domain gets a signal even at weight ~0)."""
     probe_sequences: int = 16
     """Sequences per domain in a probe batch (source="probe_batch")."""
-    ref_sequences: int = 16
-    """Sequences in each reference batch."""
+    ref_sequences: int | None = 16
+    """Sequences in each reference batch; None lets the trainer pick DoGE's b_T rule:
+    max(4, global batch // (K + 1)) — the held-out mix as one more "domain" of the batch."""
     ref_model_loss: bool = False
     """Per-domain clipped excess loss against the reference model, on the same batch (DoReMi)."""
 

@@ -66,9 +66,9 @@ class DogeConfig:
     """Steps left out of the exported time average ᾱ (0 = average over all steps, as the code)."""
     floor: float = 0.0
     """Mix the output with uniform: w ← (1 - floor) α + floor/K (not fed back into α)."""
-    ref_sequences: int = 16
-    """Sequences in the reference batch of g_T. controllers.md's b_T = batch/(K+1), at least 4,
-    needs the global batch size, which the controller contract does not pass; set it here."""
+    ref_sequences: int | None = None
+    """Sequences in the reference batch of g_T. None: controllers.md's b_T = global batch/(K+1), at
+    least 4 (the held-out mix as one more "domain" of the batch, as in the official code)."""
 
     @property
     def ood(self) -> bool:
@@ -101,7 +101,7 @@ class DogeConfig:
         check_knob(self.mode in ("proxy", "resample"), "mode", self.mode, 'must be "proxy" or "resample"')
         check_knob(isinstance(self.burn_in, int) and self.burn_in >= 0, "burn_in", self.burn_in, "must be an integer >= 0")
         check_knob(is_number(self.floor) and 0 <= self.floor <= 1, "floor", self.floor, "must be in [0, 1]")
-        check_knob(isinstance(self.ref_sequences, int) and self.ref_sequences > 0, "ref_sequences", self.ref_sequences,
+        check_knob(self.ref_sequences is None or (isinstance(self.ref_sequences, int) and self.ref_sequences > 0), "ref_sequences", self.ref_sequences,
                    "must be a positive integer")
 
 

@@ -44,7 +44,7 @@ def same_state(a: dict, b: dict) -> bool:
 
 def test_doge_request_and_defaults_by_target():
     universal = build_controller("doge", DOMAINS, {})
-    assert universal.request(0) == Request(align=("heldout",), norms=True, ref_sequences=16)
+    assert universal.request(0) == Request(align=("heldout",), norms=True, ref_sequences=None)
     assert universal.cfg.step_mu == 0.01 and universal.cfg.clip == 5.0
     ood = build_controller("doge", DOMAINS, {"target": "target:humaneval"})
     assert ood.request(7).align == ("target:humaneval",) and ood.request(7).norms

@@ -249,7 +249,7 @@ class Loop:
         if self._signals is None:
             from .signals import Signals
 
-            self._signals = Signals(self.engine, self.data, self.cfg.train.seed, self.cfg.probe, self.reference)
+            self._signals = Signals(self.engine, self.data, self.cfg.train.seed, self.cfg.probe, self.reference, self.global_batch)
         return self._signals
 
     def _train_step(self, lr: float) -> tuple[dict, DomainStats]:

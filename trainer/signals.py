@@ -57,8 +57,9 @@ def load_reference_model(run_dir: str, data: DataBundle, device: torch.device) -
 
 
 class Signals:
-    def __init__(self, engine, data: DataBundle, seed: int, probe_cfg, reference: torch.nn.Module | None):
+    def __init__(self, engine, data: DataBundle, seed: int, probe_cfg, reference: torch.nn.Module | None, global_batch: int):
         self.engine = engine
+        self.global_batch = global_batch
         self.data = data
         self.seed = seed
         self.K = len(data.domains)
@@ -88,7 +89,8 @@ class Signals:
         refs, norms = [], []
         model = self.engine.model
         for r, name in enumerate(req.align):
-            batch = self._ref_batch(name, req.ref_sequences, step, r).to(self.engine.device)
+            n = req.ref_sequences or max(4, self.global_batch // (self.K + 1))
+            batch = self._ref_batch(name, n, step, r).to(self.engine.device)
             grads = self.probe.reference_gradient(token_losses(model, batch).mean())
             refs.append(grads)
             norms.append(float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))))

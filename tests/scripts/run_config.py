@@ -4,6 +4,7 @@ Writes ``rank<r>.json`` into the run dir: the shard weights this rank used and a
 final parameters, so tests can check every rank agrees.
 """
 
+import gc
 import hashlib
 import json
 import sys
@@ -28,6 +29,8 @@ def main() -> None:
         h.update(p.detach().cpu().numpy().tobytes())
     out = {"history": loop.history, "params_sha256": h.hexdigest(), "step": loop.step}
     (Path(loop.run_dir) / f"rank{loop.rank}.json").write_text(json.dumps(out))
+    del loop
+    gc.collect()  # free gloo-backed tensors before the group goes: avoids an abort at interpreter exit
     dist.shutdown()
 
 
