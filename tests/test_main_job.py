@@ -1,4 +1,4 @@
-"""The README's main job: `mixtrain` with no arguments builds the demo corpus and trains on it."""
+"""The README's main job: `mixtrain` with no arguments builds the demo corpus and runs the DoGE proxy search."""
 
 import json
 import os
@@ -22,4 +22,7 @@ def test_main_job_end_to_end(tmp_path):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["eval/loss"] < metrics[0]["train/loss"]  # it learned something
     assert {"target/humaneval/loss", "target/champ/loss", "target/news/loss"} <= set(metrics[-1])
-    assert "done: 60 steps" in proc.stdout and (run_dir / "weights.png").is_file()
+    assert sum(weights.values()) == pytest.approx(1.0) and max(weights.values()) < 0.6  # learned, not collapsed
+    assert len(set(round(w, 3) for w in weights.values())) > 1  # moved away from uniform
+    assert "done: 200 steps" in proc.stdout and "uniform" in proc.stdout and "exported" in proc.stdout
+    assert (run_dir / "weights.png").is_file() and (run_dir / "blend.txt").is_file()

@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if not argv:
         print("[mixtrain] main job: DoGE proxy weight search on the demo corpus (built on first use); "
-              "conf/experiment/search.yaml. `mixtrain --help` lists the commands.", flush=True)
-        _train_app(["+experiment=search", "mixture=doge"])
+              "conf/experiment/search.yaml, mixture.mu=0.04. `mixtrain --help` lists the commands.", flush=True)
+        # DoGE's log-weight step is lr/mu; the search's peak lr is 4x the paper's 5e-4, so mu is 4x
+        # its 0.01 to keep the paper's step (with 0.01 the tiny proxy collapses onto two domains).
+        _train_app(["+experiment=search", "mixture=doge", "mixture.mu=0.04"])
     elif argv[0] == "search":
         _train_app(["+experiment=search", *argv[1:]])
     elif argv[0] in ("-h", "--help", "help"):
