@@ -26,7 +26,11 @@ class Request:
 
     Reference names (for ``align``): ``"heldout"`` — a held-out mixed batch drawn uniformly from
     every domain's validation split (DoGE universal); ``"target:<name>"`` — a batch of the named
-    target set's few-shot pool (DGA, DoGE OOD). Column r of ``DomainStats.align`` is ``align[r]``.
+    target set's few-shot pool (DGA, DoGE OOD); ``"valid:<domain>"`` — a batch of that domain's
+    validation split; ``"target:*"`` and ``"valid:*"`` expand to every target set (sorted by name) and
+    every domain with a validation split (domain order), for controllers that measure many tasks
+    (TiKMiX). Columns of ``DomainStats.align`` follow the expanded list, given in
+    ``DomainStats.align_names``.
     """
 
     loss: bool = True
@@ -49,6 +53,13 @@ class Request:
     max(4, global batch // (K + 1)) — the held-out mix as one more "domain" of the batch."""
     ref_model_loss: bool = False
     """Per-domain clipped excess loss against the reference model, on the same batch (DoReMi)."""
+    precondition: bool = False
+    """Replace each reference gradient r by D⁻¹r, D = diag(sqrt(v̂) + eps) from the optimizer's
+    second moments (Adam), so align[i, k] = <g_i, D⁻¹ r_k>: influence under a diagonal curvature.
+    Identity before the optimizer's first step."""
+    per_sample: bool = False
+    """With source="probe_batch": also return every probe sequence's own alignments
+    (``DomainStats.sample_align``, ``sample_domain``); ``align`` is then their per-domain mean."""
 
     @property
     def any_gradient(self) -> bool:
@@ -75,6 +86,9 @@ class DomainStats:
     excess_loss: np.ndarray | None = None  # [K] mean over domain tokens of max(loss - ref_loss, 0)
     ref_loss: np.ndarray | None = None  # [K] reference model's mean token loss per domain
     sample_weights: np.ndarray | None = None  # [K] the distribution this step's batch was drawn from
+    align_names: tuple[str, ...] | None = None  # the reference names behind align's columns (expanded)
+    sample_align: np.ndarray | None = None  # [n, R] <g_s, r_k> of each probe sequence s (mean token loss)
+    sample_domain: np.ndarray | None = None  # [n] domain index of each probe sequence
     extra: dict = field(default_factory=dict)
 
     def finite(self) -> bool:
@@ -165,6 +179,11 @@ class Controller(ABC):
     @abstractmethod
     def observe(self, stats: DomainStats) -> None:
         """Update from one step's statistics. Must leave state untouched when ``stats`` is not finite."""
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars about the last update worth logging (e.g. TiKMiX's ``pareto_relaxed``); the trainer
+        writes them as ``mixture/<key>`` in the step's record."""
+        return {}
 
     def record(self) -> None:
         """Add the current weights to the running average; called by the trainer once per update."""

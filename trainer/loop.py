@@ -294,7 +294,7 @@ class Loop:
         """What the controller saw this step and the loss weights it used, per domain."""
         columns = {}
         if stats.align is not None:
-            for r, name in enumerate(req.align):
+            for r, name in enumerate(stats.align_names or req.align):
                 columns[f"probe/align/{name}"] = stats.align[:, r]
         if stats.norms is not None:
             columns["probe/grad_norm"] = stats.norms
@@ -320,7 +320,9 @@ class Loop:
         from tqdm import tqdm
 
         bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not cfg.run.progress,
-                   desc="train", unit="step", dynamic_ncols=True, file=sys.stdout)
+                   desc="train", unit="step", dynamic_ncols=True, file=sys.stdout,
+                   # a log file (SLURM, CI) gets a line every 15 s instead of one per step
+                   mininterval=0.1 if sys.stdout.isatty() else 15)
         try:
             while self.step < t.steps:
                 if self.step % cfg.data.steps_per_shard == 0:
@@ -335,6 +337,7 @@ class Loop:
                 if self.controller.adaptive:
                     self.controller.observe(stats)  # controllers skip non-finite steps themselves
                     self.controller.record()
+                    rec.update({f"mixture/{k}": float(v) for k, v in self.controller.metrics().items()})
                 if (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps:
                     self.tracker.log(rec)
                 self.step += 1

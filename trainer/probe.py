@@ -312,10 +312,14 @@ class Probe:
     def _exact_fits(self) -> bool:
         return self.K * self.P * 4 <= self.exact_budget_bytes
 
-    def start(self, spec: ProbeSpec, refs: list[list[torch.Tensor]] | None = None) -> None:
+    def start(self, spec: ProbeSpec, refs: list[list[torch.Tensor]] | None = None, *, groups: int | None = None) -> None:
         """Begin an optimizer step's statistics; refs[r] is a full gradient-shaped list (same order as
-        the parameters) and must be identical on every rank."""
+        the parameters) and must be identical on every rank. ``groups`` replaces the number of domains
+        for this step, for alignments only (per-sequence alignments: one group per sequence)."""
         refs = refs or []
+        K = self.K if groups is None else int(groups)
+        if K != self.K and spec.products:
+            raise ValueError("groups= other than the probe's domain count works for alignments only, not norms/Gram")
         if len(refs) != spec.refs:
             raise ValueError(f"spec.refs={spec.refs} but {len(refs)} reference vectors were given")
         for r in refs:
@@ -333,7 +337,7 @@ class Probe:
         if exact and self._exact_rows is None:
             self._exact_rows = torch.empty(self.K, self.P, device=self.device)
         accumulators = _Exact(self._exact_rows, list(self._slots.values())) if exact else None
-        self._state = _StepState(self.K, spec, flat_refs, accumulators, sketch_dim, self.device)
+        self._state = _StepState(K, spec, flat_refs, accumulators, sketch_dim, self.device)
 
     @contextlib.contextmanager
     def micro_batch(self, seq_domains: torch.Tensor):
@@ -359,11 +363,11 @@ class Probe:
         """Reduce over micro-batches and ranks; statistics of v_i = domain_scale[i] · (sum over
         micro-batches and ranks of domain i's pieces). NaN rows/entries for domains absent everywhere."""
         scale = np.asarray(domain_scale, dtype=np.float64).reshape(-1)
-        if scale.shape != (self.K,):
-            raise ValueError(f"domain_scale has {scale.size} entries, expected {self.K}")
         state, self._state = self._state, None
         if state is None:
             raise RuntimeError("Probe.finish() before start()")
+        if scale.shape != (state.K,):
+            raise ValueError(f"domain_scale has {scale.size} entries, expected {state.K}")
         state.all_reduce()
         scale = np.where(state.seqs.cpu().numpy() > 0, scale, np.nan)
         spec, out = state.spec, ProbeResult(sketch_dim=state.sketch_dim)

@@ -3,10 +3,13 @@
 Per step, only what is requested is computed:
 
 - reference gradients (``"heldout"``: a mixed batch from every domain's validation split;
-  ``"target:<name>"``: a batch of the target set's few-shot pool), computed on the unwrapped model
-  before the training backward, identical on every rank (same batch, same parameters);
+  ``"target:<name>"``: a batch of the target set's few-shot pool; ``"valid:<domain>"``: a batch of
+  one domain's validation split; ``"target:*"``/``"valid:*"`` expand to all of them), computed
+  before the training backward, identical on every rank (same batch, same parameters), optionally
+  preconditioned by Adam's second moments;
 - per-domain alignments / norms / Gram from the probe, inside the training backward
-  (``source="in_batch"``) or on a separate per-domain probe batch (``source="probe_batch"``);
+  (``source="in_batch"``) or on a separate per-domain probe batch (``source="probe_batch"``,
+  processed in chunks, optionally with one alignment row per sequence);
 - per-domain excess loss against a frozen reference model on the training batch (DoReMi).
 
 Batches drawn here are pure functions of (seed, step): a resumed run measures the same things.
@@ -29,6 +32,7 @@ from .models import build_model, token_losses
 from .probe import Probe, ProbeSpec
 
 _REF_STREAM, _PROBE_STREAM = 3, 4
+_PROBE_CHUNK = 32  # probe-batch sequences per forward/backward: bounds activation memory
 
 
 def _draw(view: SequenceView, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -77,23 +81,67 @@ class Signals:
                 raise ConfigError("the 'heldout' reference needs validation splits; this data has none")
             per = np.bincount(np.arange(n) % len(views), minlength=len(views))
             return torch.from_numpy(np.concatenate([_draw(v, int(k), rng) for v, k in zip(views, per) if k]))
+        if name.startswith("valid:"):
+            domain = name.split(":", 1)[1]
+            if domain not in self.data.valid:
+                raise ConfigError(f"reference {name!r}: domain {domain!r} has no validation split; "
+                                  f"domains with one: {[d for d in self.data.domains if d in self.data.valid]}")
+            return torch.from_numpy(_draw(self.data.valid[domain], n, rng))
         if name.startswith("target:"):
             target = name.split(":", 1)[1]
             if target not in self.data.targets:
                 raise ConfigError(f"reference {name!r}: no target set {target!r}; available: {sorted(self.data.targets)}")
             splits = self.data.targets[target]
             return torch.from_numpy(_draw(splits.get("train") or splits["valid"], n, rng))
-        raise ConfigError(f"unknown reference gradient {name!r}; use 'heldout' or 'target:<name>'")
+        raise ConfigError(f"unknown reference gradient {name!r}; use 'heldout', 'target:<name>', 'valid:<domain>', "
+                          "'target:*' or 'valid:*'")
 
-    def _reference_gradients(self, req: Request, step: int) -> tuple[list[list[torch.Tensor]], np.ndarray]:
+    def expand(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """Reference names with the wildcards replaced by every target set / validation split."""
+        out: list[str] = []
+        for name in names:
+            if name == "target:*":
+                if not self.data.targets:
+                    raise ConfigError("reference 'target:*': this data has no target sets")
+                out += [f"target:{t}" for t in sorted(self.data.targets)]
+            elif name == "valid:*":
+                valid = [f"valid:{d}" for d in self.data.domains if d in self.data.valid]
+                if not valid:
+                    raise ConfigError("reference 'valid:*': no domain has a validation split")
+                out += valid
+            else:
+                out.append(name)
+        return tuple(out)
+
+    def _preconditioner(self) -> list[torch.Tensor] | None:
+        """1 / (sqrt(v̂) + eps) per parameter from AdamW's bias-corrected second moments, or None
+        before the first optimizer step (identity curvature then)."""
+        opt = self.engine.optimizer
+        inverse = []
+        for group in opt.param_groups:
+            beta2, eps = group["betas"][1], group["eps"]
+            for p in group["params"]:
+                state = opt.state.get(p, {})
+                if "exp_avg_sq" not in state:
+                    return None
+                step = float(state["step"])
+                v_hat = state["exp_avg_sq"] / (1 - beta2 ** step)
+                inverse.append((p, 1.0 / (v_hat.sqrt() + eps)))
+        by_param = {id(p): d for p, d in inverse}
+        return [by_param[id(p)] for p in self.probe.params]
+
+    def _reference_gradients(self, names: tuple[str, ...], req: Request, step: int) -> tuple[list[list[torch.Tensor]], np.ndarray]:
         refs, norms = [], []
         model = self.engine.model
-        for r, name in enumerate(req.align):
+        scale = self._preconditioner() if req.precondition else None
+        for r, name in enumerate(names):
             n = req.ref_sequences or max(4, self.global_batch // (self.K + 1))
             batch = self._ref_batch(name, n, step, r).to(self.engine.device)
             grads = self.probe.reference_gradient(token_losses(model, batch).mean())
-            refs.append(grads)
             norms.append(float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))))
+            if scale is not None:
+                grads = [g * d for g, d in zip(grads, scale)]
+            refs.append(grads)
         return refs, np.array(norms)
 
     # ---- per step -----------------------------------------------------------------------------
@@ -104,11 +152,17 @@ class Signals:
             if self.reference is None:
                 raise ConfigError("the controller asks for reference-model losses but no mixture.reference model is loaded")
             self._excess.zero_()
+        if req.per_sample and (req.source != "probe_batch" or req.norms or req.gram or not req.align):
+            raise ValueError("Request.per_sample needs source='probe_batch' and alignments only (no norms/Gram)")
         if req.any_gradient:
-            refs, state["ref_norms"] = self._reference_gradients(req, step)
+            state["names"] = self.expand(req.align)
+            refs, state["ref_norms"] = self._reference_gradients(state["names"], req, step)
             spec = ProbeSpec(refs=len(refs), norms=req.norms or req.gram, gram=req.gram,
                              sketch_dim=self.probe_cfg.sketch_dim, seed=(self.seed * 1_000_003 + step) & 0x7FFFFFFF)
-            self.probe.start(spec, refs or None)
+            if req.per_sample:  # started in end(), once the number of probe sequences is known
+                state["spec"], state["refs"] = spec, refs
+            else:
+                self.probe.start(spec, refs or None)
         return state
 
     def in_batch_probe(self, state: dict) -> Probe | None:
@@ -129,40 +183,62 @@ class Signals:
 
         return hook
 
-    def _probe_batch(self, req: Request, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``probe_sequences`` per domain, split over ranks, rows sorted by domain."""
+    def _probe_batch(self, req: Request, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """``probe_sequences`` per domain (rounded up to a multiple of the ranks), split over ranks,
+        rows sorted by domain. Returns this rank's tokens, their domains, their global sequence ids
+        (domain-major, so also sorted) and the global number of sequences."""
         rng = np.random.default_rng([self.seed, _PROBE_STREAM, step])
         rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist.active() else (0, 1)
         per_rank = -(-req.probe_sequences // world)
-        rows, doms = [], []
+        per_domain = per_rank * world
+        rows, doms, ids = [], [], []
         for d, view in enumerate(self.data.train):
-            batch = _draw(view, per_rank * world, rng)[rank * per_rank : (rank + 1) * per_rank]
+            batch = _draw(view, per_domain, rng)[rank * per_rank : (rank + 1) * per_rank]
             rows.append(batch)
             doms.append(np.full(len(batch), d))
-        return torch.from_numpy(np.concatenate(rows)), torch.from_numpy(np.concatenate(doms))
+            ids.append(d * per_domain + rank * per_rank + np.arange(len(batch)))
+        cat = lambda parts: torch.from_numpy(np.concatenate(parts))  # noqa: E731
+        return cat(rows), cat(doms), cat(ids), per_domain * self.K
+
+    def _run_probe_batch(self, req: Request, state: dict, step: int) -> np.ndarray:
+        """Forward/backward of the probe batch in chunks, without touching the training gradient;
+        returns the per-group scale that turns summed token-loss gradients into token means."""
+        tokens, doms, ids, n_global = self._probe_batch(req, step)
+        groups = ids if req.per_sample else doms
+        if req.per_sample:
+            self.probe.start(state["spec"], state["refs"], groups=n_global)
+        params = [p for p in self.engine.model.parameters() if p.requires_grad]
+        for s in range(0, len(tokens), _PROBE_CHUNK):
+            chunk = tokens[s:s + _PROBE_CHUNK].to(self.engine.device)
+            with self.probe.micro_batch(groups[s:s + _PROBE_CHUNK]):
+                losses = token_losses(self.engine.model, chunk)
+                # autograd.grad, not backward: the probe sees every layer's backward while
+                # .grad (the training gradient) and the engine's reduction hooks stay untouched.
+                torch.autograd.grad(losses.sum(), params)
+        seq_tokens = tokens.shape[1] - 1
+        if req.per_sample:
+            state["sample_domain"] = np.repeat(np.arange(self.K), n_global // self.K)
+            return np.full(n_global, 1.0 / seq_tokens)
+        n = dist.all_reduce_sum(torch.bincount(doms, minlength=self.K).double() * seq_tokens).numpy()
+        return 1.0 / np.where(n > 0, n, np.nan)
 
     def end(self, state: dict, stats, step: int, loss_weights: np.ndarray, tokens_per_rank: int) -> None:
         """Fill the requested fields of ``stats`` (a DomainStats with global token counts)."""
         req = state["req"]
         if req.any_gradient:
             if req.source == "probe_batch":
-                tokens, doms = self._probe_batch(req, step)
-                tokens, doms = tokens.to(self.engine.device), doms
-                params = [p for p in self.engine.model.parameters() if p.requires_grad]
-                with self.probe.micro_batch(doms):
-                    losses = token_losses(self.engine.model, tokens)
-                    # autograd.grad, not backward: the probe sees every layer's backward while
-                    # .grad (the training gradient) and the engine's reduction hooks stay untouched.
-                    torch.autograd.grad(losses.sum() / losses.numel(), params)
-                n = torch.bincount(doms, minlength=self.K).double() * tokens.shape[1]
-                n_global = dist.all_reduce_sum(n).numpy()
-                scale = losses.numel() / np.where(n_global > 0, n_global, np.nan)
+                scale = self._run_probe_batch(req, state, step)
             else:
                 counts = stats.tokens
                 scale = tokens_per_rank / np.where(counts > 0, loss_weights * counts, np.nan)
             result = self.probe.finish(scale)
             stats.align, stats.norms, stats.gram = result.align, result.norms, result.gram
+            if req.per_sample:
+                stats.sample_align, stats.sample_domain = result.align, state["sample_domain"]
+                # equal-length sequences: a domain's token-mean gradient is the mean of its sequences'
+                stats.align = np.stack([result.align[state["sample_domain"] == d].mean(axis=0) for d in range(self.K)])
             stats.ref_norms = state.get("ref_norms")
+            stats.align_names = state["names"]
         if req.ref_model_loss:
             total = dist.all_reduce_sum(self._excess.clone()).numpy()
             with np.errstate(invalid="ignore", divide="ignore"):

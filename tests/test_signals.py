@@ -1,0 +1,112 @@
+"""Signals beyond the probe's own tests: task wildcards, per-sequence alignments on a probe batch,
+and the Adam-preconditioned references TiKMiX's influence uses, each against a direct autograd oracle."""
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_shardset, tiny_values
+from mixtures import DomainStats, Request
+from trainer.config import ConfigError, load_config
+from trainer.loop import Loop
+from trainer.models import token_losses
+from trainer.signals import _PROBE_CHUNK
+
+
+@pytest.fixture()
+def loop(tmp_path):
+    data = make_shardset(tmp_path / "data", targets={"wordy": "words", "abcs": "abc"})
+    return Loop(load_config(tiny_values(data, tmp_path / "run")))
+
+
+def _flat_grad(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double()
+
+
+def _stats(loop):
+    return DomainStats(step=0, lr=1e-3, loss=np.zeros(loop.K), tokens=np.ones(loop.K))
+
+
+def _measure(loop, req, step=0):
+    stats = _stats(loop)
+    state = loop.signals.begin(req, step)
+    loop.signals.end(state, stats, step, np.ones(loop.K), 1)
+    return stats
+
+
+def test_wildcards_expand_to_every_target_and_validation_split(loop):
+    names = loop.signals.expand(("target:*", "valid:*", "heldout"))
+    assert names == ("target:abcs", "target:wordy", *(f"valid:{d}" for d in loop.data.domains), "heldout")
+    with pytest.raises(ConfigError, match="valid:nowhere"):
+        loop.signals._ref_batch("valid:nowhere", 2, 0, 0)
+
+
+def _reference(loop, req, name, step, r):
+    """The reference gradient Signals uses, recomputed: same batch (pure function of seed, step, r)."""
+    n = req.ref_sequences
+    batch = loop.signals._ref_batch(name, n, step, r)
+    return _flat_grad(loop.engine.model, token_losses(loop.engine.model, batch).mean())
+
+
+def test_per_sample_alignments_equal_one_backward_per_sequence(loop):
+    req = Request(align=("target:*", "valid:counting"), source="probe_batch", probe_sequences=_PROBE_CHUNK // 2 + 3,
+                  per_sample=True, ref_sequences=3)
+    step = 5
+    stats = _measure(loop, req, step)
+    names = stats.align_names
+    assert names == ("target:abcs", "target:wordy", "valid:counting")
+    refs = torch.stack([_reference(loop, req, name, step, r) for r, name in enumerate(names)])
+    tokens, doms, ids, n = loop.signals._probe_batch(req, step)  # spans two chunks: accumulation is exercised
+    assert n == loop.K * req.probe_sequences and stats.sample_align.shape == (n, len(names))
+    model = loop.engine.model
+    oracle = np.stack([(refs @ _flat_grad(model, token_losses(model, tokens[s:s + 1]).mean())).numpy() for s in range(n)])
+    np.testing.assert_allclose(stats.sample_align, oracle, rtol=1e-5, atol=1e-6 * np.abs(oracle).max())
+    np.testing.assert_array_equal(stats.sample_domain, doms.numpy())
+    # the per-domain rows are the token-mean gradient's alignments: the mean of the domain's sequences
+    for d in range(loop.K):
+        g = _flat_grad(model, token_losses(model, tokens[doms == d]).mean())
+        np.testing.assert_allclose(stats.align[d], (refs @ g).numpy(), rtol=1e-5, atol=1e-6 * np.abs(oracle).max())
+    assert all(p.grad is None for p in model.parameters())  # the training gradient was not touched
+
+
+def test_per_domain_probe_batch_is_the_token_mean_gradient(loop):
+    req = Request(align=("heldout",), source="probe_batch", probe_sequences=_PROBE_CHUNK, ref_sequences=4)
+    stats = _measure(loop, req, 2)
+    ref = _reference(loop, req, "heldout", 2, 0)
+    tokens, doms, _, _ = loop.signals._probe_batch(req, 2)
+    model = loop.engine.model
+    for d in range(loop.K):
+        g = _flat_grad(model, token_losses(model, tokens[doms == d]).mean())
+        assert stats.align[d, 0] == pytest.approx(float(ref @ g), rel=1e-5)
+
+
+def test_preconditioned_references_divide_by_adam_second_moments(loop):
+    model, opt = loop.engine.model, loop.engine.optimizer
+    req = Request(align=("valid:abc",), source="probe_batch", probe_sequences=4, ref_sequences=3, precondition=True)
+    before = _measure(loop, req, 1)  # no optimizer state yet: identity curvature
+    plain = _measure(loop, Request(align=("valid:abc",), source="probe_batch", probe_sequences=4, ref_sequences=3), 1)
+    np.testing.assert_array_equal(before.align, plain.align)
+
+    batch = loop.signals._ref_batch("valid:words", 4, 99, 0)
+    token_losses(model, batch).mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    stats = _measure(loop, req, 1)
+    beta2, eps = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
+    inv = torch.cat([(1.0 / ((opt.state[p]["exp_avg_sq"] / (1 - beta2)).sqrt() + eps)).reshape(-1)
+                     for p in model.parameters()]).double()
+    ref = _reference(loop, req, "valid:abc", 1, 0) * inv
+    tokens, doms, _, _ = loop.signals._probe_batch(req, 1)
+    for d in range(loop.K):
+        g = _flat_grad(model, token_losses(model, tokens[doms == d]).mean())
+        assert stats.align[d, 0] == pytest.approx(float(ref @ g), rel=1e-5)
+    assert not np.allclose(stats.align, _measure(loop, Request(align=("valid:abc",), source="probe_batch",
+                                                               probe_sequences=4, ref_sequences=3), 1).align)
+
+
+def test_per_sample_needs_a_probe_batch_and_alignments_only(loop):
+    with pytest.raises(ValueError, match="per_sample"):
+        loop.signals.begin(Request(align=("heldout",), per_sample=True), 0)
+    with pytest.raises(ValueError, match="per_sample"):
+        loop.signals.begin(Request(align=("heldout",), source="probe_batch", norms=True, per_sample=True), 0)
