@@ -5,6 +5,14 @@
     mixtrain train [overrides] [-m]  a Hydra app: model=… data=… mixture=… engine=… key=value
     mixtrain data demo               build the 8-domain demo corpus and its target sets
     mixtrain data ingest …           turn jsonl/parquet/HF datasets/Megatron prefixes into a shard set
+    mixtrain score PROXY_RUN [--early STEP|FRACTION] [--late …] [--batch N] [--out DIR]
+                                     per-sample learnability for the irreducible curriculum
+
+Irreducible curriculum (within-domain order; composes with any mixture):
+    mixtrain train +experiment=curriculum_proxy [data=… data.seq_len=…]    small proxy on a 10% holdout
+    mixtrain score runs/curriculum-proxy-<stamp>                            writes <run>/scores/<key>/
+    mixtrain train curriculum=irreducible curriculum.scores=runs/curriculum-proxy-<stamp> mixture=<any>
+    mixtrain train curriculum=irreducible_online mixture=<any>             proxy trained alongside
 """
 
 from __future__ import annotations
@@ -41,6 +49,9 @@ def _train_app(overrides: list[str]) -> None:
         dist.init(backend)
         stamp = dist.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
         overrides = [*overrides, f"hydra.run.dir=runs/${{run.name}}-{stamp}"]
+
+    # ${ceil_div:a,b} = ceil(a / b): e.g. the curriculum proxy checkpoints every ceil(train.steps / 10) steps
+    OmegaConf.register_new_resolver("ceil_div", lambda a, b: -(-int(a) // int(b)), replace=True)
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def app(cfg) -> None:
@@ -82,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     elif argv[0] == "data":
         args = _data_parser().parse_args(argv[1:])
         args.func(args)
+    elif argv[0] == "score":
+        from .curriculum.scores import main as score_main
+
+        score_main(argv[1:])
     else:
         raise SystemExit(f"mixtrain: unknown command {argv[0]!r}\n{USAGE}")
 

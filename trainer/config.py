@@ -78,6 +78,15 @@ class DataConfig:
     """Where the demo corpus is built (default: $MIXTRAIN_CACHE or ./.cache/mixtrain)."""
     max_tokens_per_domain: int = 4_000_000
     """Demo corpus: cap on each domain's training tokens."""
+    holdout_fraction: float = 0.0
+    """Share of each domain's training samples set aside as the curriculum proxy's holdout, chosen
+    per sample by a hash of (domain name, sample index) (``trainer.curriculum.holdout``; samples are
+    fixed-length slices of the packed stream, not documents). 0 = no holdout; the curriculum
+    groups set 0.1 (controllers reference §4.2)."""
+    subset: str = "all"
+    """Which training samples the sampler may draw: 'all', 'main' (everything except the holdout:
+    the main run under a curriculum, which must never train on the proxy's data) or 'holdout'
+    (only the holdout: the curriculum proxy, +experiment=curriculum_proxy)."""
 
     def validate(self):
         if self.source not in ("demo", "path", "prefixes"):
@@ -93,6 +102,14 @@ class DataConfig:
 
         if self.exhaustion not in POLICIES:
             raise ConfigError(f"data.exhaustion={self.exhaustion!r}; allowed: {', '.join(POLICIES)}")
+        from .curriculum.holdout import SUBSETS
+
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ConfigError(f"data.holdout_fraction={self.holdout_fraction} must be in [0, 1)")
+        if self.subset not in SUBSETS:
+            raise ConfigError(f"data.subset={self.subset!r}; allowed: {', '.join(SUBSETS)}")
+        if self.subset != "all" and self.holdout_fraction <= 0:
+            raise ConfigError(f"data.subset={self.subset} needs a holdout: set data.holdout_fraction > 0 (the curriculum uses 0.1)")
 
 
 @dataclass
@@ -203,6 +220,80 @@ class RunConfig:
             raise ConfigError(f"run.wandb={self.wandb!r}; allowed: offline, online, disabled")
 
 
+CURRICULA = ("none", "irreducible", "irreducible_online")
+
+
+@dataclass
+class CurriculumConfig:
+    """Within-domain sample order (controllers reference §4, Fan & Jaggi 2023, arXiv 2310.15389).
+
+    A curriculum only orders samples *inside* each domain; the mixture controller (any of them)
+    still decides how many samples each domain supplies per shard. Both modes need a holdout the
+    main run never draws: ``data.holdout_fraction`` (0.1) with ``data.subset=main``, which the
+    ``curriculum=irreducible*`` groups set."""
+
+    name: str = "none"
+    """'none' (the plain per-epoch shuffle), 'irreducible' (static learnability scores from a proxy
+    run: `mixtrain score PROXY_RUN`) or 'irreducible_online' (a proxy trained alongside on the
+    holdout scores candidate pools at every shard boundary)."""
+    scores: str | None = None
+    """irreducible: a scores directory written by `mixtrain score` (PROXY_RUN/scores/<key>) or the
+    proxy run directory itself (its one scores directory matching this run's data is used).
+    Refused when its key does not match this run's shards, tokenizer or data.seq_len."""
+    f0: float = 0.25
+    """irreducible: eligible share of a domain's unconsumed samples at the start of training
+    (f(0) = f0; the top 25% by learnability)."""
+    u_full: float = 0.5
+    """irreducible: training fraction at which every unconsumed sample becomes eligible;
+    f(u) = f0 + (1 - f0)·min(1, u/u_full)."""
+    order: str = "learnable_first"
+    """irreducible: 'learnable_first' (the method) or 'anti' (the paper's anti-curriculum
+    baseline: least learnable first, same pacing)."""
+    pool_factor: int = 4
+    """irreducible_online: candidates scored per sample drawn (a pool of 4x the shard's count for
+    the domain, the top-scoring ones are taken)."""
+    proxy_model: dict = field(default_factory=dict)
+    """irreducible_online: the proxy's model knobs (model.* names) over the ModelConfig defaults
+    (2 layers, d_model 64); vocab_size and max_seq_len follow the main model. Paper scale: a 6-layer
+    GPT (n_layer 6, d_model 768, about 82M parameters with the GPT-2 vocabulary)."""
+    proxy_lr: float = 1e-3
+    """irreducible_online: the proxy's peak learning rate (same warm-up and cosine shape as the
+    main run, min_lr = proxy_lr / 10)."""
+    proxy_micro_batch: int | None = None
+    """irreducible_online: holdout sequences per rank per proxy step (one proxy step per main
+    step); null = train.micro_batch."""
+    score_batch: int = 64
+    """irreducible_online: sequences per forward when scoring a candidate pool."""
+
+    def validate(self):
+        if self.name not in CURRICULA:
+            raise ConfigError(f"curriculum.name={self.name!r}; allowed: {', '.join(CURRICULA)}")
+        if self.name == "irreducible" and not self.scores:
+            raise ConfigError("curriculum.scores must name a scores directory or a proxy run (curriculum=irreducible); "
+                              "train one with `mixtrain train +experiment=curriculum_proxy`, then `mixtrain score RUN`")
+        if not 0.0 < self.f0 <= 1.0:
+            raise ConfigError(f"curriculum.f0={self.f0} must be in (0, 1]")
+        if not 0.0 < self.u_full <= 1.0:
+            raise ConfigError(f"curriculum.u_full={self.u_full} must be in (0, 1]")
+        from .curriculum.pacing import ORDERS
+
+        if self.order not in ORDERS:
+            raise ConfigError(f"curriculum.order={self.order!r}; allowed: {', '.join(ORDERS)}")
+        if int(self.pool_factor) != self.pool_factor or self.pool_factor < 1:
+            raise ConfigError(f"curriculum.pool_factor={self.pool_factor} must be an integer >= 1")
+        if not self.proxy_lr > 0:
+            raise ConfigError(f"curriculum.proxy_lr={self.proxy_lr} must be > 0")
+        if self.proxy_micro_batch is not None and self.proxy_micro_batch <= 0:
+            raise ConfigError(f"curriculum.proxy_micro_batch={self.proxy_micro_batch} must be positive or null")
+        if self.score_batch <= 0:
+            raise ConfigError(f"curriculum.score_batch={self.score_batch} must be positive")
+        if not isinstance(self.proxy_model, dict):
+            raise ConfigError(f"curriculum.proxy_model must be a mapping of model knobs, got {self.proxy_model!r}")
+        if self.proxy_model.get("vocab_size") is not None:
+            raise ConfigError("curriculum.proxy_model.vocab_size is taken from the main model; leave it unset")
+        _build(ModelConfig, dict(self.proxy_model), "curriculum.proxy_model")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -213,6 +304,14 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     mixture: dict = field(default_factory=lambda: {"name": "uniform"})
     """Controller name and its knobs; validated by the controller's own Config dataclass."""
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """Within-domain sample order (curriculum=none|irreducible|irreducible_online)."""
+
+    def validate(self):
+        """Knobs that constrain each other across groups."""
+        if self.curriculum.name != "none" and self.data.subset != "main":
+            raise ConfigError(f"data.subset={self.data.subset!r} with curriculum={self.curriculum.name}: the main run must "
+                              "exclude the proxy's holdout (data.subset=main, data.holdout_fraction=0.1; the curriculum group sets both)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -222,12 +321,18 @@ class Config:
         the meaning of a step). Logging, evaluation cadence and fault injection are free to change."""
         d = self.to_dict()
         t = d["train"]
-        return {
+        out = {
             "model": d["model"],
             "data": {k: d["data"][k] for k in ("source", "path", "prefixes", "domains", "seq_len", "steps_per_shard", "exhaustion", "tokenizer")},
             "train": {k: t[k] for k in ("steps", "micro_batch", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "seed")},
             "mixture": d["mixture"],
         }
+        # Added only when used, so checkpoints written before these knobs existed still resume.
+        if self.data.subset != "all" or self.data.holdout_fraction:
+            out["data"].update(holdout_fraction=self.data.holdout_fraction, subset=self.data.subset)
+        if self.curriculum.name != "none":
+            out["curriculum"] = d["curriculum"]
+        return out
 
 
 def _build(cls, values: Any, prefix: str):
@@ -252,14 +357,14 @@ def _build(cls, values: Any, prefix: str):
 def load_config(values: dict) -> Config:
     """Validate a plain dict (Hydra's composed config, resolved) into a Config."""
     values = dict(values)
-    allowed = {"model", "data", "train", "engine", "run", "probe", "mixture"}
+    allowed = {"model", "data", "train", "engine", "run", "probe", "mixture", "curriculum"}
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise ConfigError(f"unknown config group(s) {unknown}; allowed: {sorted(allowed)}")
     mixture = values.get("mixture") or {"name": "uniform"}
     if not isinstance(mixture, dict) or "name" not in mixture:
         raise ConfigError("mixture must be a mapping with a 'name' (e.g. mixture=static)")
-    return Config(
+    cfg = Config(
         model=_build(ModelConfig, values.get("model"), "model"),
         data=_build(DataConfig, values.get("data"), "data"),
         train=_build(TrainConfig, values.get("train"), "train"),
@@ -267,7 +372,10 @@ def load_config(values: dict) -> Config:
         run=_build(RunConfig, values.get("run"), "run"),
         probe=_build(ProbeConfig, values.get("probe"), "probe"),
         mixture=dict(mixture),
+        curriculum=_build(CurriculumConfig, values.get("curriculum"), "curriculum"),
     )
+    cfg.validate()
+    return cfg
 
 
 def config_hash(obj) -> str:

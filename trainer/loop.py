@@ -6,6 +6,10 @@
 New weights apply at the next shard boundary and are rank 0's, broadcast, so every rank samples
 the same plan. Everything a restart needs goes through ``checkpoint.save``; a resumed run replays
 the same shard plans and continues bit-exactly.
+
+A curriculum (``curriculum=irreducible*``, ``trainer.curriculum``) changes only which samples of
+each domain a shard takes (the sampler's within-domain order) and restricts the main run to the
+non-holdout samples; the online variant adds a proxy model trained one step per main step.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from mixtures import DomainStats, build_controller
 from . import checkpoint, dist
 from .config import Config, ConfigError
 from .data.domains import DataBundle, check_vocab, load_data
-from .data.sampler import DataExhausted, DomainSampler, ShardPlan, rank_slice
+from .data.sampler import DataExhausted, DomainSampler, SampleOrder, ShardPlan, rank_slice
 from .engines import MicroBatch, build_engine
 from .tracking import Tracker
 from .weights_io import megatron_blend, read_weights, write_weights
@@ -78,6 +82,34 @@ def _controller(cfg: Config, data: DataBundle):
     return build_controller(name, data.domains, values, domain_tokens=data.train_tokens)
 
 
+def _pools(cfg: Config, data: DataBundle, subset: str):
+    from .curriculum.holdout import subset_pools
+
+    try:
+        return subset_pools(data.domains, data.train_samples, cfg.data.holdout_fraction, subset)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _curriculum_order(cfg: Config, data: DataBundle, pools) -> tuple[SampleOrder | None, dict | None]:
+    """The sampler's within-domain order for ``curriculum.name`` (and the scores' meta, if any).
+    Scores that do not match this run's data are refused here, before anything is written."""
+    c = cfg.curriculum
+    if c.name == "none":
+        return None, None
+    full = pools or [np.arange(n, dtype=np.int64) for n in data.train_samples]
+    if c.name == "irreducible":
+        from .curriculum.pacing import ScoreOrder
+        from .curriculum.scores import load_scores
+
+        scores, meta = load_scores(c.scores, data, cfg.data.seq_len, cfg.data.holdout_fraction)
+        return ScoreOrder(scores, full, seed=cfg.train.seed, steps_per_shard=cfg.data.steps_per_shard,
+                          total_steps=cfg.train.steps, f0=c.f0, u_full=c.u_full, order=c.order), meta
+    from .curriculum.pacing import OnlineOrder
+
+    return OnlineOrder(full, seed=cfg.train.seed, pool_factor=c.pool_factor), None
+
+
 class Loop:
     def __init__(self, cfg: Config):
         self.rank, self.world, _ = dist.init(cfg.engine.backend)
@@ -94,15 +126,24 @@ class Loop:
         self.controller = _controller(cfg, self.data)
         t = cfg.train
         self.global_batch = t.micro_batch * t.grad_accum * self.world
+        pools = _pools(cfg, self.data, cfg.data.subset)
+        order, self.scores_meta = _curriculum_order(cfg, self.data, pools)
         self.sampler = DomainSampler(self.data.train_samples, cfg.data.steps_per_shard * self.global_batch,
-                                     seed=t.seed, exhaustion=cfg.data.exhaustion)
+                                     seed=t.seed, exhaustion=cfg.data.exhaustion, pools=pools, order=order)
         self.fingerprint = {**cfg.fingerprint(), "world_size": self.world, "domains": self.data.domains,
                             "tokenizer": self.data.tokenizer}
+        if self.scores_meta is not None:  # the scores' content, not just their path, must match on resume
+            self.fingerprint["curriculum_scores_key"] = self.scores_meta["key"]
         self.ckpt_root = self.run_dir / "checkpoints"
         resume_from = self._find_resume()
         resume_state = self._check_resume(resume_from) if resume_from else None
         # Nothing is written before this point: bad input never touches an existing run.
         self.engine = build_engine(cfg)
+        self.online = None
+        if cfg.curriculum.name == "irreducible_online":
+            from .curriculum.online import OnlineProxy
+
+            self.online = OnlineProxy(cfg, self.data, _pools(cfg, self.data, "holdout"), self.rank, self.world)
         self._signals = None
         self.reference = None
         if cfg.mixture.get("reference"):
@@ -153,10 +194,18 @@ class Loop:
         self.tokens_seen = np.asarray(loop["tokens_seen"], dtype=np.float64)
         self.history = list(loop["history"])
         self.sampler.load_state_dict(loop["shard_start_state"])
+        if self.online is not None:
+            self.online.load_state_dict(state["curriculum"])
         if loop["shard_weights"] is not None:
-            # Re-plan the shard in progress from the state it started from: the same pure function.
+            # Re-plan the shard in progress from the state it started from: the same pure function
+            # (an online curriculum replays the candidate scores the shard was planned from).
             self.shard_start_state = self.sampler.state
-            self.plan = self.sampler.plan_shard(np.asarray(loop["shard_weights"]))
+            score_fn = None
+            if self.online is not None:
+                from .curriculum.pacing import replay
+
+                score_fn = replay(loop["shard_recorded"])
+            self.plan = self.sampler.plan_shard(np.asarray(loop["shard_weights"]), score_fn=score_fn)
             self.sampler.advance(self.plan)
         if rng is not None:
             checkpoint.set_rng_state(rng)
@@ -179,6 +228,9 @@ class Loop:
                     "tracker": self.tracker.positions(),
                 },
             }
+            if self.online is not None:
+                state["curriculum"] = self.online.state_dict()
+                state["loop"]["shard_recorded"] = None if self.plan is None else [np.asarray(r) for r in self.plan.recorded]
         checkpoint.save(self.ckpt_root, self.step, state, {"fingerprint": self.fingerprint}, self.cfg.train.keep_checkpoints)
 
     # ---- data ---------------------------------------------------------------------------------
@@ -191,13 +243,37 @@ class Loop:
         if self.controller.adaptive:
             weights = self._sync(weights)
         self.shard_start_state = self.sampler.state
-        self.plan = self.sampler.plan_shard(weights)
+        if self.online is not None:
+            # candidates scored by ℓ(snapshot) − ℓ(proxy); then the proxy becomes the snapshot
+            self.plan = self.sampler.plan_shard(weights, score_fn=self.online.score)
+            self.online.next_shard()
+            self.online.take_snapshot()
+        else:
+            self.plan = self.sampler.plan_shard(weights)
         self.sampler.advance(self.plan)
         rec = {"step": self.step, "shard": self.plan.shard_index,
                "weights": dict(zip(self.data.domains, map(float, weights))),
                "counts": dict(zip(self.data.domains, map(int, self.plan.counts)))}
+        if self.plan.scores is not None:
+            cur = self._curriculum_record(self.plan)
+            rec["curriculum"] = cur
+            self.tracker.log({"step": self.step, **cur})
         self.history.append(rec)
         self.tracker.log_weights(rec)
+
+    def _curriculum_record(self, plan: ShardPlan) -> dict:
+        """Per shard: the pacing fraction f(u) and the mean score of the samples drawn (per domain)."""
+        out = {}
+        if plan.fraction is not None:
+            out["curriculum/fraction"] = float(plan.fraction)
+        finite = np.isfinite(plan.scores)
+        if finite.any():
+            out["curriculum/score"] = float(plan.scores[finite].mean())
+        for i, d in enumerate(self.data.domains):
+            sel = finite & (plan.domains == i)
+            if sel.any():
+                out[f"curriculum/score/{d}"] = float(plan.scores[sel].mean())
+        return out
 
     def _batch(self) -> list[MicroBatch]:
         t = self.cfg.train
@@ -317,6 +393,13 @@ class Loop:
         _say(self.rank, f"run dir {self.run_dir} | {self.world} rank(s) on {self.engine.device} | model {n_params / 1e6:.2f}M params | "
                         f"{self.K} domains | global batch {self.global_batch} x {cfg.data.seq_len} tokens | "
                         f"shard {self.sampler.shard_size} sequences = {cfg.data.steps_per_shard} steps | mixture {cfg.mixture['name']}")
+        if cfg.data.subset != "all":
+            _say(self.rank, f"data.subset={cfg.data.subset} (data.holdout_fraction={cfg.data.holdout_fraction}): drawing from "
+                            f"{int(self.sampler.sizes.sum())} of {int(self.data.train_samples.sum())} training samples")
+        if cfg.curriculum.name != "none":
+            extra = (f"scores {self.scores_meta['dir']}" if self.scores_meta else
+                     f"online proxy {self.online.num_params / 1e6:.2f}M params, pool {cfg.curriculum.pool_factor}x")
+            _say(self.rank, f"curriculum {cfg.curriculum.name}: {extra}")
         from tqdm import tqdm
 
         bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not cfg.run.progress,
@@ -334,6 +417,8 @@ class Loop:
                 t0 = time.perf_counter()
                 rec, stats = self._train_step(lr_at(self.step, t))
                 rec["perf/tokens_per_sec"] = float(stats.tokens.sum() / (time.perf_counter() - t0))
+                if self.online is not None:
+                    rec["curriculum/proxy_loss"] = self.online.train_step(self.step, lr_at)
                 if self.controller.adaptive:
                     self.controller.observe(stats)  # controllers skip non-finite steps themselves
                     self.controller.record()
