@@ -7,6 +7,8 @@
     mixtrain data ingest …           turn jsonl/parquet/HF datasets/Megatron prefixes into a shard set
     mixtrain score PROXY_RUN [--early STEP|FRACTION] [--late …] [--batch N] [--out DIR]
                                      per-sample learnability for the irreducible curriculum
+    mixtrain export RUN --format F   a run's weights as a Megatron --data-path blend (megatron), a
+                                     per-split blend JSON (json) or a static-mixture YAML (yaml)
 
 Irreducible curriculum (within-domain order; composes with any mixture):
     mixtrain train +experiment=curriculum_proxy [data=… data.seq_len=…]    small proxy on a 10% holdout
@@ -97,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
         from .curriculum.scores import main as score_main
 
         score_main(argv[1:])
+    elif argv[0] == "export":
+        from .export import main as export_main
+
+        raise SystemExit(export_main(argv[1:]))
     else:
         raise SystemExit(f"mixtrain: unknown command {argv[0]!r}\n{USAGE}")
 
