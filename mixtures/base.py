@@ -190,6 +190,9 @@ class Controller(ABC):
         self._sum += self._weights
         self._count += 1
 
+    exported: ClassVar[str] = "time average"
+    """What ``average_weights`` is, in words, for the end-of-run summary."""
+
     @property
     def average_weights(self) -> np.ndarray:
         """What a proxy search exports: the time average of the weights (current weights if none yet)."""

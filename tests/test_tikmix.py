@@ -1,0 +1,400 @@
+"""TiKMiX-D and TiKMiX-M (mixtures/tikmix.py) against hand computations and synthetic problems.
+
+Objectives below are re-derived with numpy from controllers.md §3 (P̂_i = (S·w)_i / (max_j |S_ij| +
+1e-8), α std(P̂) − β ΣP̂ − γ H(w), population std), never with the module's own objective helpers.
+"""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+
+from mixtures import MixtureConfigError, Request, build_controller
+from mixtures import tikmix
+from mixtures.base import DomainStats
+from mixtures.tikmix import (box_candidates, in_box, largest_remainder, mixed_sample_label, search_tikmix_m,
+                             solve_tikmix_d)
+
+DOMAINS = ["code", "math", "books"]
+NAN = float("nan")
+
+
+def objective(w, S, alpha=1.0, beta=1.0, gamma=1.0):
+    """The TiKMiX-D objective written out (w may be a batch [N, K])."""
+    w = np.atleast_2d(w)
+    p = (w @ S.T) / (np.abs(S).max(axis=1) + 1e-8)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        neg_entropy = np.where(w > 0, w * np.log(w), 0.0).sum(axis=1)
+    return alpha * p.std(axis=1) - beta * p.sum(axis=1) + gamma * neg_entropy
+
+
+def loss_stats(step, tokens=(100, 100, 100), **kw) -> DomainStats:
+    arrays = {k: None if v is None else np.asarray(v, dtype=np.float64) for k, v in kw.items()}
+    return DomainStats(step=step, lr=1e-3, loss=np.array([2.0, 3.0, 4.0]), tokens=np.asarray(tokens, dtype=np.float64),
+                       **arrays)
+
+
+# Influence of 3 domains (rows) on 4 tasks (columns), as the trainer's align [K, R]. Domain "code"
+# beats "books" on every task, so moving mass from books to code helps every task: the Pareto set
+# around the uniform mixture is not a single point.
+ALIGN = np.array([[1.0, 0.8, 0.5, 0.9],
+                  [0.2, 1.0, 0.4, 0.1],
+                  [-0.5, 0.1, 0.0, -0.2]])
+
+
+# ---------------------------------------------------------------- TiKMiX-D solver
+
+def test_solver_random_problem_is_feasible_and_beats_uniform():
+    rng = np.random.default_rng(0)
+    # n = 5 tasks, K = 4 domains; the column offsets make domain 0 the worst for most tasks.
+    S = rng.normal(size=(5, 4)) + np.array([-1.0, 0.3, 0.5, 0.8])
+    w_prior = np.array([0.7, 0.1, 0.1, 0.1])
+    uniform = np.full(4, 0.25)
+    assert np.all(S @ uniform >= S @ w_prior)  # uniform is feasible, so the optimum can only be better
+    w, info = solve_tikmix_d(S, w_prior)
+    assert not info["pareto_relaxed"] and info["success"] and info["message"] == ""
+    assert np.all(w >= 0) and w.sum() == pytest.approx(1.0, abs=1e-12)
+    assert np.all(S @ w >= S @ w_prior - 1e-6)
+    assert objective(w, S)[0] < objective(uniform, S)[0] - 0.1
+    assert info["objective"] == pytest.approx(objective(w, S)[0], abs=1e-12)
+    assert info["objective_uniform"] == pytest.approx(objective(uniform, S)[0], abs=1e-12)
+    # No feasible mixture of a fine random cloud does better (convex problem: global optimum).
+    cloud = rng.dirichlet(np.ones(4), size=200_000)
+    feasible = np.all(cloud @ S.T >= S @ w_prior, axis=1)
+    assert objective(cloud[feasible], S).min() >= info["objective"] - 1e-6
+
+
+def test_solver_one_task_closed_form():
+    # One task: std = 0, so with w = (1 - t, t) the objective is -((1-t) a + t b)/m + t log t + (1-t) log(1-t),
+    # m = max(|a|, |b|). Its derivative -(b - a)/m + log(t / (1 - t)) vanishes at t = sigmoid((b - a)/m).
+    a, b = 1.0, 3.0
+    t_star = 1 / (1 + np.exp(-(b - a) / 3.0))  # 0.6608
+    w, info = solve_tikmix_d(np.array([[a, b]]), np.array([0.5, 0.5]))
+    assert w[1] == pytest.approx(t_star, abs=1e-4) and not info["pareto_relaxed"]  # Pareto: t >= 0.5, not binding
+
+
+def test_solver_two_domains_against_a_dense_grid():
+    grid = np.linspace(0.0, 1.0, 100_001)
+    W = np.stack([1 - grid, grid], axis=1)
+    S = np.array([[1.0, 0.2], [0.1, 0.6], [-0.3, 0.4]])
+    # Without the Pareto constraint: the grid's minimiser.
+    w, info = solve_tikmix_d(S, np.array([0.5, 0.5]), pareto=False, alpha=2.0, gamma=0.5)
+    t_grid = grid[np.argmin(objective(W, S, alpha=2.0, gamma=0.5))]
+    assert w[1] == pytest.approx(t_grid, abs=1e-4)
+    assert info["objective"] == pytest.approx(objective(W, S, alpha=2.0, gamma=0.5).min(), abs=1e-8)
+    # With it, binding: both tasks gain from domain 1, so S·w >= S·w_prior means t >= 0.9; the
+    # unconstrained optimum lies below, so the answer is the boundary t = 0.9.
+    S = np.array([[0.2, 1.0], [0.1, 0.5]])
+    w_prior = np.array([0.1, 0.9])
+    feasible = np.all(W @ S.T >= S @ w_prior - 1e-12, axis=1)
+    assert grid[np.argmin(objective(W, S))] < 0.9
+    t_grid = grid[feasible][np.argmin(objective(W[feasible], S))]
+    assert t_grid == pytest.approx(0.9, abs=1e-5)
+    w, info = solve_tikmix_d(S, w_prior)
+    assert w[1] == pytest.approx(t_grid, abs=1e-4) and not info["pareto_relaxed"]
+
+
+def test_pareto_that_admits_only_the_prior_is_relaxed():
+    # w_prior is the vertex "all domain 0". Task 0 prefers domain 0 and task 1 domain 1, so any mass
+    # moved to domain 1 lowers task 0's influence: the only mixture meeting S·w >= S·w_prior is
+    # w_prior itself (the constraint leaves no room: the documented "infeasible" case).
+    S = np.array([[1.0, 0.2], [0.3, 1.0]])
+    w_prior = np.array([1.0, 0.0])
+    assert tikmix.pareto_collapsed(S, w_prior)
+    w, info = solve_tikmix_d(S, w_prior)
+    free, _ = solve_tikmix_d(S, w_prior, pareto=False)
+    assert info["pareto_relaxed"] and "admits only the previous mixture" in info["message"]
+    assert "pareto_relaxed=1" in info["message"]
+    assert np.allclose(w, free, atol=1e-12) and w[1] > 0.3  # the unconstrained answer, far from the vertex
+    assert info["violation"] > 0  # task 0 does lose influence
+
+    # Through the controller: a uniform prior with each domain best for its own task (valid:* style).
+    c = build_controller("tikmix_d", DOMAINS, {"stage_tokens": 300})
+    assert c.metrics() == {}
+    c.observe(loss_stats(0))
+    assert c.request(1).align
+    with pytest.warns(RuntimeWarning, match="admits only the previous mixture"):
+        c.observe(loss_stats(1, align=np.eye(3) + 0.2))
+    m = c.metrics()
+    assert m["pareto_relaxed"] == 1 and m["stage"] == 1
+    assert "pareto_relaxed=1" in c.last_message
+    assert np.allclose(c.weights, solve_tikmix_d(np.eye(3) + 0.2, np.full(3, 1 / 3), pareto=False)[0], atol=1e-12)
+
+
+def test_pareto_solver_failure_is_relaxed(monkeypatch):
+    # SLSQP stopping early (here: one iteration allowed) counts as failure: solved again without the constraint.
+    monkeypatch.setattr(tikmix, "SLSQP_MAXITER", 1)
+    S = ALIGN.T
+    w, info = solve_tikmix_d(S, np.full(3, 1 / 3))
+    assert info["pareto_relaxed"] and "SLSQP with the Pareto constraint failed" in info["message"]
+    assert np.all(w >= 0) and w.sum() == pytest.approx(1.0)
+
+
+def test_feasible_pareto_is_not_relaxed():
+    c = build_controller("tikmix_d", DOMAINS, {"stage_tokens": 300})
+    c.observe(loss_stats(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c.observe(loss_stats(1, align=ALIGN))
+    assert c.metrics()["pareto_relaxed"] == 0 and c.last_message == "stage 1: solved"
+    assert np.all(ALIGN.T @ c.weights >= ALIGN.T @ np.full(3, 1 / 3) - 1e-9)
+
+
+# ---------------------------------------------------------------- TiKMiX-M pieces
+
+def test_largest_remainder_by_hand():
+    # 7 x (0.5, 0.3, 0.2) = (3.5, 2.1, 1.4): floors (3, 2, 1) leave 1, given to the largest remainder (0.5).
+    assert largest_remainder(np.array([0.5, 0.3, 0.2]), 7).tolist() == [4, 2, 1]
+    # 10 x (1/3, 1/3, 1/3): floors 3 each, the remaining 1 goes to the first of the tied remainders.
+    assert largest_remainder(np.full(3, 1 / 3), 10).tolist() == [4, 3, 3]
+    assert largest_remainder(np.array([0.0, 1.0]), 5).tolist() == [0, 5]
+
+
+def test_box_candidates_lie_in_the_box_on_the_simplex():
+    w_orig = np.array([0.1, 0.2, 0.3, 0.4])
+    X, pulled = box_candidates(w_orig, 256, np.random.default_rng(0), (0.5, 2.0))
+    assert X.shape == (256, 4) and pulled == 0
+    assert np.allclose(X.sum(axis=1), 1.0) and np.all(in_box(X, w_orig, 0.5, 2.0))
+    assert np.all(X.min(axis=0) < 0.7 * w_orig) and np.all(X.max(axis=0) > 1.5 * w_orig)  # spread over the box
+    # A very uneven prior over many domains makes acceptance rare: the rest are pulled into the box.
+    uneven = np.array([0.97] + [0.001] * 30)
+    X, pulled = box_candidates(uneven, 50, np.random.default_rng(0), (0.5, 2.0), max_batches=2)
+    assert pulled > 0 and np.all(in_box(X, uneven, 0.5, 2.0)) and np.allclose(X.sum(axis=1), 1.0)
+
+
+def test_search_finds_the_best_mixture_of_a_synthetic_influence():
+    # y(w) = -||w - w*||^2, concave, optimum inside the box [0.5, 2] x uniform. K = 3: with 256
+    # labels a tree surrogate resolves the optimum to ~0.003-0.05 L1 over 12 seeds; at K = 4 the
+    # same budget gives 0.02-0.15 (measured), too coarse for a 0.05 criterion. Default search sizes.
+    w_star = np.array([0.45, 0.35, 0.2])
+    w_start = np.array([0.3, 0.3, 0.4])
+    assert np.abs(w_start - w_star).sum() > 0.35
+    for seed in (0, 1):
+        w, info = search_tikmix_m(lambda X: -((X - w_star) ** 2).sum(axis=1), np.full(3, 1 / 3), w_start,
+                                  np.random.default_rng(seed))
+        assert np.all(w >= 0) and w.sum() == pytest.approx(1.0)
+        assert np.abs(w - w_star).sum() < 0.05, (seed, w)
+        assert info["candidates"].shape == (256, 3) and 0 < info["rounds"] <= 1000 and len(info["trajectory"]) == 5
+
+
+def test_mixed_sample_label_by_hand():
+    # Every probe sequence of a domain has the domain's alignment, so resampling cannot matter and
+    # the label is sum_i sum_j (count_j / M) A_ji / (max_j |S_ij| + 1e-8).
+    A = ALIGN
+    sample_align = np.repeat(A, [2, 3, 1], axis=0)
+    sample_domain = np.repeat([0, 1, 2], [2, 3, 1])
+    counts = np.array([4, 2, 1])  # largest remainder of (0.5, 0.3, 0.2) x 7, as above
+    P = counts @ A / 7
+    expected = np.sum(P / (np.abs(A.T).max(axis=1) + 1e-8))
+    y = mixed_sample_label(np.array([0.5, 0.3, 0.2]), sample_align, sample_domain, A.T, 7, np.random.default_rng(5))
+    assert y == pytest.approx(expected, abs=1e-12)
+
+
+# ---------------------------------------------------------------- controllers
+
+def measurement_request(per_sample=False, probe=32, tasks=("target:*", "valid:*")) -> Request:
+    return Request(align=tasks, source="probe_batch", probe_sequences=probe, precondition=False, per_sample=per_sample)
+
+
+def test_tikmix_d_controller_flow():
+    c = build_controller("tikmix_d", DOMAINS, {"stage_tokens": 1000})
+    uniform = np.full(3, 1 / 3)
+    for step in range(4):  # 300 training tokens per step: the boundary 1000 is reached after step 3
+        assert c.request(step) == Request()
+        c.observe(loss_stats(step))
+        c.record()
+    assert c.request(4) == measurement_request()
+    assert np.array_equal(c.weights, uniform) and c.metrics() == {}
+    # A non-finite measurement: nothing changes, the next step asks again.
+    bad = ALIGN.copy()
+    bad[1, 2] = NAN
+    c.observe(loss_stats(4, align=bad))
+    assert np.array_equal(c.weights, uniform) and c.metrics() == {} and "not finite" in c.last_message
+    assert c.request(5) == measurement_request()
+    c.observe(loss_stats(5, align=ALIGN))
+    expected, info = solve_tikmix_d(ALIGN.T, uniform)  # S = align^T: tasks x domains
+    assert np.array_equal(c.weights, expected) and np.array_equal(c.mixture, expected)
+    assert np.all(c.weights >= 0) and c.weights.sum() == pytest.approx(1.0)
+    assert not np.allclose(c.weights, uniform) and c.weights[0] > c.weights[2]
+    assert np.array_equal(c.loss_weights, np.ones(3))
+    m = c.metrics()
+    assert m["stage"] == 1 and m["pareto_relaxed"] == 0 and m["tasks"] == 4
+    assert m["objective"] == pytest.approx(objective(expected, ALIGN.T)[0]) and m["objective"] < m["objective_uniform"]
+    c.record()
+    assert np.array_equal(c.average_weights, expected)  # the last stage's solution, not a time average
+    # 1800 tokens seen: the next boundary is 2000, reached after step 6.
+    assert c.request(6) == Request()
+    c.observe(loss_stats(6))
+    assert c.request(7) == measurement_request()
+    c.observe(loss_stats(7, align=ALIGN[[1, 2, 0]]))
+    second, _ = solve_tikmix_d(ALIGN[[1, 2, 0]].T, expected)  # the previous stage's mixture is w_prior
+    assert np.array_equal(c.weights, second) and c.metrics()["stage"] == 2
+
+
+def test_tikmix_d_knobs_reach_the_request_and_the_solver():
+    c = build_controller("tikmix_d", DOMAINS, {"stage_tokens": 100, "sequences_per_domain": 8, "tasks": ["target:news"],
+                                               "precondition": True, "floor": 0.3, "pareto": False, "gamma": 0.5})
+    c.observe(loss_stats(0))
+    assert c.request(1) == Request(align=("target:news",), source="probe_batch", probe_sequences=8, precondition=True)
+    align = ALIGN[:, :1]
+    c.observe(loss_stats(1, align=align))
+    w, _ = solve_tikmix_d(align.T, np.full(3, 1 / 3), pareto=False, gamma=0.5)
+    assert np.allclose(c.weights, 0.7 * w + 0.1, atol=0, rtol=1e-12)
+
+
+def test_one_step_crossing_several_boundaries_measures_once():
+    c = build_controller("tikmix_d", DOMAINS, {"stage_tokens": 100})
+    c.observe(loss_stats(0, tokens=(300, 200, 0)))  # 500 tokens: boundaries 100..500 all passed
+    assert c.request(1).align
+    c.observe(loss_stats(1, tokens=(10, 10, 10), align=ALIGN))  # 530 seen: next boundary 600
+    assert c.state_dict()["next_boundary"] == 600 and c.request(2) == Request()
+
+
+def test_natural_prior():
+    c = build_controller("tikmix_d", DOMAINS, {"prior": "natural"}, domain_tokens=np.array([100.0, 300.0, 600.0]))
+    assert np.allclose(c.weights, [0.1, 0.3, 0.6]) and np.allclose(c.average_weights, [0.1, 0.3, 0.6])
+    with pytest.raises(MixtureConfigError, match=r"mixture\.prior"):
+        build_controller("tikmix_d", DOMAINS, {"prior": "natural"})
+
+
+def probe_pool(seed: int, per_domain: int = 8):
+    """Per-sequence alignments of a probe batch (domain-major) and the per-domain means."""
+    rng = np.random.default_rng(seed)
+    sample_domain = np.repeat(np.arange(3), per_domain)
+    sample_align = ALIGN[sample_domain] + rng.normal(0.0, 0.5, size=(3 * per_domain, 4))
+    align = np.stack([sample_align[sample_domain == d].mean(axis=0) for d in range(3)])
+    return align, sample_align, sample_domain
+
+
+def run_tikmix_m(values=None):
+    c = build_controller("tikmix_m", DOMAINS, {"stage_tokens": 300, "sequences_per_domain": 8, **(values or {})})
+    c.observe(loss_stats(0))
+    assert c.request(1) == measurement_request(per_sample=True, probe=8)
+    align, sample_align, sample_domain = probe_pool(11)
+    c.observe(loss_stats(1, align=align, sample_align=sample_align, sample_domain=sample_domain))
+    return c, align, sample_align, sample_domain
+
+
+def test_tikmix_m_end_to_end_is_deterministic_and_labels_match_by_hand():
+    c, align, sample_align, sample_domain = run_tikmix_m()
+    w = c.weights
+    assert np.all(w >= 0) and w.sum() == pytest.approx(1.0) and not np.allclose(w, 1 / 3)
+    m = c.metrics()
+    assert m["stage"] == 1 and m["pareto_relaxed"] == 0 and m["surrogate_rounds"] > 0 and m["candidates_shrunk"] == 0
+    assert all(np.isfinite(v) for v in m.values())
+    again, *_ = run_tikmix_m()
+    assert np.array_equal(again.weights, w) and again.metrics() == m
+
+    # The search started from TiKMiX-D's solution, with the uniform prior as the box centre.
+    d_solution, _ = solve_tikmix_d(align.T, np.full(3, 1 / 3))
+    assert np.array_equal(c.last_info["w_start"], d_solution)
+    X = c.last_info["candidates"]
+    assert np.all(in_box(X, np.full(3, 1 / 3), 0.5, 2.0))
+
+    # Label of candidate 0 by hand: 12 sequences (K x 8 // 2) split by largest remainder, each
+    # domain's drawn with replacement (stream default_rng([seed, stage, 2, candidate + 1])).
+    cand = X[0]
+    raw = cand * 12
+    counts = np.floor(raw).astype(int)
+    for j in np.argsort(-(raw - counts), kind="stable")[: 12 - counts.sum()]:
+        counts[j] += 1
+    rng = np.random.default_rng([42, 1, 2, 1])
+    drawn = []
+    for d in range(3):
+        rows = np.flatnonzero(sample_domain == d)
+        drawn.append(sample_align[rows[rng.integers(0, rows.size, size=counts[d])]])
+    P = np.concatenate(drawn).mean(axis=0)
+    y = np.sum(P / (np.abs(align).max(axis=0) + 1e-8))  # S = align^T: a task's row max is align's column max
+    assert c.last_info["labels"][0] == pytest.approx(y, abs=1e-12)
+    # The search moved towards the measured influence: the answer beats its start on it.
+    assert m["influence"] >= m["influence_start"] - 1e-9
+
+
+def test_tikmix_m_knobs():
+    c, *_ = run_tikmix_m({"n_labels": 40, "draws": 500, "top_k": 10, "rounds": 2, "mix_sequences": 5, "seed": 3})
+    assert c.last_info["candidates"].shape == (40, 3) and len(c.last_info["trajectory"]) == 2
+    assert c.mix_sequences == 5
+    assert build_controller("tikmix_m", DOMAINS, {"sequences_per_domain": 8}).mix_sequences == 12
+
+
+def test_tikmix_m_missing_per_sample_stats_is_an_error():
+    c = build_controller("tikmix_m", DOMAINS, {"stage_tokens": 300})
+    c.observe(loss_stats(0))
+    with pytest.raises(ValueError, match=r"DomainStats\.sample_align"):
+        c.observe(loss_stats(1, align=ALIGN))
+
+
+@pytest.mark.parametrize("name, values", [
+    ("tikmix_d", {"stage_tokens": 1000}),
+    ("tikmix_m", {"stage_tokens": 1000, "sequences_per_domain": 8, "draws": 2000}),
+])
+def test_state_dict_round_trip_mid_stage(name, values):
+    pool = [probe_pool(seed) for seed in (1, 2, 3)]
+
+    def step_stats(step):
+        """Loss-only stats, or a measurement on steps that follow a boundary (4, 8: 300 tokens a step)."""
+        if step in (4, 8):
+            align, sample_align, sample_domain = pool[step // 4]
+            return loss_stats(step, align=align, sample_align=sample_align, sample_domain=sample_domain)
+        return loss_stats(step)
+
+    def drive(c, steps):
+        out = []
+        for step in steps:
+            out.append(c.request(step))
+            c.observe(step_stats(step))
+            c.record()
+            out.append((c.weights.copy(), c.metrics()))
+        return out
+
+    a = build_controller(name, DOMAINS, values)
+    drive(a, range(6))  # one update (step 4), then mid-way through stage 1
+    state = copy.deepcopy(a.state_dict())
+    for v in state.values():
+        assert isinstance(v, (np.ndarray, int, float, list, str))
+    b = build_controller(name, DOMAINS, values)
+    b.load_state_dict(state)
+    tail_a, tail_b = drive(a, range(6, 10)), drive(b, range(6, 10))
+    assert tail_a[4] == Request(align=("target:*", "valid:*"), source="probe_batch",
+                                probe_sequences=values.get("sequences_per_domain", 32), per_sample=name == "tikmix_m")
+    for x, y in zip(tail_a, tail_b):
+        if isinstance(x, Request):
+            assert x == y
+        else:
+            assert np.array_equal(x[0], y[0]) and x[1] == y[1]
+    assert a.metrics()["stage"] == 2
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(np.array_equal(np.asarray(sa[k], dtype=object), np.asarray(sb[k], dtype=object))
+                                          for k in sa)
+    assert np.array_equal(a.average_weights, b.average_weights)
+
+
+@pytest.mark.parametrize("name, values, knob", [
+    ("tikmix_d", {"stage_tokens": -5}, "mixture.stage_tokens"),
+    ("tikmix_d", {"stage_tokens": 0.5}, "mixture.stage_tokens"),
+    ("tikmix_d", {"sequences_per_domain": 0}, "mixture.sequences_per_domain"),
+    ("tikmix_d", {"tasks": []}, "mixture.tasks"),
+    ("tikmix_d", {"tasks": ["news"]}, "mixture.tasks"),
+    ("tikmix_d", {"tasks": ["valid:*", "valid:*"]}, "mixture.tasks"),
+    ("tikmix_d", {"precondition": "yes"}, "mixture.precondition"),
+    ("tikmix_d", {"prior": "zipf"}, "mixture.prior"),
+    ("tikmix_d", {"alpha": -1.0}, "mixture.alpha"),
+    ("tikmix_d", {"gamma": float("nan")}, "mixture.gamma"),
+    ("tikmix_d", {"pareto": 1}, "mixture.pareto"),
+    ("tikmix_d", {"floor": 1.5}, "mixture.floor"),
+    ("tikmix_m", {"box": [2.0, 0.5]}, "mixture.box"),
+    ("tikmix_m", {"box": [1.2, 2.0]}, "mixture.box"),
+    ("tikmix_m", {"box": [0.5]}, "mixture.box"),
+    ("tikmix_m", {"n_labels": 3}, "mixture.n_labels"),
+    ("tikmix_m", {"mix_sequences": 0}, "mixture.mix_sequences"),
+    ("tikmix_m", {"rounds": 0}, "mixture.rounds"),
+    ("tikmix_m", {"draws": 50, "top_k": 100}, "mixture.top_k"),
+    ("tikmix_m", {"concentration": [0, 1000]}, "mixture.concentration"),
+    ("tikmix_m", {"seed": -1}, "mixture.seed"),
+    ("tikmix_m", {"stage_tokens": -1}, "mixture.stage_tokens"),
+    ("tikmix_m", {"temperature": 2}, "mixture.temperature"),
+])
+def test_config_errors_name_the_knob(name, values, knob):
+    with pytest.raises(MixtureConfigError, match=knob.replace(".", r"\.")):
+        build_controller(name, DOMAINS, values)
