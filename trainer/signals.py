@@ -28,7 +28,7 @@ from mixtures import Request
 from . import checkpoint, dist
 from .config import ConfigError, ModelConfig
 from .data.domains import DataBundle, SequenceView
-from .models import build_model, token_losses
+from .models import load_frozen, token_losses
 from .probe import Probe, ProbeSpec
 
 _REF_STREAM, _PROBE_STREAM = 3, 4
@@ -51,13 +51,7 @@ def load_reference_model(run_dir: str, data: DataBundle, device: torch.device) -
     if meta_tok is not None and meta_tok != data.tokenizer:
         raise ConfigError(f"mixture.reference={run_dir!r} was trained with tokenizer {meta_tok.get('name')}, "
                           f"this run uses {data.tokenizer.get('name')}")
-    model = build_model(ModelConfig(**saved["model"]))
-    state, _, _ = checkpoint.load(ckpt, rank=0)
-    model.load_state_dict(state["engine"]["model"])
-    model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return load_frozen(ModelConfig(**saved["model"]), ckpt, device)
 
 
 class Signals:

@@ -92,19 +92,6 @@ def _pick_checkpoint(ckpts: list[Path], spec: str, steps: int, which: str) -> Pa
     return by_step[step]
 
 
-def _load_model(cfg, ckpt: Path, device):
-    from .. import checkpoint
-    from ..models import build_model
-
-    model = build_model(cfg.model)
-    state, _, _ = checkpoint.load(ckpt, rank=0)
-    model.load_state_dict(state["engine"]["model"])
-    model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 def score_run(run: str | os.PathLike, early: str = "0.1", late: str = "1.0", batch: int = 64, out: str | None = None,
               device: str = "auto", progress: bool = True) -> Path:
     """Score every training sample of the proxy run's domains; returns the scores directory."""
@@ -117,7 +104,7 @@ def score_run(run: str | os.PathLike, early: str = "0.1", late: str = "1.0", bat
     from .. import checkpoint
     from ..config import load_config
     from ..data.domains import load_data
-    from ..models import token_losses
+    from ..models import load_frozen, token_losses
 
     run = Path(run)
     if not (run / "config.yaml").is_file():
@@ -142,7 +129,7 @@ def score_run(run: str | os.PathLike, early: str = "0.1", late: str = "1.0", bat
         ids[which] = {"step": int(ck.name.split("_")[1]), "sha256": file_sha256(ck / "state.pt"), "path": str(ck.resolve())}
     key = scores_key(identity, ids["early"], ids["late"])
     dest = Path(out) if out else run / "scores" / key
-    models = {w: _load_model(cfg, ck, dev) for w, ck in (("early", early_ckpt), ("late", late_ckpt))}
+    models = {w: load_frozen(cfg.model, ck, dev) for w, ck in (("early", early_ckpt), ("late", late_ckpt))}
 
     total = int(sum(len(v) for v in data.train))
     print(f"[mixtrain] scoring {total} samples of {len(data.domains)} domains (seq_len {cfg.data.seq_len}) on {dev}: "
