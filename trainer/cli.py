@@ -9,6 +9,9 @@
                                      per-sample learnability for the irreducible curriculum
     mixtrain export RUN --format F   a run's weights as a Megatron --data-path blend (megatron), a
                                      per-split blend JSON (json) or a static-mixture YAML (yaml)
+    mixtrain compare RUN [RUN …] [--out DIR] [--labels L …]
+                                     runs or Hydra multirun dirs side by side: final losses per domain,
+                                     worst domain, targets, tokens, weights, time, seed mean ± sd; PNGs
 
 Irreducible curriculum (within-domain order; composes with any mixture):
     mixtrain train +experiment=curriculum_proxy [data=… data.seq_len=…]    small proxy on a 10% holdout
@@ -103,6 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         from .export import main as export_main
 
         raise SystemExit(export_main(argv[1:]))
+    elif argv[0] == "compare":
+        from .compare import main as compare_main
+
+        raise SystemExit(compare_main(argv[1:]))
     else:
         raise SystemExit(f"mixtrain: unknown command {argv[0]!r}\n{USAGE}")
 
