@@ -5,10 +5,18 @@ sampler, controller, loop state: rank 0's), ``rng_rank<r>.pt`` (each rank's RNG)
 ``meta.json`` (written last). It is assembled under ``*.tmp`` and renamed into place, and the
 ``latest`` pointer is replaced atomically after that, so a save interrupted at any point leaves the
 previous checkpoint as the latest one and never a half-written directory under a final name.
+
+engine=deepspeed writes its checkpoint with DeepSpeed's own ``save_checkpoint`` instead of
+``state.pt``: ``deepspeed/model/`` (every rank's ZeRO partitions; the model-states file carries
+the loop's state as DeepSpeed client_state), in the same temporary directory and under the same
+rename, and ``meta.json`` records the engine format (``engine``: name, ZeRO stage, precision) that
+a resume must match. Torch-engine checkpoints are unchanged (no ``engine`` entry).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -21,6 +29,9 @@ import torch
 from . import dist
 
 _NAME = re.compile(r"^step_(\d{8})$")
+DEEPSPEED_DIR = "deepspeed"  # = engines.deepspeed_engine.CHECKPOINT_SUBDIR
+DEEPSPEED_TAG = "model"  # = engines.deepspeed_engine.CHECKPOINT_TAG
+DEEPSPEED_CLIENT_KEY = "mixtrain"  # = engines.deepspeed_engine.CLIENT_KEY
 
 
 class CheckpointMismatch(ValueError):
@@ -57,8 +68,30 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(ckpt_root: Path, step: int, state: dict, meta: dict, keep: int) -> Path:
-    """Collective: every rank calls it. Rank 0 writes the state; each rank writes its RNG."""
+def engine_format(engine_cfg) -> dict | None:
+    """The ``engine`` entry of meta.json for this engine configuration: None for engine=torch (its
+    checkpoints carry none), else what a resume must match."""
+    if engine_cfg.name != "deepspeed":
+        return None
+    return {"name": "deepspeed", "zero_stage": int(engine_cfg.zero_stage), "precision": engine_cfg.precision}
+
+
+def check_engine_format(path: Path, saved: dict | None, current: dict | None) -> None:
+    """Refuse a checkpoint written by another engine layout (naming the knobs that differ)."""
+    saved = saved or {"name": "torch"}
+    now = current or {"name": "torch"}
+    if saved == now:
+        return
+    diffs = [f"engine.{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
+             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    raise CheckpointMismatch(f"checkpoint {path} was written by another engine layout; differing knobs:\n  " + "\n  ".join(diffs)
+                             + "\nresume with the same engine knobs, or use train.resume=never (or another run.dir) to start fresh")
+
+
+def save(ckpt_root: Path, step: int, state: dict, meta: dict, keep: int, engine_save=None) -> Path:
+    """Collective: every rank calls it. Rank 0 writes the state; each rank writes its RNG.
+    ``engine_save(tmp_dir)``, when given, is called on every rank instead of writing ``state.pt``
+    (an engine's own collective checkpoint, e.g. DeepSpeed's, which stores ``state`` itself)."""
     rank = dist.env_world()[0] if dist.active() else 0
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f"step_{step:08d}.tmp"
@@ -68,7 +101,9 @@ def save(ckpt_root: Path, step: int, state: dict, meta: dict, keep: int) -> Path
         tmp.mkdir(parents=True)
     dist.barrier()
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
+    if engine_save is not None:
+        engine_save(tmp)
+    elif rank == 0:
         torch.save(state, tmp / "state.pt")
     dist.barrier()
     if rank == 0:
@@ -90,7 +125,7 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
         return []
     found = []
     for p in ckpt_root.iterdir():
-        if _NAME.match(p.name) and (p / "meta.json").is_file() and (p / "state.pt").is_file():
+        if _NAME.match(p.name) and (p / "meta.json").is_file() and ((p / "state.pt").is_file() or (p / DEEPSPEED_DIR).is_dir()):
             found.append(p)
     return sorted(found, key=lambda p: p.name)
 
@@ -104,14 +139,49 @@ def load_meta(path: Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
-def load(path: Path, rank: int) -> tuple[dict, dict, dict | None]:
-    """(state, meta, this rank's RNG state or None if the checkpoint has none for this rank)."""
+def is_deepspeed(meta: dict) -> bool:
+    return (meta.get("engine") or {}).get("name") == "deepspeed"
+
+
+def _deepspeed_state(path: Path) -> dict:
+    """A DeepSpeed checkpoint read without DeepSpeed's engine (no process group): the loop's state
+    from its client_state plus ``engine.model``, the full fp32 weights (ZeRO partitions merged by
+    DeepSpeed's zero_to_fp32), so readers of ``state["engine"]["model"]`` work for either engine."""
+    ds_dir = path / DEEPSPEED_DIR
+    tag_dir = ds_dir / DEEPSPEED_TAG
+    # rank 0's model states (the one carrying the loop's state): ZeRO-3 names them per rank
+    name = next((n for n in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+                 if (tag_dir / n).is_file()), None)
+    if name is None:
+        raise FileNotFoundError(f"{path} is a DeepSpeed checkpoint without rank 0's model states in {tag_dir}")
+    files = torch.load(tag_dir / name, map_location="cpu", weights_only=False)
+    state = dict(files.get(DEEPSPEED_CLIENT_KEY) or {})
+    if not any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):  # ZeRO-0: the module holds the weights
+        model = {k: v.float() for k, v in files["module"].items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+            model = dict(get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DEEPSPEED_TAG))
+    state["engine"] = {"model": model}
+    return state
+
+
+def load(path: Path, rank: int, engine_state: bool = True) -> tuple[dict | None, dict, dict | None]:
+    """(state, meta, this rank's RNG state or None if the checkpoint has none for this rank).
+
+    A DeepSpeed checkpoint's state is None with ``engine_state=False`` (the loop loads it through
+    the engine: ``DeepSpeedEngine.load_checkpoint``), else its client state with the merged fp32
+    model weights under ``engine.model`` (no optimizer state)."""
     path = Path(path)
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"train.resume={str(path)!r} is not a complete checkpoint (no meta.json)")
     meta = json.loads(meta_path.read_text())
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    if is_deepspeed(meta):
+        state = _deepspeed_state(path) if engine_state else None
+    else:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     rng_path = path / f"rng_rank{rank}.pt"
     rng = torch.load(rng_path, weights_only=False) if rng_path.is_file() else None
     return state, meta, rng

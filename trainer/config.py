@@ -168,22 +168,115 @@ class TrainConfig:
             raise ConfigError("train.log_every and train.keep_checkpoints must be positive")
 
 
+# ds_config entries that engine=deepspeed sets from other knobs: refused in engine.ds_config, naming the knob.
+DS_OWNED_KEYS = {
+    "train_batch_size": "train.micro_batch x train.grad_accum x ranks",
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer": "train.lr/betas/weight_decay (the engine passes the torch engine's AdamW)",
+    "scheduler": "train.lr/min_lr/warmup_steps (the loop sets the learning rate every step)",
+    "bf16": "engine.precision",
+    "fp16": "engine.precision",
+    "amp": "engine.precision",
+}
+DS_OWNED_ZERO_KEYS = {
+    "stage": "engine.zero_stage",
+    "offload_optimizer": "engine.offload_optimizer",
+    "offload_param": "engine.offload_param",
+}
+
+
+def check_ds_config(extra) -> None:
+    """Refuse ``engine.ds_config`` entries that another knob owns (the message names that knob)."""
+    if not isinstance(extra, dict):
+        raise ConfigError(f"engine.ds_config must be a mapping of ds_config entries, got {extra!r}")
+    for key, owner in DS_OWNED_KEYS.items():
+        if key in extra:
+            raise ConfigError(f"engine.ds_config.{key} is set from {owner}; set that knob instead")
+    zero = extra.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"engine.ds_config.zero_optimization must be a mapping, got {zero!r}")
+    for key, owner in DS_OWNED_ZERO_KEYS.items():
+        if key in zero:
+            raise ConfigError(f"engine.ds_config.zero_optimization.{key} is set from {owner}; set that knob instead")
+
+
 @dataclass
 class EngineConfig:
     name: str = "torch"
-    """Registered engine: 'torch' (DDP)."""
+    """Registered engine: 'torch' (DDP) or 'deepspeed' (ZeRO 0-3; the knobs below marked deepspeed)."""
     backend: str = "auto"
     """Process-group backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when available, else cpu), cpu or cuda."""
     threads: int = 0
     """torch intra-op threads per rank (0 = leave torch's default)."""
+    zero_stage: int = 0
+    """deepspeed: ZeRO stage. 0 = plain data parallel; 1 = optimizer states partitioned over ranks;
+    2 = also gradients; 3 = also parameters (see zero3_whole_params)."""
+    precision: str = "fp32"
+    """deepspeed: fp32, bf16 (bf16 weights and activations, fp32 master weights and optimizer) or fp16
+    (dynamic loss scaling; GPU only: DeepSpeed's CPU accelerator refuses it). On CPU use fp32: bf16
+    runs 5-10x slower there."""
+    offload_optimizer: str = "none"
+    """deepspeed, zero_stage >= 1: where optimizer states and the update live: none, cpu or nvme
+    (ZeRO-Offload). Uses DeepSpeed's CPU Adam (same groups and hyperparameters), which DeepSpeed
+    JIT-compiles on first use (needs a C++ compiler)."""
+    offload_param: str = "none"
+    """deepspeed, zero_stage = 3: where partitioned parameters live between uses: none, cpu or nvme."""
+    offload_nvme_path: str | None = None
+    """deepspeed: folder for nvme offload (required when an offload knob is nvme)."""
+    zero3_whole_params: bool = False
+    """deepspeed, zero_stage = 3: keep every parameter whole on every rank (gradients and optimizer
+    states stay partitioned, so parameter memory is that of ZeRO-2). The gradient probe needs it:
+    with false (DeepSpeed's ZeRO-3, parameters partitioned between uses) controllers that ask for
+    gradient signals (dga, doge, tikmix, ...) are refused; loss-only controllers (uniform, static,
+    temperature, doremi, odm, ...) run either way."""
+    ds_config: dict = field(default_factory=dict)
+    """deepspeed: extra ds_config entries merged last (recursively), e.g.
+    {zero_optimization: {reduce_bucket_size: 5e7, overlap_comm: true}}. Keys another knob sets
+    (batch sizes, gradient_accumulation_steps, gradient_clipping, optimizer, scheduler, bf16/fp16/amp,
+    zero_optimization.stage/offload_*) are refused: set that knob."""
 
     def validate(self):
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ConfigError(f"engine.backend={self.backend!r}; allowed: auto, gloo, nccl")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"engine.device={self.device!r}; allowed: auto, cpu, cuda")
+        if self.threads < 0:
+            raise ConfigError(f"engine.threads={self.threads} must be >= 0")
+        if self.name != "deepspeed":
+            defaults = EngineConfig()
+            for knob in ("zero_stage", "precision", "offload_optimizer", "offload_param", "offload_nvme_path",
+                         "zero3_whole_params", "ds_config"):
+                if getattr(self, knob) != getattr(defaults, knob):
+                    raise ConfigError(f"engine.{knob} applies to engine.name=deepspeed only (engine.name={self.name!r})")
+            return
+        if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"engine.zero_stage={self.zero_stage!r}; allowed: 0, 1, 2, 3")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"engine.precision={self.precision!r}; allowed: fp32, bf16, fp16")
+        for knob in ("offload_optimizer", "offload_param"):
+            if getattr(self, knob) not in ("none", "cpu", "nvme"):
+                raise ConfigError(f"engine.{knob}={getattr(self, knob)!r}; allowed: none, cpu, nvme")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ConfigError(f"engine.offload_optimizer={self.offload_optimizer} needs engine.zero_stage 1, 2 or 3 (got 0)")
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ConfigError(f"engine.offload_param={self.offload_param} needs engine.zero_stage=3 (got {self.zero_stage})")
+        if "nvme" in (self.offload_optimizer, self.offload_param) and not self.offload_nvme_path:
+            raise ConfigError("engine.offload_nvme_path must name a folder when an offload knob is nvme")
+        if not isinstance(self.zero3_whole_params, bool):
+            raise ConfigError(f"engine.zero3_whole_params={self.zero3_whole_params!r}; allowed: true, false")
+        if self.zero3_whole_params and self.zero_stage != 3:
+            raise ConfigError(f"engine.zero3_whole_params=true needs engine.zero_stage=3 (got {self.zero_stage})")
+        if self.ds_config is None:
+            self.ds_config = {}
+        check_ds_config(self.ds_config)
+        zero = self.ds_config.get("zero_optimization", {})
+        if "stage3_param_persistence_threshold" in zero and self.zero3_whole_params:
+            raise ConfigError("engine.ds_config.zero_optimization.stage3_param_persistence_threshold conflicts with "
+                              "engine.zero3_whole_params=true (which keeps every parameter whole)")
 
 
 @dataclass

@@ -156,7 +156,7 @@ class Loop:
         self.plan: ShardPlan | None = None
         self.shard_start_state = None
         if resume_state is not None:
-            self._restore(*resume_state)
+            resume_state = (self._restore(*resume_state, resume_from), resume_state[1])
             _say(self.rank, f"resumed from {resume_from} at step {self.step}")
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,9 @@ class Loop:
         return path
 
     def _check_resume(self, path: Path):
-        state, meta, rng = checkpoint.load(path, self.rank)
+        # An engine's own checkpoint (DeepSpeed) is loaded by the engine once built: state is None here.
+        state, meta, rng = checkpoint.load(path, self.rank, engine_state=False)
+        checkpoint.check_engine_format(path, meta.get("engine"), checkpoint.engine_format(self.cfg.engine))
         diffs = checkpoint.diff_fingerprints(meta.get("fingerprint", {}), self.fingerprint)
         if diffs:
             raise checkpoint.CheckpointMismatch(
@@ -186,8 +188,13 @@ class Loop:
                 + "\nuse train.resume=never (or another run.dir) to start fresh")
         return state, rng
 
-    def _restore(self, state: dict, rng) -> None:
-        self.engine.load_state_dict(state["engine"])
+    def _restore(self, state: dict | None, rng, path: Path) -> dict:
+        """Load everything a checkpoint holds; returns the loop state (read by the engine for its own
+        checkpoint format)."""
+        if state is None:
+            state = self.engine.load_checkpoint(path)
+        else:
+            self.engine.load_state_dict(state["engine"])
         self.controller.load_state_dict(state["controller"])
         loop = state["loop"]
         self.step = int(loop["step"])
@@ -209,15 +216,17 @@ class Loop:
             self.sampler.advance(self.plan)
         if rng is not None:
             checkpoint.set_rng_state(rng)
+        return state
 
     def _save(self) -> None:
         from .data.sampler import SamplerState
 
         start = self.shard_start_state if self.plan is not None else self.sampler.state
+        engine_format = checkpoint.engine_format(self.cfg.engine)  # None (engine=torch): engine state in state.pt
         state = None
         if self.rank == 0:
             state = {
-                "engine": self.engine.state_dict(),
+                **({} if engine_format else {"engine": self.engine.state_dict()}),
                 "controller": self.controller.state_dict(),
                 "loop": {
                     "step": self.step,
@@ -231,7 +240,12 @@ class Loop:
             if self.online is not None:
                 state["curriculum"] = self.online.state_dict()
                 state["loop"]["shard_recorded"] = None if self.plan is None else [np.asarray(r) for r in self.plan.recorded]
-        checkpoint.save(self.ckpt_root, self.step, state, {"fingerprint": self.fingerprint}, self.cfg.train.keep_checkpoints)
+        meta = {"fingerprint": self.fingerprint}
+        engine_save = None
+        if engine_format is not None:  # the engine's own collective save (DeepSpeed) stores `state` too
+            meta["engine"] = engine_format
+            engine_save = lambda tmp: self.engine.save_checkpoint(tmp, state)  # noqa: E731
+        checkpoint.save(self.ckpt_root, self.step, state, meta, self.cfg.train.keep_checkpoints, engine_save=engine_save)
 
     # ---- data ---------------------------------------------------------------------------------
     def _sync(self, v: np.ndarray) -> np.ndarray:
@@ -420,9 +434,12 @@ class Loop:
                 if self.online is not None:
                     rec["curriculum/proxy_loss"] = self.online.train_step(self.step, lr_at)
                 if self.controller.adaptive:
+                    before = self.controller.metrics()
                     self.controller.observe(stats)  # controllers skip non-finite steps themselves
                     self.controller.record()
-                    rec.update({f"mixture/{k}": float(v) for k, v in self.controller.metrics().items()})
+                    metrics = self.controller.metrics()
+                    if metrics != before:  # logged on the step an update changes them, not repeated
+                        rec.update({f"mixture/{k}": float(v) for k, v in metrics.items()})
                 if (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps:
                     self.tracker.log(rec)
                 self.step += 1
@@ -431,7 +448,7 @@ class Loop:
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                     self.tracker.log({"step": self.step, **self.evaluate()})
                 bar.update(1)
-                bar.set_postfix(loss=f"{rec['train/loss']:.3f}", tok_s=f"{rec['perf/tokens_per_sec'] or 0:.0f}")
+                bar.set_postfix(loss=f"{rec['train/loss']:.3f}", tok_s=f"{rec['perf/tokens_per_sec'] or 0:.0f}", refresh=False)
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
                     self._save()
                 if t.fail_at_step and self.step == t.fail_at_step:
@@ -480,7 +497,7 @@ class Loop:
         if "eval/loss" in ev:
             per = {d: ev[f"eval/{d}/loss"] for d in self.data.domains if f"eval/{d}/loss" in ev}
             lines.append(f"eval/loss {ev['eval/loss']:.3f} | macro {ev['eval/macro_loss']:.3f} | best {min(per, key=per.get)} | worst {max(per, key=per.get)}")
-        lines.append(f"weights: {self.run_dir / 'weights.json'} (exported = {'time average' if self.controller.adaptive else 'fixed'}); "
+        lines.append(f"weights: {self.run_dir / 'weights.json'} (exported = {self.controller.exported if self.controller.adaptive else 'fixed'}); "
                      f"reuse with: mixtrain train mixture=static mixture.weights_from={self.run_dir}")
         _say(0, f"done: {self.step} steps | run dir {self.run_dir}\n" + "\n".join(lines))
 

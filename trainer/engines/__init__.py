@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..config import ConfigError
 from .base import ENGINES, Engine, MicroBatch
 from . import torch_ddp  # noqa: F401  (registers "torch")
+from . import deepspeed_engine  # noqa: F401  (registers "deepspeed"; imports DeepSpeed only when built)
 
 
 def build_engine(cfg) -> Engine:

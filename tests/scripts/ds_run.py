@@ -1,0 +1,39 @@
+"""Run one training from a JSON config under torchrun and record what the DeepSpeed tests compare.
+
+Writes ``rank<r>.json`` into the run dir: the shard weights this rank used, a hash of the full
+final parameters (gathered under ZeRO-3, where the module holds partitions) and every step's
+alignments as the controller saw them.
+"""
+
+import gc
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import adaptive_controller  # noqa: F401,E402  (registers test_loss_softmax)
+
+from trainer import dist  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.loop import Loop  # noqa: E402
+
+
+def main() -> None:
+    cfg = load_config(json.loads(Path(sys.argv[1]).read_text()))
+    loop = Loop(cfg)
+    loop.train()
+    h = hashlib.sha256()
+    for name, p in sorted(loop.engine.state_dict()["model"].items()):  # collective under ZeRO-3
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())  # bf16 weights hashed as fp32
+    out = {"history": loop.history, "params_sha256": h.hexdigest(), "step": loop.step}
+    (Path(loop.run_dir) / f"rank{loop.rank}.json").write_text(json.dumps(out))
+    del loop
+    gc.collect()  # free gloo-backed tensors before the group goes: avoids an abort at interpreter exit
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
