@@ -227,7 +227,7 @@ def per_split_json(weights, prefixes) -> dict:
 
 
 def yaml_text(weights: dict[str, float], *, origin: str, which: str) -> str:
-    head = (f"# Domain weights exported by `mixtrain export` from {origin} ({which}).\n"
+    head = (f"# Domain weights of {origin} ({which}).\n"
             f"#   mixtrain train mixture=static mixture.weights_from=THIS_FILE\n")
     return head + yaml.safe_dump(weights, sort_keys=False, default_flow_style=False)
 

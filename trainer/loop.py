@@ -31,9 +31,10 @@ from mixtures import DomainStats, build_controller
 from . import checkpoint, dist
 from .config import Config, ConfigError
 from .data.domains import DataBundle, check_vocab, load_data
-from .data.sampler import DataExhausted, DomainSampler, SampleOrder, ShardPlan, rank_slice
+from .data.sampler import DataExhausted, DomainSampler, SampleOrder, ShardPlan
 from .engines import MicroBatch, build_engine
 from .tracking import Tracker
+from .export import yaml_text
 from .weights_io import megatron_blend, read_weights, write_weights
 
 
@@ -292,12 +293,7 @@ class Loop:
     def _batch(self) -> list[MicroBatch]:
         t = self.cfg.train
         pos = (self.step % self.cfg.data.steps_per_shard) * self.global_batch
-        sl = rank_slice(pos, self.global_batch, self.rank, self.world)
-        doms, idxs = self.plan.domains[sl].astype(np.int64), self.plan.indices[sl]
-        tokens = np.empty((doms.size, self.cfg.data.seq_len + 1), dtype=np.int64)
-        for d in np.unique(doms):
-            rows = np.flatnonzero(doms == d)
-            tokens[rows] = self.data.train[d].get(idxs[rows])
+        tokens, doms = self.data.step_rows(self.plan, pos, self.global_batch, self.rank, self.world)
         out = []
         for m in range(t.grad_accum):
             r = slice(m * t.micro_batch, (m + 1) * t.micro_batch)
@@ -472,6 +468,8 @@ class Loop:
             write_weights(self.run_dir / "weights.json", domains, avg, final, self.cfg.mixture["name"], self.step)
             prefixes = [v.stream.prefix for v in self.data.train]
             (self.run_dir / "blend.txt").write_text(megatron_blend(domains, avg, prefixes) + "\n")
+            (self.run_dir / "weights.yaml").write_text(
+                yaml_text(dict(zip(domains, map(float, avg))), origin=str(self.run_dir), which="average"))
             self.tracker.log_weights({"step": self.step, "end_step": self.step, "final": True,
                                       "weights": dict(zip(domains, map(float, final)))})
             self.tracker.summary(final_eval)

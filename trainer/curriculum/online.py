@@ -33,7 +33,7 @@ import torch
 
 from .. import dist
 from ..config import Config, ModelConfig
-from ..data.sampler import DomainSampler, SamplerState, ShardPlan, rank_slice
+from ..data.sampler import DomainSampler, SamplerState, ShardPlan
 from ..engines.base import MicroBatch
 from ..models import token_losses
 
@@ -114,12 +114,7 @@ class OnlineProxy:
     def train_step(self, step: int, lr_at) -> float:
         """One proxy optimizer step on this step's holdout batch; returns its mean token loss."""
         pos = (step % self.cfg.data.steps_per_shard) * self.global_batch
-        sl = rank_slice(pos, self.global_batch, self.rank, self.world)
-        doms, idxs = self.plan.domains[sl].astype(np.int64), self.plan.indices[sl]
-        tokens = np.empty((doms.size, self.cfg.data.seq_len + 1), dtype=np.int64)
-        for d in np.unique(doms):
-            rows = np.flatnonzero(doms == d)
-            tokens[rows] = self.data.train[d].get(idxs[rows])
+        tokens, doms = self.data.step_rows(self.plan, pos, self.global_batch, self.rank, self.world)
         order = np.argsort(doms, kind="stable")
         mb = MicroBatch(torch.from_numpy(tokens[order]), torch.from_numpy(doms[order]))
         sums, counts = self.engine.forward_backward([mb], torch.ones(self.K, dtype=torch.float64), self.K)

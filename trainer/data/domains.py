@@ -9,6 +9,7 @@ import numpy as np
 
 from ..config import ConfigError, DataConfig
 from .indexed import IndexedTokens, exists
+from .sampler import rank_slice
 from .shardset import ShardSet
 from .tokenizer import get_tokenizer
 
@@ -61,6 +62,20 @@ class DataBundle:
     @property
     def train_samples(self) -> np.ndarray:
         return np.array([len(v) for v in self.train], dtype=np.int64)
+
+    def step_rows(self, plan, pos: int, global_batch: int, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's rows of the optimizer step that starts at position ``pos`` of a shard plan:
+        tokens [b, seq_len + 1] and the domain of each row, in plan order."""
+        sl = rank_slice(pos, global_batch, rank, world)
+        doms, idxs = plan.domains[sl].astype(np.int64), plan.indices[sl]
+        tokens = None
+        for d in np.unique(doms):
+            rows = np.flatnonzero(doms == d)
+            got = self.train[d].get(idxs[rows])
+            if tokens is None:
+                tokens = np.empty((doms.size, got.shape[1]), dtype=np.int64)
+            tokens[rows] = got
+        return tokens, doms
 
 
 def _shardset(cfg: DataConfig, quiet: bool) -> ShardSet:
