@@ -30,7 +30,7 @@ from trainer import checkpoint
 from trainer.config import ConfigError, EngineConfig, TrainConfig, load_config
 from trainer.engines.deepspeed_engine import build_ds_config
 
-SCRIPT = REPO / "tests" / "scripts" / "ds_run.py"
+SCRIPT = REPO / "tests" / "scripts" / "run_config.py"
 STEP_SCRIPT = REPO / "tests" / "scripts" / "ds_engine_step.py"
 REL = 1e-4
 DGA = {"name": "dga", "target": "target:wordy", "update_every": 2, "mu": 0.003, "ema": 0.5, "source": "in_batch",

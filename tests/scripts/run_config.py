@@ -1,7 +1,8 @@
 """Run one training from a JSON config (used under torchrun by the multi-rank tests).
 
-Writes ``rank<r>.json`` into the run dir: the shard weights this rank used and a hash of its
-final parameters, so tests can check every rank agrees.
+Writes ``rank<r>.json`` into the run dir: the shard weights this rank used and a hash of its full
+final parameters (the engine's state dict: gathered under ZeRO-3, where the module holds
+partitions), so tests can check every rank agrees.
 """
 
 import gc
@@ -24,9 +25,9 @@ def main() -> None:
     loop = Loop(cfg)
     loop.train()
     h = hashlib.sha256()
-    for name, p in sorted(loop.engine.model.state_dict().items()):
+    for name, p in sorted(loop.engine.state_dict()["model"].items()):  # a collective under ZeRO-3
         h.update(name.encode())
-        h.update(p.detach().cpu().numpy().tobytes())
+        h.update(p.detach().float().cpu().numpy().tobytes())  # bf16 weights hashed as fp32
     out = {"history": loop.history, "params_sha256": h.hexdigest(), "step": loop.step}
     (Path(loop.run_dir) / f"rank{loop.rank}.json").write_text(json.dumps(out))
     del loop

@@ -26,6 +26,19 @@ class Engine(ABC):
     device: torch.device
     model: torch.nn.Module  # the unwrapped module
 
+    def _join(self, engine_cfg) -> None:
+        """Join the process group (if launched under torchrun), set intra-op threads and pick the
+        device: the start of every engine's constructor."""
+        from .. import dist
+
+        self.rank, self.world_size, local = dist.init(engine_cfg.backend)
+        if engine_cfg.threads:
+            torch.set_num_threads(engine_cfg.threads)
+        if engine_cfg.device == "cuda" or (engine_cfg.device == "auto" and torch.cuda.is_available()):
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+
     @abstractmethod
     def forward_backward(self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int,
                          probe=None, on_losses=None) -> tuple[torch.Tensor, torch.Tensor]:

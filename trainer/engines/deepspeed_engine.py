@@ -50,7 +50,7 @@ from .. import checkpoint, dist
 from ..config import ConfigError, EngineConfig, ModelConfig, TrainConfig, check_ds_config
 from ..models import build_model, token_losses
 from .base import Engine, MicroBatch, register
-from .torch_ddp import adamw, resolve_device
+from .torch_ddp import adamw
 
 CHECKPOINT_SUBDIR = checkpoint.DEEPSPEED_DIR
 """Where DeepSpeed's files go inside a mixtrain checkpoint directory."""
@@ -181,10 +181,7 @@ class _FullStateView:
 @register("deepspeed")
 class DeepSpeedEngine(Engine):
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, train_cfg: TrainConfig):
-        self.rank, self.world_size, local = dist.init(engine_cfg.backend)
-        if engine_cfg.threads:
-            torch.set_num_threads(engine_cfg.threads)
-        self.device = resolve_device(engine_cfg, local)
+        self._join(engine_cfg)
         if self.device.type == "cpu" and engine_cfg.precision == "fp16":
             raise ConfigError("engine.precision=fp16 is not supported by DeepSpeed on CPU; use fp32 (or bf16, 5-10x slower there)")
         if self.device.type == "cpu":

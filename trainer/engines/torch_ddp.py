@@ -22,19 +22,10 @@ def adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=False)
 
 
-def resolve_device(cfg: EngineConfig, local_rank: int) -> torch.device:
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 @register("torch")
 class TorchEngine(Engine):
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, train_cfg: TrainConfig):
-        self.rank, self.world_size, local = dist.init(engine_cfg.backend)
-        if engine_cfg.threads:
-            torch.set_num_threads(engine_cfg.threads)
-        self.device = resolve_device(engine_cfg, local)
+        self._join(engine_cfg)
         self.train_cfg = train_cfg
         torch.manual_seed(train_cfg.seed)  # same init on every rank; DDP also broadcasts rank 0's
         self.model = build_model(model_cfg).to(self.device)
