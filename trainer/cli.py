@@ -12,6 +12,9 @@
     mixtrain compare RUN [RUN …] [--out DIR] [--labels L …]
                                      runs or Hydra multirun dirs side by side: final losses per domain,
                                      worst domain, targets, tokens, weights, time, seed mean ± sd; PNGs
+    mixtrain study [--out DIR] [--conditions …] [--seeds 1,2] [overrides …]
+                                     the quality study: proxies, one Hydra multirun of the main model
+                                     per condition and seed, ranking and plots (README "Quality study")
 
 Irreducible curriculum (within-domain order; composes with any mixture):
     mixtrain train +experiment=curriculum_proxy [data=… data.seq_len=…]    small proxy on a 10% holdout
@@ -106,6 +109,10 @@ def main(argv: list[str] | None = None) -> None:
         from .export import main as export_main
 
         raise SystemExit(export_main(argv[1:]))
+    elif argv[0] == "study":
+        from .study import main as study_main
+
+        raise SystemExit(study_main(argv[1:]))
     elif argv[0] == "compare":
         from .compare import main as compare_main
 
