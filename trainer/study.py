@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -179,9 +180,12 @@ def pick_random_best(out: Path, n_random: int) -> tuple[int, list[tuple[int, flo
     return best, scores
 
 
-def main_command(out: Path, conditions: list[str], seeds: list[int], overrides: list[str]) -> list[str]:
+def main_command(out: Path, conditions: list[str], seeds: list[int], overrides: list[str], jobs: int) -> list[str]:
+    # Several jobs at once go through Hydra's joblib launcher (processes, one intra-op thread each);
+    # one at a time through the basic launcher.
+    launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"] if jobs > 1 else []
     return ["train", "-m", "+experiment=study", f"+study={','.join(conditions)}",
-            f"train.seed={','.join(map(str, seeds))}", *COMMON, *overrides, f"hydra.sweep.dir={out / 'main'}"]
+            f"train.seed={','.join(map(str, seeds))}", *COMMON, *overrides, *launcher, f"hydra.sweep.dir={out / 'main'}"]
 
 
 def _main_finished(out: Path, n: int) -> bool:
@@ -189,12 +193,12 @@ def _main_finished(out: Path, n: int) -> bool:
     return main.is_dir() and sum(_finished(p) for p in main.iterdir() if p.is_dir()) >= n
 
 
-def run_main(out: Path, conditions: list[str], seeds: list[int], overrides: list[str], env: dict) -> None:
+def run_main(out: Path, conditions: list[str], seeds: list[int], overrides: list[str], jobs: int, env: dict) -> None:
     n = len(conditions) * len(seeds)
     if _main_finished(out, n):
         print(f"[study] main: all {n} runs finished already", flush=True)
         return
-    args = main_command(out, conditions, seeds, overrides)
+    args = main_command(out, conditions, seeds, overrides, jobs)
     print(f"[study] main: {n} runs, one Hydra multirun (log: {out / 'main.log'}):\n"
           f"  MIXTRAIN_STUDY={out} mixtrain {' '.join(args)}", flush=True)
     t0 = time.time()
@@ -204,7 +208,7 @@ def run_main(out: Path, conditions: list[str], seeds: list[int], overrides: list
         proc = subprocess.Popen(_cli(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
             log.write(line)
-            if line.lstrip().startswith("#") or line.startswith("[mixtrain]") or "Error" in line:
+            if re.search(r"#\d+ : ", line) or line.startswith("[mixtrain] done") or "Error" in line:
                 print(f"[study]   {line.strip()}  ({time.time() - t0:.0f} s)", flush=True)
         rc = proc.wait()
     if rc != 0 or not _main_finished(out, n):
@@ -294,7 +298,7 @@ def study(out: Path, conditions: list[str], seeds: list[int], jobs: int, n_rando
         best, scores = pick_random_best(out, n_random)
         print("[study] random draws (macro valid loss): "
               + ", ".join(f"#{k} {v:.3f}" for k, v in scores) + f" → best #{best}", flush=True)
-    run_main(out, conditions, seeds, overrides, env)
+    run_main(out, conditions, seeds, overrides, jobs, env)
     from .compare import collect, compare
 
     comparison = compare([str(out / "main")], out=out)
@@ -314,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/study", help="study folder (default: runs/study); rerun to continue")
     parser.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma list from {', '.join(CONDITIONS)}")
     parser.add_argument("--seeds", default="1,2", help="training seeds of the main runs (default: 1,2)")
-    parser.add_argument("--jobs", type=int, default=2, help="proxy runs at once (default: 2)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once, proxies and main runs (default: 2)")
     parser.add_argument("--random", type=int, default=8, help="Dirichlet draws for random_best (default: 8)")
     parser.add_argument("--random-steps", type=int, default=100, help="steps of each random-draw proxy (default: 100)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Dirichlet draws (default: 0)")
