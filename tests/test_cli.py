@@ -68,3 +68,16 @@ def test_torchrun_ranks_agree_on_the_run_directory(tmp_path, data):
 def test_help_lists_commands():
     proc = subprocess.run([sys.executable, "-m", "trainer.cli", "--help"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and "mixtrain data ingest" in proc.stdout and "mixtrain train" in proc.stdout
+
+
+def test_train_help_lists_every_group_and_option():
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "train", "--help"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and proc.stdout.startswith("mixtrain train [group=option")
+    section = proc.stdout.split("== Config groups (group=option) ==")[1].split("==")[0]
+    groups = dict(line.split(": ", 1) for line in section.splitlines()
+                  if line.split(":")[0] in ("mixture", "engine", "model", "curriculum", "study"))
+    for group, options in groups.items():
+        on_disk = sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+        assert options.split(", ") == on_disk, group
+    assert len(groups) == 5 and "tikmix_m" in groups["mixture"]
