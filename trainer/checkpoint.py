@@ -11,6 +11,11 @@ engine=deepspeed writes its checkpoint with DeepSpeed's own ``save_checkpoint`` 
 the loop's state as DeepSpeed client_state), in the same temporary directory and under the same
 rename, and ``meta.json`` records the engine format (``engine``: name, ZeRO stage, precision) that
 a resume must match. Torch-engine checkpoints are unchanged (no ``engine`` entry).
+
+engine=megatron writes rank 0's loop state as ``state.pt`` (no ``engine`` key) and one
+``megatron/tp_rank_XX.pt`` per tensor-parallel rank (model shard + AdamW state), in the same
+temporary directory; ``meta.json``'s ``engine`` entry records ``tensor_parallel``, which a resume
+must match.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ _NAME = re.compile(r"^step_(\d{8})$")
 DEEPSPEED_DIR = "deepspeed"  # = engines.deepspeed_engine.CHECKPOINT_SUBDIR
 DEEPSPEED_TAG = "model"  # = engines.deepspeed_engine.CHECKPOINT_TAG
 DEEPSPEED_CLIENT_KEY = "mixtrain"  # = engines.deepspeed_engine.CLIENT_KEY
+MEGATRON_DIR = "megatron"  # = engines.megatron_engine.CHECKPOINT_SUBDIR: one shard file per TP rank
 
 
 class CheckpointMismatch(ValueError):
@@ -71,6 +77,8 @@ def set_rng_state(state: dict) -> None:
 def engine_format(engine_cfg) -> dict | None:
     """The ``engine`` entry of meta.json for this engine configuration: None for engine=torch (its
     checkpoints carry none), else what a resume must match."""
+    if engine_cfg.name == "megatron":
+        return {"name": "megatron", "tensor_parallel": int(engine_cfg.tensor_parallel)}
     if engine_cfg.name != "deepspeed":
         return None
     return {"name": "deepspeed", "zero_stage": int(engine_cfg.zero_stage), "precision": engine_cfg.precision}
@@ -88,10 +96,12 @@ def check_engine_format(path: Path, saved: dict | None, current: dict | None) ->
                              + "\nresume with the same engine knobs, or use train.resume=never (or another run.dir) to start fresh")
 
 
-def save(ckpt_root: Path, step: int, state: dict, meta: dict, keep: int, engine_save=None) -> Path:
+def save(ckpt_root: Path, step: int, state: dict, meta: dict, keep: int, engine_save=None, before_commit=None) -> Path:
     """Collective: every rank calls it. Rank 0 writes the state; each rank writes its RNG.
     ``engine_save(tmp_dir)``, when given, is called on every rank instead of writing ``state.pt``
-    (an engine's own collective checkpoint, e.g. DeepSpeed's, which stores ``state`` itself)."""
+    (an engine's own collective checkpoint, e.g. DeepSpeed's, which stores ``state`` itself).
+    ``before_commit(tmp_dir)`` is called on every rank once its files are written, before the
+    rename that completes the checkpoint (fault injection: train.fail_in_checkpoint)."""
     rank = dist.env_world()[0] if dist.active() else 0
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f"step_{step:08d}.tmp"
@@ -105,6 +115,8 @@ def save(ckpt_root: Path, step: int, state: dict, meta: dict, keep: int, engine_
         engine_save(tmp)
     elif rank == 0:
         torch.save(state, tmp / "state.pt")
+    if before_commit is not None:
+        before_commit(tmp)
     dist.barrier()
     if rank == 0:
         _write_json(tmp / "meta.json", {**meta, "step": step, "time": time.time(), "complete": True})
@@ -180,6 +192,11 @@ def load(path: Path, rank: int, engine_state: bool = True) -> tuple[dict | None,
     meta = json.loads(meta_path.read_text())
     if is_deepspeed(meta):
         state = _deepspeed_state(path) if engine_state else None
+    elif (meta.get("engine") or {}).get("name") == "megatron":
+        if engine_state:  # the model lives in per-TP-rank shards with megatron's parameter names
+            raise ValueError(f"{path} is an engine=megatron checkpoint (tensor-parallel shards under {MEGATRON_DIR}/): "
+                             "resume it with engine=megatron and the same engine.tensor_parallel")
+        state = None
     else:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     rng_path = path / f"rng_rank{rank}.pt"

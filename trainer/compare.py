@@ -57,7 +57,8 @@ import yaml
 # seed group.
 BOOKKEEPING = {
     "run": None,  # the whole section: name, dir, wandb, plots, progress
-    "train": ("seed", "resume", "fail_at_step", "keep_checkpoints", "checkpoint_every", "log_every"),
+    "train": ("seed", "resume", "fail_at_step", "fail_rank", "fail_in_checkpoint", "keep_checkpoints", "checkpoint_every",
+              "log_every"),
     "engine": ("threads",),
     "data": ("cache_dir",),
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,7 +146,15 @@ class TrainConfig:
     resume: str = "auto"
     """'auto' (latest complete checkpoint of this run dir, if any), 'never', or a checkpoint path."""
     fail_at_step: int = 0
-    """Fault injection for restart tests: hard-exit right after this step (0 = off)."""
+    """Fault injection for restart tests: hard-exit right after this step (0 = off). Fires only in a
+    job's first attempt (torchrun's TORCHELASTIC_RESTART_COUNT unset or 0), so a group restarted by
+    ``--max-restarts`` runs through."""
+    fail_rank: int = -1
+    """Which rank train.fail_at_step kills: -1 = every rank (each exits with code 17), else only that
+    rank, by SIGKILL (no cleanup); torchrun then tears the other ranks down and restarts the group."""
+    fail_in_checkpoint: bool = False
+    """Kill while writing step train.fail_at_step's checkpoint (the rank's files are in ``*.tmp``, the
+    rename that completes it has not happened) instead of after the step."""
 
     def validate(self):
         for knob in ("steps", "micro_batch", "grad_accum"):
@@ -166,6 +175,13 @@ class TrainConfig:
                 raise ConfigError(f"train.{knob} must be >= 0")
         if self.log_every <= 0 or self.keep_checkpoints <= 0:
             raise ConfigError("train.log_every and train.keep_checkpoints must be positive")
+        if self.fail_rank < -1:
+            raise ConfigError(f"train.fail_rank={self.fail_rank} must be -1 (every rank) or a rank >= 0")
+        # a fault that can never fire would let a restart test pass without testing anything
+        if self.fail_in_checkpoint and not (self.fail_at_step == self.steps or (
+                self.checkpoint_every and 0 < self.fail_at_step < self.steps and self.fail_at_step % self.checkpoint_every == 0)):
+            raise ConfigError(f"train.fail_in_checkpoint=true needs train.fail_at_step (now {self.fail_at_step}) at a step that "
+                              "writes a checkpoint: a multiple of train.checkpoint_every, or train.steps")
 
 
 # ds_config entries that engine=deepspeed sets from other knobs: refused in engine.ds_config, naming the knob.
@@ -205,13 +221,22 @@ def check_ds_config(extra) -> None:
 @dataclass
 class EngineConfig:
     name: str = "torch"
-    """Registered engine: 'torch' (DDP) or 'deepspeed' (ZeRO 0-3; the knobs below marked deepspeed)."""
+    """Registered engine: 'torch' (DDP), 'deepspeed' (ZeRO 0-3; the knobs below marked deepspeed) or
+    'megatron' (megatron-core GPTModel, tensor + data parallel; the knobs marked megatron)."""
     backend: str = "auto"
     """Process-group backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when available, else cpu), cpu or cuda."""
     threads: int = 0
     """torch intra-op threads per rank (0 = leave torch's default)."""
+    tensor_parallel: int = 1
+    """megatron: tensor-parallel size TP (Megatron's column/row-parallel split of every linear layer
+    and of the vocabulary). Must be >= 1, divide the number of ranks (data-parallel size = ranks / TP)
+    and divide model.n_head. A checkpoint resumes only with the same TP."""
+    vocab_multiple: int = 128
+    """megatron: the vocabulary (model.vocab_size) is padded up to a multiple of this, independently
+    of TP so runs with different TP train the same padded model; must be divisible by
+    engine.tensor_parallel. Padded logits take part in the softmax, as in Megatron-LM."""
     zero_stage: int = 0
     """deepspeed: ZeRO stage. 0 = plain data parallel; 1 = optimizer states partitioned over ranks;
     2 = also gradients; 3 = also parameters (see zero3_whole_params)."""
@@ -246,6 +271,7 @@ class EngineConfig:
             raise ConfigError(f"engine.device={self.device!r}; allowed: auto, cpu, cuda")
         if self.threads < 0:
             raise ConfigError(f"engine.threads={self.threads} must be >= 0")
+        self._validate_megatron()
         if self.name != "deepspeed":
             defaults = EngineConfig()
             for knob in ("zero_stage", "precision", "offload_optimizer", "offload_param", "offload_nvme_path",
@@ -277,6 +303,28 @@ class EngineConfig:
         if "stage3_param_persistence_threshold" in zero and self.zero3_whole_params:
             raise ConfigError("engine.ds_config.zero_optimization.stage3_param_persistence_threshold conflicts with "
                               "engine.zero3_whole_params=true (which keeps every parameter whole)")
+
+    def _validate_megatron(self) -> None:
+        tp, multiple = self.tensor_parallel, self.vocab_multiple
+        if self.name != "megatron":
+            for knob, default in (("tensor_parallel", 1), ("vocab_multiple", 128)):
+                if getattr(self, knob) != default:
+                    raise ConfigError(f"engine.{knob} applies to engine.name=megatron only (engine.name={self.name!r})")
+            return
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ConfigError(f"engine.tensor_parallel={tp!r}; allowed: an integer >= 1 that divides the number of ranks and model.n_head")
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if world % tp:
+            raise ConfigError(f"engine.tensor_parallel={tp} does not divide the {world} ranks; allowed: "
+                              f"{[d for d in range(1, world + 1) if world % d == 0]}")
+        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1 or multiple % tp:
+            raise ConfigError(f"engine.vocab_multiple={multiple!r} must be a positive multiple of engine.tensor_parallel={tp}")
+
+    def check_model(self, model: "ModelConfig") -> None:
+        """Knobs that constrain the model (called by Config.validate)."""
+        if self.name == "megatron" and model.n_head % self.tensor_parallel:
+            raise ConfigError(f"engine.tensor_parallel={self.tensor_parallel} does not divide model.n_head={model.n_head}; "
+                              f"allowed: {[d for d in range(1, model.n_head + 1) if model.n_head % d == 0]}")
 
 
 @dataclass
@@ -402,6 +450,7 @@ class Config:
 
     def validate(self):
         """Knobs that constrain each other across groups."""
+        self.engine.check_model(self.model)
         if self.curriculum.name != "none" and self.data.subset != "main":
             raise ConfigError(f"data.subset={self.data.subset!r} with curriculum={self.curriculum.name}: the main run must "
                               "exclude the proxy's holdout (data.subset=main, data.holdout_fraction=0.1; the curriculum group sets both)")

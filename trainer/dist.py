@@ -27,6 +27,12 @@ def init(backend: str = "auto") -> tuple[int, int, int]:
     return rank, world, local
 
 
+def data_parallel(rank: int, world: int, tensor_parallel: int = 1) -> tuple[int, int]:
+    """(data-parallel rank, size) with ``tensor_parallel`` ranks per model replica, TP-fastest as
+    megatron orders them: ranks dp*TP .. dp*TP + TP - 1 form one replica and see the same data."""
+    return rank // tensor_parallel, world // tensor_parallel
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

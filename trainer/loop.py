@@ -15,8 +15,10 @@ non-holdout samples; the online variant adds a proxy model trained one step per 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -114,6 +116,7 @@ def _curriculum_order(cfg: Config, data: DataBundle, pools) -> tuple[SampleOrder
 class Loop:
     def __init__(self, cfg: Config):
         self.rank, self.world, _ = dist.init(cfg.engine.backend)
+        self.dp_rank, self.dp_size = dist.data_parallel(self.rank, self.world, cfg.engine.tensor_parallel)
         self.run_dir = Path(dist.broadcast_object(cfg.run.dir or f"runs/{cfg.run.name}"))
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(self.run_dir)))
         # Rank 0 builds the demo corpus if needed; the others open it once it exists.
@@ -126,7 +129,7 @@ class Loop:
         self.K = len(self.data.domains)
         self.controller = _controller(cfg, self.data)
         t = cfg.train
-        self.global_batch = t.micro_batch * t.grad_accum * self.world
+        self.global_batch = t.micro_batch * t.grad_accum * self.dp_size
         pools = _pools(cfg, self.data, cfg.data.subset)
         order, self.scores_meta = _curriculum_order(cfg, self.data, pools)
         self.sampler = DomainSampler(self.data.train_samples, cfg.data.steps_per_shard * self.global_batch,
@@ -136,6 +139,8 @@ class Loop:
         if self.scores_meta is not None:  # the scores' content, not just their path, must match on resume
             self.fingerprint["curriculum_scores_key"] = self.scores_meta["key"]
         self.ckpt_root = self.run_dir / "checkpoints"
+        if t.fail_rank >= self.world:
+            raise ConfigError(f"train.fail_rank={t.fail_rank} names no rank of this {self.world}-rank job")
         resume_from = self._find_resume()
         resume_state = self._check_resume(resume_from) if resume_from else None
         # Nothing is written before this point: bad input never touches an existing run.
@@ -246,7 +251,23 @@ class Loop:
         if engine_format is not None:  # the engine's own collective save (DeepSpeed) stores `state` too
             meta["engine"] = engine_format
             engine_save = lambda tmp: self.engine.save_checkpoint(tmp, state)  # noqa: E731
-        checkpoint.save(self.ckpt_root, self.step, state, meta, self.cfg.train.keep_checkpoints, engine_save=engine_save)
+        checkpoint.save(self.ckpt_root, self.step, state, meta, self.cfg.train.keep_checkpoints, engine_save=engine_save,
+                        before_commit=self._fault)
+
+    def _fault(self, tmp: Path | None = None) -> None:
+        """train.fail_at_step's injected crash: after the step, or with ``tmp`` (train.fail_in_checkpoint)
+        inside that step's checkpoint save, before its rename."""
+        t = self.cfg.train
+        if (not t.fail_at_step or self.step != t.fail_at_step or t.fail_in_checkpoint != (tmp is not None)
+                or t.fail_rank not in (-1, self.rank) or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0):
+            return
+        where = (f"while writing {tmp} (holding {', '.join(sorted(p.name for p in tmp.iterdir()))})" if tmp
+                 else f"after step {self.step}")
+        print(f"[mixtrain] fault injection: killing rank {self.rank} {where}", flush=True)
+        sys.stderr.flush()
+        if t.fail_rank == -1:
+            os._exit(17)  # every rank: no cleanup, like a killed job
+        os.kill(os.getpid(), signal.SIGKILL)  # one rank, really killed: the others learn it from torchrun
 
     # ---- data ---------------------------------------------------------------------------------
     def _sync(self, v: np.ndarray) -> np.ndarray:
@@ -268,7 +289,10 @@ class Loop:
         self.sampler.advance(self.plan)
         rec = {"step": self.step, "shard": self.plan.shard_index,
                "weights": dict(zip(self.data.domains, map(float, weights))),
-               "counts": dict(zip(self.data.domains, map(int, self.plan.counts)))}
+               "counts": dict(zip(self.data.domains, map(int, self.plan.counts))),
+               # which samples the shard holds, in order: a replayed or skipped shard shows here
+               "samples": hashlib.sha256(self.plan.domains.astype("<i2").tobytes()
+                                         + self.plan.indices.astype("<i8").tobytes()).hexdigest()[:16]}
         if self.plan.scores is not None:
             cur = self._curriculum_record(self.plan)
             rec["curriculum"] = cur
@@ -293,7 +317,7 @@ class Loop:
     def _batch(self) -> list[MicroBatch]:
         t = self.cfg.train
         pos = (self.step % self.cfg.data.steps_per_shard) * self.global_batch
-        tokens, doms = self.data.step_rows(self.plan, pos, self.global_batch, self.rank, self.world)
+        tokens, doms = self.data.step_rows(self.plan, pos, self.global_batch, self.dp_rank, self.dp_size)
         out = []
         for m in range(t.grad_accum):
             r = slice(m * t.micro_batch, (m + 1) * t.micro_batch)
@@ -315,7 +339,7 @@ class Loop:
         sums = torch.zeros(len(groups), 2, dtype=torch.float64)
         mb = self.cfg.train.micro_batch
         for g, view in enumerate(groups.values()):
-            idx = view.eval_indices(self.cfg.data.eval_sequences)[self.rank :: self.world]
+            idx = view.eval_indices(self.cfg.data.eval_sequences)[self.dp_rank :: self.dp_size]
             for s in range(0, idx.size, mb):
                 loss, n = self.engine.token_loss_sum(torch.from_numpy(view.get(idx[s : s + mb])))
                 sums[g, 0] += loss
@@ -447,9 +471,7 @@ class Loop:
                 bar.set_postfix(loss=f"{rec['train/loss']:.3f}", tok_s=f"{rec['perf/tokens_per_sec'] or 0:.0f}", refresh=False)
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
                     self._save()
-                if t.fail_at_step and self.step == t.fail_at_step:
-                    sys.stdout.flush()
-                    os._exit(17)  # simulated crash: no cleanup, like a killed process
+                self._fault()
         finally:
             bar.close()
         return self._finish()

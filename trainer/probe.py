@@ -33,6 +33,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import dist
+from .config import ConfigError
 from .models.layers import ProbeAware, Tap, segment_sums
 
 
@@ -74,6 +75,7 @@ class _Slot(NamedTuple):
     offset: int
     numel: int
     width: int  # last dimension (row length for embedding tables)
+    counted: bool = True  # False: a tensor-parallel replica another TP rank contributes (counted once)
 
 
 class _Exact:
@@ -114,6 +116,9 @@ class _Exact:
 
 class _StepState:
     """The linear accumulators of one optimizer step (see the module docstring)."""
+
+    layout = None
+    """The model's tensor-parallel layout (``Probe.layout``), None without TP."""
 
     def __init__(self, K: int, spec: ProbeSpec, refs: torch.Tensor | None, exact: _Exact | None, sketch_dim: int, device):
         self.K, self.spec, self.refs, self.sketch_dim = K, spec, refs, sketch_dim
@@ -185,7 +190,10 @@ class _StepState:
             at += t.numel()
         if self.exact is not None:
             self.exact.seal()
-            dist.all_reduce_sum(self.exact.rows)
+            if self.layout is None:
+                dist.all_reduce_sum(self.exact.rows)
+            else:  # each TP rank's rows cover its own shard: summed over its data-parallel peers only
+                self.layout.dp_sum(self.exact.rows)
 
 
 class _MicroBatch:
@@ -198,7 +206,8 @@ class _MicroBatch:
         if bool((seq[1:] < seq[:-1]).any()) or int(seq.min()) < 0 or int(seq.max()) >= state.K:
             raise ValueError(f"seq_domains must be sorted ascending in [0, {state.K}); got {seq.tolist()}")
         counts = torch.bincount(seq, minlength=state.K)
-        state.seqs += counts.to(state.seqs)
+        if probe.counts_sequences:
+            state.seqs += counts.to(state.seqs)
         self.probe, self.state, self.sequences = probe, state, seq.numel()
         self.domains = torch.nonzero(counts).flatten().tolist()
         self.seq_bounds = [0] + torch.cumsum(counts[self.domains], 0).tolist()
@@ -228,10 +237,12 @@ class _MicroBatch:
 
     def dense(self, slot, first: int, pieces: torch.Tensor) -> None:
         k = pieces.shape[0]
-        self._open_state().dense(slot, self.domains[first:first + k], self.domains_t[first:first + k], pieces)
+        if slot.counted:
+            self._open_state().dense(slot, self.domains[first:first + k], self.domains_t[first:first + k], pieces)
 
     def rows(self, slot, ids, values, bounds) -> None:
-        self._open_state().rows(slot, self.domains, self.domains_t, ids, values, bounds)
+        if slot.counted:
+            self._open_state().rows(slot, self.domains, self.domains_t, ids, values, bounds)
 
 
 def _products(a: torch.Tensor, b: torch.Tensor, block: int = 4096) -> torch.Tensor:
@@ -268,6 +279,12 @@ class Probe:
         once (it then processes its domains in chunks)."""
         if isinstance(model, DistributedDataParallel):
             model = model.module
+        # Tensor parallelism (engine=megatron: ``MegatronGPT.parallel_layout``): pieces cover this
+        # rank's shard; replicated parameters are counted on TP rank 0 only, so sums over every rank
+        # (alignments) and TP sums of local products (norms/Gram over DP-reduced rows) are exact.
+        self.layout = getattr(model, "parallel_layout", None)
+        tp = self.layout is not None and self.layout.tp_size > 1
+        self.counts_sequences = not tp or self.layout.tp_rank == 0
         self.K = num_domains
         self.exact_budget_bytes = exact_budget_bytes
         self.fallback_sketch_dim = fallback_sketch_dim
@@ -277,7 +294,7 @@ class Probe:
         self._slots: dict[int, _Slot] = {}
         offset = 0
         for i, p in enumerate(self.params):
-            self._slots[id(p)] = _Slot(i, offset, p.numel(), p.shape[-1])
+            self._slots[id(p)] = _Slot(i, offset, p.numel(), p.shape[-1], not tp or self.layout.counted_here(p))
             offset += p.numel()
         self.P = offset
         self._tap = Tap()
@@ -309,6 +326,35 @@ class Probe:
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
 
+    def _tp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of per-shard partial products over the tensor-parallel group (identity without TP).
+        Only exact rows reach it: their replicated columns are zero on TP ranks other than 0."""
+        return t if self.layout is None else self.layout.tp_sum(t)
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel position (TP ranks of one replica share it)."""
+        if self.layout is not None:
+            return self.layout.dp_rank
+        return torch.distributed.get_rank() if dist.active() else 0
+
+    @property
+    def dp_size(self) -> int:
+        if self.layout is not None:
+            return self.layout.dp_size
+        return torch.distributed.get_world_size() if dist.active() else 1
+
+    def dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of a per-replica quantity (e.g. probe-batch token counts) over data-parallel ranks."""
+        return dist.all_reduce_sum(t) if self.layout is None else self.layout.dp_sum(t)
+
+    def squared_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """||g||² (float64 scalar) of a gradient list in ``self.params`` order, identical on every rank
+        of a replica: shards summed over the TP group, replicated parameters counted once."""
+        sq = sum(((g.double() ** 2).sum() for g, p in zip(grads, self.params) if self._slots[id(p)].counted),
+                 torch.zeros((), dtype=torch.float64, device=self.device))
+        return self._tp_sum(sq.reshape(1)).reshape(())
+
     def _exact_fits(self) -> bool:
         return self.K * self.P * 4 <= self.exact_budget_bytes
 
@@ -327,6 +373,12 @@ class Probe:
                 raise ValueError("a reference vector must have one tensor per trainable parameter, shaped like it")
         flat_refs = torch.stack([torch.cat([t.detach().reshape(-1).float() for t in r]) for r in refs]).to(self.device) if refs else None
         exact = spec.products and spec.sketch_dim == 0 and self._exact_fits()
+        if spec.products and not exact and self.layout is not None and self.layout.tp_size > 1:
+            # every TP rank would hash its own shard with the same per-parameter map: correlated
+            # buckets across shards, a biased estimate. Refused rather than wrong.
+            raise ConfigError(f"sketched norms/Gram are not supported under tensor parallelism (engine.tensor_parallel="
+                             f"{self.layout.tp_size}); set probe.sketch_dim=0 and raise probe.exact_budget_mb to at least "
+                             f"{-(-self.K * self.P * 4 // 2**20)} (exact K x P accumulators of this rank's shard)")
         sketch_dim = 0
         if spec.products and not exact:
             sketch_dim = spec.sketch_dim or self.fallback_sketch_dim
@@ -338,6 +390,7 @@ class Probe:
             self._exact_rows = torch.empty(self.K, self.P, device=self.device)
         accumulators = _Exact(self._exact_rows, list(self._slots.values())) if exact else None
         self._state = _StepState(K, spec, flat_refs, accumulators, sketch_dim, self.device)
+        self._state.layout = self.layout
 
     @contextlib.contextmanager
     def micro_batch(self, seq_domains: torch.Tensor):
@@ -373,14 +426,14 @@ class Probe:
         spec, out = state.spec, ProbeResult(sketch_dim=state.sketch_dim)
         rows = state.exact.rows if state.exact is not None else state.sketch
         if spec.refs:
-            raw = _products(rows, state.refs) if state.exact is not None else state.align
+            raw = self._tp_sum(_products(rows, state.refs)) if state.exact is not None else state.align
             out.align = scale[:, None] * raw.cpu().numpy()
         if spec.products:
             if spec.gram:
-                raw = _products(rows, rows).cpu().numpy()
+                raw = self._tp_sum(_products(rows, rows)).cpu().numpy()
                 out.gram = np.outer(scale, scale) * raw
                 squared = np.diag(raw)
             else:
-                squared = torch.linalg.vector_norm(rows, dim=1).double().cpu().numpy() ** 2
+                squared = self._tp_sum(torch.linalg.vector_norm(rows, dim=1).double() ** 2).cpu().numpy()
             out.norms = np.abs(scale) * np.sqrt(squared) if spec.norms else None
         return out

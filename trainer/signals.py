@@ -132,7 +132,7 @@ class Signals:
             n = req.ref_sequences or max(4, self.global_batch // (self.K + 1))
             batch = self._ref_batch(name, n, step, r).to(self.engine.device)
             grads = self.probe.reference_gradient(token_losses(model, batch).mean())
-            norms.append(float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))))
+            norms.append(float(torch.sqrt(self.probe.squared_norm(grads))))  # TP shards summed, replicas once
             if scale is not None:
                 grads = [g * d for g, d in zip(grads, scale)]
             refs.append(grads)
@@ -182,7 +182,7 @@ class Signals:
         rows sorted by domain. Returns this rank's tokens, their domains, their global sequence ids
         (domain-major, so also sorted) and the global number of sequences."""
         rng = np.random.default_rng([self.seed, _PROBE_STREAM, step])
-        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist.active() else (0, 1)
+        rank, world = self.probe.dp_rank, self.probe.dp_size  # TP ranks of a replica share its rows
         per_rank = -(-req.probe_sequences // world)
         per_domain = per_rank * world
         rows, doms, ids = [], [], []
@@ -213,7 +213,7 @@ class Signals:
         if req.per_sample:
             state["sample_domain"] = np.repeat(np.arange(self.K), n_global // self.K)
             return np.full(n_global, 1.0 / seq_tokens)
-        n = dist.all_reduce_sum(torch.bincount(doms, minlength=self.K).double() * seq_tokens).numpy()
+        n = self.probe.dp_sum(torch.bincount(doms, minlength=self.K).double() * seq_tokens).numpy()
         return 1.0 / np.where(n > 0, n, np.nan)
 
     def end(self, state: dict, stats, step: int, loss_weights: np.ndarray, tokens_per_rank: int) -> None:

@@ -6,6 +6,7 @@ from ..config import ConfigError
 from .base import ENGINES, Engine, MicroBatch
 from . import torch_ddp  # noqa: F401  (registers "torch")
 from . import deepspeed_engine  # noqa: F401  (registers "deepspeed"; imports DeepSpeed only when built)
+from . import megatron_engine  # noqa: F401  (registers "megatron"; imports megatron-core only when built)
 
 
 def build_engine(cfg) -> Engine:

@@ -25,6 +25,8 @@ class Engine(ABC):
     world_size: int
     device: torch.device
     model: torch.nn.Module  # the unwrapped module
+    dp_rank: int  # data-parallel rank and size: which slice of each step's batch this rank trains on
+    dp_size: int  # (= rank, world_size except under tensor parallelism, where TP ranks share a slice)
 
     def _join(self, engine_cfg) -> None:
         """Join the process group (if launched under torchrun), set intra-op threads and pick the
@@ -32,6 +34,7 @@ class Engine(ABC):
         from .. import dist
 
         self.rank, self.world_size, local = dist.init(engine_cfg.backend)
+        self.dp_rank, self.dp_size = dist.data_parallel(self.rank, self.world_size, getattr(engine_cfg, "tensor_parallel", 1))
         if engine_cfg.threads:
             torch.set_num_threads(engine_cfg.threads)
         if engine_cfg.device == "cuda" or (engine_cfg.device == "auto" and torch.cuda.is_available()):
@@ -48,6 +51,22 @@ class Engine(ABC):
         backward; ``on_losses(tokens, domains, token_losses)``: called per micro-batch (DoReMi's
         reference-model pass). Returns this rank's per-domain (sum of token losses, token count),
         both float64 [K]."""
+
+    def _step_buffers(self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int):
+        """What a forward_backward starts from: zeroed per-domain (loss sums, token counts), this
+        rank's tokens per step (every sequence is full length; normalising by it makes the gradient
+        reduction's mean over ranks the mean over all tokens of the step) and the loss weights on
+        the device."""
+        zeros = lambda: torch.zeros(num_domains, dtype=torch.float64)  # noqa: E731
+        tokens_per_rank = sum(mb.domains.numel() * (mb.tokens.shape[1] - 1) for mb in micro_batches)
+        return zeros(), zeros(), tokens_per_rank, loss_weights.to(self.device, torch.float32)
+
+    @staticmethod
+    def _add_losses(sums: torch.Tensor, counts: torch.Tensor, domains: torch.Tensor, losses: torch.Tensor) -> None:
+        """Add a micro-batch's token losses [b, T] to the per-domain sums and counts."""
+        per_seq = losses.detach().double().sum(dim=1).cpu()
+        sums.index_add_(0, domains, per_seq)
+        counts.index_add_(0, domains, torch.full_like(per_seq, losses.shape[1]))
 
     @abstractmethod
     def optimizer_step(self, lr: float) -> float:

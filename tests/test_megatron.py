@@ -1,0 +1,236 @@
+"""engine=megatron: megatron-core GPTModel under tensor and data parallelism on 2 gloo ranks.
+
+- the first 20 per-step losses (overall and per domain), the global gradient norm (clipping is
+  active), the probe's alignments and per-domain norms (DGA, probe inside the training backward)
+  and the evaluation losses of TP=2 and of DP=2 match engine=megatron on one rank within 1e-4;
+- every rank holds bit-identical domain weights at every shard boundary; DP replicas identical
+  parameters;
+- a TP=2 run killed mid-shard (train.fail_at_step) resumes exactly from its per-TP-rank shards;
+- the probe on tensor-parallel layers against an oracle (tests/scripts/megatron_probe.py);
+- checkpoint layout, TP mismatch at resume, knob validation.
+"""
+
+import json
+import re
+
+import pytest
+
+from helpers import REPO, losses_by_step, make_shardset, run_torchrun, tiny_values
+from trainer import checkpoint
+from trainer.config import ConfigError, EngineConfig, load_config
+
+pytest.importorskip("megatron.core")
+
+SCRIPT = REPO / "tests" / "scripts" / "run_config.py"
+PROBE_SCRIPT = REPO / "tests" / "scripts" / "megatron_probe.py"
+REL = 1e-4
+DGA = {"name": "dga", "target": "target:wordy", "update_every": 2, "mu": 0.003, "ema": 0.5, "source": "in_batch",
+       "target_sequences": 4}
+# name -> (ranks, engine.tensor_parallel, grad_accum): 8 sequences per step everywhere
+LAYOUTS = {"one": (1, 1, 4), "tp2": (2, 2, 4), "dp2": (2, 1, 2)}
+
+
+def _values(data, run_dir, name: str, **extra):
+    """20 steps of 2-sequence micro-batches, shards of 4 steps, a checkpoint every 5."""
+    _, tp, accum = LAYOUTS[name]
+    return tiny_values(data, run_dir, **{
+        "train.steps": 20, "train.micro_batch": 2, "train.grad_accum": accum, "train.eval_every": 5,
+        "train.checkpoint_every": 5, "data.steps_per_shard": 4,
+        "engine": {"name": "megatron", "threads": 1, "tensor_parallel": tp}, "mixture": DGA, **extra})
+
+
+def _launch(name: str, values: dict, cfg_path):
+    cfg_path.write_text(json.dumps(values))
+    return run_torchrun(LAYOUTS[name][0], SCRIPT, str(cfg_path))
+
+
+def _ranks(run_dir, n: int = 2) -> list[dict]:
+    return [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(n)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("megatron")
+    data = make_shardset(root / "data")
+    out = {"root": root, "data": data}
+    for name in LAYOUTS:
+        proc = _launch(name, _values(data, root / name, name), root / f"{name}.json")
+        assert proc.returncode == 0, f"{name}:\n{proc.stderr[-3000:]}"
+        out[name] = root / name
+    return out
+
+
+def _max_rel(ref: dict, got: dict) -> dict[str, float]:
+    """Largest relative difference per kind of value (alignments relative to the step's largest);
+    asserts the two runs logged the same keys at the same steps."""
+    assert got.keys() == ref.keys()
+    worst: dict[str, float] = {}
+    for step, rec in ref.items():
+        assert got[step].keys() == rec.keys(), step
+        align = {k: v for k, v in rec.items() if k.startswith("probe/align/")}
+        align_scale = max((abs(v) for v in align.values()), default=0.0)
+        for key, v in rec.items():
+            if not isinstance(v, float):
+                continue
+            scale = align_scale if key in align else max(abs(v), 1.0 if key.startswith("mixture/") else 0.0)
+            kind = "/".join(key.split("/")[:2])
+            d = abs(got[step][key] - v) / scale if scale else abs(got[step][key] - v)
+            worst[kind] = max(worst.get(kind, 0.0), d)
+    return worst
+
+
+@pytest.mark.parametrize("layout", ["tp2", "dp2"])
+def test_losses_alignments_and_weights_match_one_rank(runs, layout):
+    ref, got = losses_by_step(runs["one"]), losses_by_step(runs[layout])
+    assert len([s for s in ref if "train/loss" in ref[s]]) == 20
+    assert sum(k.startswith("probe/align/") for rec in ref.values() for k in rec) >= 9 * 3  # the update steps
+    worst = _max_rel(ref, got)
+    for kind in ("train/loss", "train/grad_norm", "probe/align", "probe/grad_norm", "eval/loss", "target/wordy",
+                 "mixture/weight"):
+        assert kind in worst, kind
+    print(layout, {k: f"{v:.1e}" for k, v in sorted(worst.items())})
+    assert max(worst.values()) <= REL, worst
+    ref_hist, got_hist = _ranks(runs["one"], 1)[0]["history"], _ranks(runs[layout])[0]["history"]
+    assert [h["counts"] for h in got_hist] == [h["counts"] for h in ref_hist]  # the same samples were drawn
+    assert len({json.dumps(h["weights"]) for h in ref_hist}) > 3  # the weights moved
+
+
+@pytest.mark.parametrize("layout", ["tp2", "dp2"])
+def test_every_rank_holds_the_same_weights(runs, layout):
+    ranks = _ranks(runs[layout])
+    assert ranks[0]["history"] == ranks[1]["history"]  # bit-identical at every shard boundary
+    assert ranks[0]["step"] == ranks[1]["step"] == 20
+    if layout == "dp2":  # replicas hold the same parameters; under TP each rank holds its own shard
+        assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    else:
+        assert ranks[0]["params_sha256"] != ranks[1]["params_sha256"]
+
+
+def test_checkpoint_holds_every_tp_shard(runs):
+    path = checkpoint.latest(runs["tp2"] / "checkpoints")
+    assert path is not None and path.name == "step_00000020"
+    assert sorted(p.name for p in (path / "megatron").iterdir()) == ["tp_rank_00.pt", "tp_rank_01.pt"]
+    assert (path / "state.pt").is_file() and (path / "meta.json").is_file()
+    assert checkpoint.load_meta(path)["engine"] == {"name": "megatron", "tensor_parallel": 2}
+    import torch
+
+    shards = [torch.load(path / "megatron" / f"tp_rank_{r:02d}.pt", weights_only=False) for r in range(2)]
+    key = "embedding.word_embeddings.weight"
+    assert shards[0]["model"][key].shape == shards[1]["model"][key].shape  # half of the padded vocabulary each
+    assert not torch.equal(shards[0]["model"][key], shards[1]["model"][key])
+    one = torch.load(checkpoint.latest(runs["one"] / "checkpoints") / "megatron" / "tp_rank_00.pt", weights_only=False)
+    full = one["model"][key]
+    assert shards[0]["model"][key].shape[0] * 2 == full.shape[0]
+    assert shards[0]["optimizer"]["state"] and shards[1]["optimizer"]["state"]  # AdamW moments of each shard
+    with pytest.raises(ValueError, match="engine=megatron"):
+        checkpoint.load(path, rank=0)  # no offline reader for TP shards: a clear refusal
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"engine\.tensor_parallel: checkpoint 2 vs now 1"):
+        checkpoint.check_engine_format(path, checkpoint.load_meta(path)["engine"],
+                                       checkpoint.engine_format(EngineConfig(name="megatron", tensor_parallel=1)))
+
+
+def _crash_and_resume(runs, name: str):
+    root, data = runs["root"], runs["data"]
+    run_dir = root / f"{name}_resumed"
+    crashed = _launch(name, _values(data, run_dir, name, **{"train.fail_at_step": 12}), root / f"{name}_a.json")
+    assert crashed.returncode != 0  # os._exit(17) on every rank
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["latest.json", "step_00000005", "step_00000010"], names
+    resumed = _launch(name, _values(data, run_dir, name), root / f"{name}_b.json")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 10" in resumed.stdout  # mid-shard: shard 2 is steps 8-11
+    ref_dir = runs[name]
+    assert losses_by_step(run_dir) == losses_by_step(ref_dir)  # bit-exact: losses, alignments, weights, evals
+    run_ranks, ref_ranks = _ranks(run_dir), _ranks(ref_dir)
+    for r in range(2):
+        assert run_ranks[r]["history"] == ref_ranks[r]["history"]
+        assert run_ranks[r]["params_sha256"] == ref_ranks[r]["params_sha256"]
+    assert (run_dir / "weights.jsonl").read_text() == (ref_dir / "weights.jsonl").read_text()
+
+
+def test_resume_tp2_is_exact(runs):
+    _crash_and_resume(runs, "tp2")
+
+
+@pytest.mark.slow
+def test_resume_dp2_is_exact(runs):
+    _crash_and_resume(runs, "dp2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixture", [
+    {"name": "dga", "target": "target:wordy", "update_every": 2, "mu": 0.003, "ema": 0.5, "source": "probe_batch",
+     "probe_sequences": 2, "target_sequences": 4},  # probe batches split over DP ranks, shared by TP ranks
+    {"name": "doge", "target": "heldout", "mu": 0.01},  # per-domain loss weights (proxy mode) + norms
+], ids=["dga_probe_batch", "doge"])
+def test_other_gradient_controllers_match_one_rank_under_tp(runs, mixture):
+    root, data = runs["root"], runs["data"]
+    dirs = {}
+    for name in ("one", "tp2"):
+        dirs[name] = root / f"{mixture['name']}_{name}"
+        values = _values(data, dirs[name], name, **{"train.steps": 10, "train.checkpoint_every": 0, "mixture": mixture})
+        proc = _launch(name, values, root / f"{mixture['name']}_{name}.json")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    worst = _max_rel(losses_by_step(dirs["one"]), losses_by_step(dirs["tp2"]))
+    assert "probe/align" in worst and "probe/grad_norm" in worst
+    assert max(worst.values()) <= REL, worst
+
+
+@pytest.mark.parametrize("tp", [pytest.param(1, marks=pytest.mark.slow), 2])
+def test_probe_on_tensor_parallel_layers_matches_oracle(tmp_path, tp):
+    proc = run_torchrun(2, PROBE_SCRIPT, str(tp), str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"probe_rank{r}.json").read_text()) for r in range(2)]
+    for out in ranks:
+        assert out["grad_err"] < 1e-5  # route M's sum is the training gradient
+        assert out["gram_err"] < 1e-5 and out["norm_err"] < 1e-5 and out["align_err"] < 1e-5, out
+    assert ranks[0]["norms"] == ranks[1]["norms"]  # every rank reports the same statistics
+    assert ranks[0]["ref_norm"] == ranks[1]["ref_norm"]
+    if tp == 2:
+        assert [r["tp_rank"] for r in ranks] == [0, 1]
+        # shards differ, and the TP-summed norm is not either rank's local one
+        assert ranks[0]["local_ref_norm"] < ranks[0]["ref_norm"] and ranks[1]["local_ref_norm"] < ranks[1]["ref_norm"]
+        assert all("not supported under tensor parallelism" in r["sketch_refused"] for r in ranks)
+    else:
+        assert ranks[0]["local_ref_norm"] == ranks[0]["ref_norm"]
+
+
+def _engine(**knobs):
+    return {"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64},
+            "engine": {"name": "megatron", **knobs}}
+
+
+@pytest.mark.parametrize("knobs, world, message", [
+    ({"tensor_parallel": 0}, 1, "engine.tensor_parallel=0; allowed: an integer >= 1"),
+    ({"tensor_parallel": True}, 1, "engine.tensor_parallel=True; allowed: an integer >= 1"),
+    ({"tensor_parallel": "2"}, 2, "engine.tensor_parallel='2'; allowed: an integer >= 1"),
+    ({"tensor_parallel": 2}, 3, "engine.tensor_parallel=2 does not divide the 3 ranks; allowed: [1, 3]"),
+    ({"tensor_parallel": 4}, 4, "engine.tensor_parallel=4 does not divide model.n_head=2; allowed: [1, 2]"),
+    ({"tensor_parallel": 2, "vocab_multiple": 63}, 2, "engine.vocab_multiple=63 must be a positive multiple of engine.tensor_parallel=2"),
+])
+def test_knob_validation_names_the_knob(monkeypatch, knobs, world, message):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(_engine(**knobs))
+
+
+def test_megatron_knobs_refused_with_other_engines():
+    with pytest.raises(ConfigError, match=r"engine\.tensor_parallel applies to engine\.name=megatron only"):
+        load_config({"engine": {"name": "torch", "tensor_parallel": 2}})
+    with pytest.raises(ConfigError, match=r"engine\.zero_stage applies to engine\.name=deepspeed only"):
+        load_config(_engine(zero_stage=1))
+    cfg = load_config(_engine(tensor_parallel=1))
+    assert cfg.engine.vocab_multiple == 128
+
+
+def test_hydra_group_composes():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base=None, config_dir=str(REPO / "conf")):
+        raw = compose(config_name="config", overrides=["engine=megatron", "engine.tensor_parallel=1"])
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(raw, resolve=True)
+    values.pop("hydra", None)
+    cfg = load_config(values)
+    assert cfg.engine.name == "megatron" and cfg.engine.tensor_parallel == 1 and cfg.engine.vocab_multiple == 128

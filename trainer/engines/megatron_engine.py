@@ -1,0 +1,197 @@
+"""Megatron-core engine (``engine=megatron``): GPTModel with tensor and data parallelism.
+
+- Process groups: the loop's group, then ``parallel_state.initialize_model_parallel(TP, PP=1)``;
+  ranks are TP-fastest, so data-parallel rank = rank // TP and size = ranks / TP. Both TP ranks of a
+  replica see the same micro-batches (the loop shards data with ``dp_rank``/``dp_size``).
+- Model: ``trainer.models.megatron_gpt`` (local layer spec; the Transformer Engine spec when CUDA and
+  TE are present), vocabulary padded to ``engine.vocab_multiple``. On CPU the CUDA shim
+  (``megatron_shim``) is applied and ``use_cpu_initialization`` draws full matrices before slicing,
+  so every TP size starts from the same weights for the same seed.
+- Gradients: megatron's DistributedDataParallel (fp32 grad buffer, no overlap, no distributed
+  optimizer) reduces over the data-parallel group into ``param.main_grad``; ``finish_grad_sync``
+  runs once per step after the last micro-batch. megatron's optimizers hard-code CUDA buffers, so a
+  torch AdamW (``torch_ddp.adamw``'s groups) steps on the local shards with ``.grad`` pointed at
+  ``main_grad``.
+- Clipping: the global norm sums squared norms of sharded parameters over the TP group and counts
+  replicated ones (layer norms, row-parallel biases, position table) once; after the DP reduction
+  every DP replica holds the same gradient, so no DP sum is needed.
+- Loss accounting: per-domain loss sums / token counts are returned by TP rank 0 of each replica
+  only (zeros elsewhere), so the loop's all-reduce over every rank counts each token once; the same
+  for ``token_loss_sum`` and the ``on_losses`` hook.
+- Checkpoints (``save_checkpoint``/``load_checkpoint``, inside ``trainer.checkpoint``'s atomic
+  directory): rank 0 writes the loop state as ``state.pt``; the first DP replica's ranks each write
+  ``megatron/tp_rank_XX.pt`` (their model shard and AdamW state). ``meta.json`` records
+  ``engine.tensor_parallel``; a different TP is refused at resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint
+from ..config import ConfigError, EngineConfig, ModelConfig, TrainConfig
+from ..models import token_losses
+from .base import Engine, MicroBatch, register
+from .torch_ddp import adamw
+
+CHECKPOINT_SUBDIR = checkpoint.MEGATRON_DIR
+"""Where the per-TP-rank shard files go inside a mixtrain checkpoint directory."""
+
+
+def _shard_file(directory: Path, tp_rank: int) -> Path:
+    return Path(directory) / CHECKPOINT_SUBDIR / f"tp_rank_{tp_rank:02d}.pt"
+
+
+def _transformer_engine_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@register("megatron")
+class MegatronEngine(Engine):
+    def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, train_cfg: TrainConfig):
+        self._join(engine_cfg)
+        tp = int(engine_cfg.tensor_parallel)
+        if self.world_size % tp:
+            raise ConfigError(f"engine.tensor_parallel={tp} does not divide the {self.world_size} ranks; allowed: "
+                              f"{[d for d in range(1, self.world_size + 1) if self.world_size % d == 0]}")
+        if not torch.distributed.is_initialized():
+            # one process without torchrun: megatron's parallel_state needs a group all the same
+            torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        elif torch.cuda.is_available():
+            raise ConfigError("engine=megatron with engine.device=cpu needs a machine without CUDA (megatron-core allocates "
+                              "on the CUDA device when one exists, and the CPU shim is never applied there); use engine.device=auto")
+        from .megatron_shim import apply_cpu_shim
+
+        apply_cpu_shim()  # no-op when CUDA is present
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        from ..models.megatron_gpt import ParallelLayout, build_megatron_gpt
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
+        self.layout = ParallelLayout(
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp,
+            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
+            tp_group=parallel_state.get_tensor_model_parallel_group(), dp_group=parallel_state.get_data_parallel_group())
+        if (self.layout.dp_rank, self.layout.dp_size) != (self.rank // tp, self.world_size // tp):
+            raise RuntimeError("megatron's rank order is not TP-fastest; the loop's data sharding assumes it")
+        self.dp_rank, self.dp_size = self.layout.dp_rank, self.layout.dp_size
+        self.train_cfg, self.engine_cfg = train_cfg, engine_cfg
+
+        torch.manual_seed(train_cfg.seed)  # same full-matrix draws on every rank and every TP size
+        model_parallel_cuda_manual_seed(train_cfg.seed)  # megatron's dropout RNG tracker
+        self.model = build_megatron_gpt(model_cfg, engine_cfg.vocab_multiple, self.layout,
+                                        use_te=_transformer_engine_available(), cpu=self.device.type == "cpu").to(self.device)
+        gpt = self.model.gpt
+        self.ddp = DistributedDataParallel(
+            gpt.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                      use_distributed_optimizer=False), gpt)
+        self.optimizer = adamw(self.model, train_cfg)
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @property
+    def _counts_here(self) -> bool:
+        return self.layout.tp_rank == 0
+
+    # ---- the contract -------------------------------------------------------------------------
+    def forward_backward(self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int,
+                         probe=None, on_losses=None):
+        # megatron's DDP averages over the DP group: with this replica's tokens per step as the
+        # denominator, the gradient is the mean over all tokens of the step
+        sums, counts, tokens_per_rank, lw = self._step_buffers(micro_batches, loss_weights, num_domains)
+        for mb in micro_batches:
+            recording = probe.micro_batch(mb.domains) if probe is not None else contextlib.nullcontext()
+            tokens, doms = mb.tokens.to(self.device), mb.domains.to(self.device)
+            with recording:
+                losses = token_losses(self.model, tokens)  # [b, T]
+                objective = (losses * lw[doms].unsqueeze(1)).sum() / tokens_per_rank
+                objective.backward()
+            if not self._counts_here:
+                continue
+            if on_losses is not None:
+                on_losses(tokens, mb.domains, losses.detach())
+            self._add_losses(sums, counts, mb.domains, losses)
+        self.ddp.finish_grad_sync()  # all-reduce (mean) of main_grad over the data-parallel group
+        return sums, counts
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the reduced gradient (float64): shards summed over TP, replicas once."""
+        sq = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for p in self._params:
+            if p.main_grad is not None and self.layout.counted_here(p):
+                sq += p.main_grad.double().pow(2).sum()
+        return self.layout.tp_sum(sq).sqrt()
+
+    def optimizer_step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        norm = self.grad_norm()
+        clip = self.train_cfg.grad_clip
+        # torch.nn.utils.clip_grad_norm_'s rule, on the global norm
+        coef = torch.clamp(clip / (norm + 1e-6), max=1.0).float() if clip > 0 else None
+        for p in self._params:
+            p.grad = p.main_grad if coef is None else p.main_grad.mul_(coef)
+        self.optimizer.step()
+        for p in self._params:
+            p.grad = None  # else autograd would accumulate into main_grad and DDP's hook add it again
+        self.ddp.zero_grad_buffer()
+        return float(norm)
+
+    def state_dict(self) -> dict:
+        """This rank's shards: the model (megatron's keys, local slices) and the AdamW state."""
+        # megatron adds `_extra_state` entries (None without Transformer Engine): tensors only
+        return {"model": {k: v.detach().clone() for k, v in self.model.gpt.state_dict().items() if torch.is_tensor(v)},
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            missing, unexpected = self.model.gpt.load_state_dict(state["model"], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise KeyError(f"megatron state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    @torch.no_grad()
+    def token_loss_sum(self, batch: torch.Tensor) -> tuple[float, int]:
+        """Collective over the TP group (every TP rank runs the forward); counted on TP rank 0."""
+        loss, n = super().token_loss_sum(batch)
+        return (loss, n) if self._counts_here else (0.0, 0)
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self, directory: Path, client_state: dict | None) -> None:
+        """Collective. Rank 0 writes the loop's state (``client_state``) as ``state.pt``; each rank of
+        the first data-parallel replica writes its TP shard (DP replicas hold identical copies)."""
+        if client_state is not None:
+            torch.save(client_state, Path(directory) / "state.pt")
+        if self.layout.dp_rank == 0:
+            path = _shard_file(directory, self.layout.tp_rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"tensor_parallel": self.layout.tp_size, "tp_rank": self.layout.tp_rank, **self.state_dict()}, path)
+
+    def load_checkpoint(self, directory: Path) -> dict:
+        """This rank's TP shard and the loop's state from ``directory``."""
+        path = _shard_file(directory, self.layout.tp_rank)
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} holds no megatron shard for TP rank {self.layout.tp_rank} ({path})")
+        shard = torch.load(path, map_location=self.device, weights_only=False)
+        if shard["tensor_parallel"] != self.layout.tp_size:
+            raise checkpoint.CheckpointMismatch(
+                f"checkpoint {directory} was written with engine.tensor_parallel={shard['tensor_parallel']}, "
+                f"now engine.tensor_parallel={self.layout.tp_size}; resume with the same value")
+        self.load_state_dict(shard)
+        return torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=False)
