@@ -91,7 +91,6 @@ def _assert_one_restart_from(proc, run: Path, killed_rank: int, step: int) -> No
     assert f"done: {STEPS} steps" in proc.log
 
 
-@pytest.mark.slow
 def test_rank_killed_between_checkpoints(ref, tmp_path):
     """Rank 1 dies after step 7 (checkpoint 4 complete, shard 2 planned and logged): the restarted
     group resumes mid-shard at step 4 and replays shards 1-2 exactly."""
