@@ -305,8 +305,8 @@ def study(out: Path, conditions: list[str], seeds: list[int], jobs: int, n_rando
     runs, _ = collect([str(out / "main")])
     table = summarize(out, runs)
     (out / "study.md").write_text(table)
-    print(f"\n{table}\n[study] {time.time() - t0:.0f} s; per-run table {out / 'compare.md'}, plots "
-          f"{', '.join(p.name for p in comparison.files)}, ranking {out / 'study.md'}", flush=True)
+    print(f"\n{table}\n[study] {time.time() - t0:.0f} s; in {out}: {', '.join(p.name for p in comparison.files)} "
+          f"(per-run table and plots), study.md (this ranking)", flush=True)
     return out
 
 
