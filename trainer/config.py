@@ -254,10 +254,11 @@ class EngineConfig:
     """deepspeed: folder for nvme offload (required when an offload knob is nvme)."""
     zero3_whole_params: bool = False
     """deepspeed, zero_stage = 3: keep every parameter whole on every rank (gradients and optimizer
-    states stay partitioned, so parameter memory is that of ZeRO-2). The gradient probe needs it:
-    with false (DeepSpeed's ZeRO-3, parameters partitioned between uses) controllers that ask for
-    gradient signals (dga, doge, tikmix, ...) are refused; loss-only controllers (uniform, static,
-    temperature, doremi, odm, ...) run either way."""
+    states stay partitioned, so parameter memory is that of ZeRO-2). The gradient probe works either
+    way: with false (DeepSpeed's ZeRO-3, parameters partitioned between uses) it reads the parameters'
+    full shapes from DeepSpeed (ds_shape), so controllers that ask for gradient signals (dga, doge,
+    tikmix, ...) run too, except with engine.offload_param=nvme (untested, refused); loss-only
+    controllers (uniform, static, temperature, doremi, odm, ...) run either way."""
     ds_config: dict = field(default_factory=dict)
     """deepspeed: extra ds_config entries merged last (recursively), e.g.
     {zero_optimization: {reduce_bucket_size: 5e7, overlap_comm: true}}. Keys another knob sets

@@ -245,6 +245,12 @@ class _MicroBatch:
             self._open_state().rows(slot, self.domains, self.domains_t, ids, values, bounds)
 
 
+def _full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's real shape: DeepSpeed's ZeRO-3 keeps a partitioned parameter's as ``ds_shape``
+    (``p.shape`` is (0,) between uses); the pieces and gradients the probe sees are full-shaped."""
+    return torch.Size(getattr(p, "ds_shape", p.shape))
+
+
 def _products(a: torch.Tensor, b: torch.Tensor, block: int = 4096) -> torch.Tensor:
     """a @ bᵀ (float64) for long rows: fp32 partial products over blocks of ``block`` columns (one
     batched GEMM), summed in float64. A single fp32 GEMM over millions of columns loses up to ~1e-4
@@ -294,8 +300,9 @@ class Probe:
         self._slots: dict[int, _Slot] = {}
         offset = 0
         for i, p in enumerate(self.params):
-            self._slots[id(p)] = _Slot(i, offset, p.numel(), p.shape[-1], not tp or self.layout.counted_here(p))
-            offset += p.numel()
+            shape = _full_shape(p)  # not p.shape: (0,) for a partitioned ZeRO-3 parameter
+            self._slots[id(p)] = _Slot(i, offset, shape.numel(), shape[-1], not tp or self.layout.counted_here(p))
+            offset += shape.numel()
         self.P = offset
         self._tap = Tap()
         self._layers = [m for m in model.modules() if isinstance(m, ProbeAware)]
@@ -324,7 +331,7 @@ class Probe:
         if self._tap.current is not None:
             raise RuntimeError("reference_gradient() inside micro_batch(): its forward would be recorded as training data")
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        return [p.new_zeros(_full_shape(p)) if g is None else g for p, g in zip(self.params, grads)]
 
     def _tp_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of per-shard partial products over the tensor-parallel group (identity without TP).
@@ -369,7 +376,7 @@ class Probe:
         if len(refs) != spec.refs:
             raise ValueError(f"spec.refs={spec.refs} but {len(refs)} reference vectors were given")
         for r in refs:
-            if len(r) != len(self.params) or any(t.shape != p.shape for t, p in zip(r, self.params)):
+            if len(r) != len(self.params) or any(t.shape != _full_shape(p) for t, p in zip(r, self.params)):
                 raise ValueError("a reference vector must have one tensor per trainable parameter, shaped like it")
         flat_refs = torch.stack([torch.cat([t.detach().reshape(-1).float() for t in r]) for r in refs]).to(self.device) if refs else None
         exact = spec.products and spec.sketch_dim == 0 and self._exact_fits()

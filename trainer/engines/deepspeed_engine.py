@@ -24,14 +24,15 @@ and ``load_checkpoint`` below; ``trainer.checkpoint`` puts them inside its atomi
 The probe under ZeRO-3. The probe-aware layers save the weight for their backward and DeepSpeed
 re-gathers it (module hooks) before the layer's backward runs, so the per-domain pieces a layer hands
 the probe are full-shaped, and reference gradients taken with ``torch.autograd.grad`` through the
-unwrapped module come back full-shaped too (both checked). What the probe does not handle is a
-parameter that is partitioned while it is not in use: it reads every parameter's shape when it is
-built and compares reference gradients to ``p.shape``, which is ``(0,)`` for a partitioned
-parameter. So gradient signals need ``engine.zero3_whole_params=true``: every parameter is made
-"persistent" (DeepSpeed re-gathers persistent parameters after each step) and exempt from the
-release DeepSpeed performs while it records a new module trace (``_whole_params``). Gradients and
-optimizer states stay partitioned. With DeepSpeed's own ZeRO-3 (the default) a controller that asks
-for gradient signals is refused with a ConfigError naming that knob.
+unwrapped module (whose forward gathers the parameters) come back full-shaped too. The probe sizes its
+slots and accumulators from a parameter's full shape (DeepSpeed's ``ds_shape``; ``p.shape`` is
+``(0,)`` while a parameter is partitioned), so gradient signals work with DeepSpeed's own ZeRO-3
+(the default, parameters partitioned between uses, also offloaded to CPU) and with
+``engine.zero3_whole_params=true``: every parameter is made "persistent" (DeepSpeed re-gathers
+persistent parameters after each step) and exempt from the release DeepSpeed performs while it
+records a new module trace (``_whole_params``). Gradients and optimizer states stay partitioned either
+way. Only partitioned parameters offloaded to nvme (untested) refuse a controller that asks for
+gradient signals, with a ConfigError naming the knobs.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ class DeepSpeedEngine(Engine):
         self._view: _FullOptimizerView | None = None
         self._partitioned = self.zero_stage == 3 and not engine_cfg.zero3_whole_params
         self._training_forward = False
-        if self._partitioned:
+        if self._partitioned and engine_cfg.offload_param == "nvme":
             self.model.register_forward_pre_hook(self._refuse_gradient_forward)
         self._whole_params()
         if self.rank == 0 and self.zero_stage == 3:
@@ -243,13 +244,13 @@ class DeepSpeedEngine(Engine):
         partial = [n for n, p in self.model.named_parameters() if p.numel() != getattr(p, "ds_numel", p.numel())]
         if partial or len(persistent) != len(params):
             raise RuntimeError("engine.zero3_whole_params=true could not keep every parameter whole with this DeepSpeed "
-                               f"version (partitioned: {partial[:5]}); set it to false (no gradient signals then)")
+                               f"version (partitioned: {partial[:5]}); set it to false (DeepSpeed's partitioned parameters)")
 
     def _refuse_gradient_forward(self, module, args) -> None:
-        """Partitioned ZeRO-3 parameters: a gradient-enabled forward of the unwrapped model outside
-        the training step is a controller's reference or probe-batch gradient, which the probe cannot
-        take from partitioned parameters: refuse it with the knob to turn. (The probe is built before
-        that forward and records nothing wrong until then; evaluation runs under no_grad.)"""
+        """Partitioned ZeRO-3 parameters offloaded to nvme: a gradient-enabled forward of the unwrapped
+        model outside the training step is a controller's reference or probe-batch gradient, which is
+        not supported there: refuse it with the knobs to turn. (The probe is built before that forward
+        and records nothing wrong until then; evaluation runs under no_grad.)"""
         if torch.is_grad_enabled() and not self._training_forward:
             self._check_probe(True)
 
@@ -279,10 +280,10 @@ class DeepSpeedEngine(Engine):
         return self._view
 
     def _check_probe(self, probe) -> None:
-        if probe is not None and self._partitioned:
-            raise ConfigError("this controller asks for gradient signals; the gradient probe needs every parameter whole on "
-                              "every rank, which DeepSpeed's ZeRO-3 partitions: set engine.zero3_whole_params=true "
-                              "(gradients and optimizer states stay partitioned) or use a loss-only controller")
+        if probe is not None and self._partitioned and self.engine_cfg.offload_param == "nvme":
+            raise ConfigError("this controller asks for gradient signals; the gradient probe is not supported with partitioned "
+                              "ZeRO-3 parameters offloaded to nvme (engine.offload_param=nvme, untested): set "
+                              "engine.offload_param=cpu or none, or engine.zero3_whole_params=true, or use a loss-only controller")
 
     def forward_backward(self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int,
                          probe=None, on_losses=None):
