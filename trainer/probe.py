@@ -117,11 +117,10 @@ class _Exact:
 class _StepState:
     """The linear accumulators of one optimizer step (see the module docstring)."""
 
-    layout = None
-    """The model's tensor-parallel layout (``Probe.layout``), None without TP."""
-
-    def __init__(self, K: int, spec: ProbeSpec, refs: torch.Tensor | None, exact: _Exact | None, sketch_dim: int, device):
+    def __init__(self, K: int, spec: ProbeSpec, refs: torch.Tensor | None, exact: _Exact | None, sketch_dim: int, device,
+                 layout=None):
         self.K, self.spec, self.refs, self.sketch_dim = K, spec, refs, sketch_dim
+        self.layout = layout  # the model's tensor-parallel layout (Probe.layout), None without TP
         self.seqs = torch.zeros(K, device=device)
         self.exact = exact
         self.align = torch.zeros(K, spec.refs, dtype=torch.float64, device=device) if spec.refs and exact is None else None
@@ -396,8 +395,7 @@ class Probe:
         if exact and self._exact_rows is None:
             self._exact_rows = torch.empty(self.K, self.P, device=self.device)
         accumulators = _Exact(self._exact_rows, list(self._slots.values())) if exact else None
-        self._state = _StepState(K, spec, flat_refs, accumulators, sketch_dim, self.device)
-        self._state.layout = self.layout
+        self._state = _StepState(K, spec, flat_refs, accumulators, sketch_dim, self.device, self.layout)
 
     @contextlib.contextmanager
     def micro_batch(self, seq_domains: torch.Tensor):

@@ -230,7 +230,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def summarize(out: Path, runs) -> str:
+def summarize(runs) -> str:
     """Markdown: conditions ranked by mean macro validation loss, seeds' spread, targets, and the
     study's checks met/missed."""
     by: dict[str, list] = {}
@@ -299,11 +299,10 @@ def study(out: Path, conditions: list[str], seeds: list[int], jobs: int, n_rando
         print("[study] random draws (macro valid loss): "
               + ", ".join(f"#{k} {v:.3f}" for k, v in scores) + f" → best #{best}", flush=True)
     run_main(out, conditions, seeds, overrides, jobs, env)
-    from .compare import collect, compare
+    from .compare import compare
 
     comparison = compare([str(out / "main")], out=out)
-    runs, _ = collect([str(out / "main")])
-    table = summarize(out, runs)
+    table = summarize(comparison.runs)
     (out / "study.md").write_text(table)
     print(f"\n{table}\n[study] {time.time() - t0:.0f} s; in {out}: {', '.join(p.name for p in comparison.files)} "
           f"(per-run table and plots), study.md (this ranking)", flush=True)

@@ -41,7 +41,7 @@ def main() -> None:
     eng = build_engine(cfg)
     gen = torch.Generator().manual_seed(0)
     # every TP rank of a replica sees the same rows; replicas (DP) see their own
-    tokens = torch.randint(0, 300, (2 * eng.dp_size, 5, 17), generator=gen)[eng.dp_rank]
+    tokens = torch.randint(0, 300, (2 * eng.layout.dp_size, 5, 17), generator=gen)[eng.layout.dp_rank]
     doms = torch.tensor([0, 0, 1, 2, 2])
     lw = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
     ref_batch = torch.randint(0, 300, (3, 17), generator=gen)

@@ -25,8 +25,6 @@ class Engine(ABC):
     world_size: int
     device: torch.device
     model: torch.nn.Module  # the unwrapped module
-    dp_rank: int  # data-parallel rank and size: which slice of each step's batch this rank trains on
-    dp_size: int  # (= rank, world_size except under tensor parallelism, where TP ranks share a slice)
 
     def _join(self, engine_cfg) -> None:
         """Join the process group (if launched under torchrun), set intra-op threads and pick the
@@ -34,7 +32,6 @@ class Engine(ABC):
         from .. import dist
 
         self.rank, self.world_size, local = dist.init(engine_cfg.backend)
-        self.dp_rank, self.dp_size = dist.data_parallel(self.rank, self.world_size, getattr(engine_cfg, "tensor_parallel", 1))
         if engine_cfg.threads:
             torch.set_num_threads(engine_cfg.threads)
         if engine_cfg.device == "cuda" or (engine_cfg.device == "auto" and torch.cuda.is_available()):

@@ -291,10 +291,7 @@ class DeepSpeedEngine(Engine):
         gas = self.ds.gradient_accumulation_steps()
         if len(micro_batches) != gas:
             raise ValueError(f"engine=deepspeed was configured for train.grad_accum={gas} micro-batches per step, got {len(micro_batches)}")
-        sums = torch.zeros(num_domains, dtype=torch.float64)
-        counts = torch.zeros(num_domains, dtype=torch.float64)
-        tokens_per_rank = sum(mb.domains.numel() * (mb.tokens.shape[1] - 1) for mb in micro_batches)
-        lw = loss_weights.to(self.device, torch.float32)
+        sums, counts, tokens_per_rank, lw = self._step_buffers(micro_batches, loss_weights, num_domains)
         for i, mb in enumerate(micro_batches):
             recording = probe.micro_batch(mb.domains) if probe is not None else contextlib.nullcontext()
             tokens, doms = mb.tokens.to(self.device), mb.domains.to(self.device)
@@ -310,9 +307,7 @@ class DeepSpeedEngine(Engine):
                 self.ds.step()  # not a boundary: DeepSpeed's micro-step bookkeeping only
             if on_losses is not None:
                 on_losses(tokens, mb.domains, losses.detach())
-            per_seq = losses.detach().double().sum(dim=1).cpu()
-            sums.index_add_(0, mb.domains, per_seq)
-            counts.index_add_(0, mb.domains, torch.full_like(per_seq, losses.shape[1]))
+            self._add_losses(sums, counts, mb.domains, losses)
         return sums, counts
 
     def _local_grad_norm(self) -> float | None:

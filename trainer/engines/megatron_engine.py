@@ -59,10 +59,7 @@ def _transformer_engine_available() -> bool:
 class MegatronEngine(Engine):
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, train_cfg: TrainConfig):
         self._join(engine_cfg)
-        tp = int(engine_cfg.tensor_parallel)
-        if self.world_size % tp:
-            raise ConfigError(f"engine.tensor_parallel={tp} does not divide the {self.world_size} ranks; allowed: "
-                              f"{[d for d in range(1, self.world_size + 1) if self.world_size % d == 0]}")
+        tp = int(engine_cfg.tensor_parallel)  # divides the ranks: EngineConfig checked it against WORLD_SIZE
         if not torch.distributed.is_initialized():
             # one process without torchrun: megatron's parallel_state needs a group all the same
             torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
@@ -89,7 +86,6 @@ class MegatronEngine(Engine):
             tp_group=parallel_state.get_tensor_model_parallel_group(), dp_group=parallel_state.get_data_parallel_group())
         if (self.layout.dp_rank, self.layout.dp_size) != (self.rank // tp, self.world_size // tp):
             raise RuntimeError("megatron's rank order is not TP-fastest; the loop's data sharding assumes it")
-        self.dp_rank, self.dp_size = self.layout.dp_rank, self.layout.dp_size
         self.train_cfg, self.engine_cfg = train_cfg, engine_cfg
 
         torch.manual_seed(train_cfg.seed)  # same full-matrix draws on every rank and every TP size

@@ -34,12 +34,7 @@ class TorchEngine(Engine):
 
     def forward_backward(self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int,
                          probe=None, on_losses=None):
-        sums = torch.zeros(num_domains, dtype=torch.float64)
-        counts = torch.zeros(num_domains, dtype=torch.float64)
-        # Normalise by this rank's tokens per step (fixed: every sequence is full length), so DDP's
-        # mean over ranks yields the mean over all tokens of the optimizer step.
-        tokens_per_rank = sum(mb.domains.numel() * (mb.tokens.shape[1] - 1) for mb in micro_batches)
-        lw = loss_weights.to(self.device, torch.float32)
+        sums, counts, tokens_per_rank, lw = self._step_buffers(micro_batches, loss_weights, num_domains)
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not isinstance(self.wrapped, DDP) else self.wrapped.no_sync()
@@ -51,9 +46,7 @@ class TorchEngine(Engine):
                 objective.backward()
             if on_losses is not None:
                 on_losses(tokens, mb.domains, losses.detach())
-            per_seq = losses.detach().double().sum(dim=1).cpu()
-            sums.index_add_(0, mb.domains, per_seq)
-            counts.index_add_(0, mb.domains, torch.full_like(per_seq, losses.shape[1]))
+            self._add_losses(sums, counts, mb.domains, losses)
         return sums, counts
 
     def optimizer_step(self, lr: float) -> float:

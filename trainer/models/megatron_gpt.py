@@ -23,6 +23,10 @@ batch-first view of their input, around megatron's own tensor-parallel communica
 - VocabParallelEmbedding: the local lookup of this rank's vocabulary slice, masked, reduced over TP;
 - LayerNorm and the learned position table (replicated): the probed affine / lookup.
 
+The probed paths assume what ``transformer_config`` pins: no sequence parallelism (so no
+reduce-scatter of embeddings) and no gradient-accumulation fusion (which would write ``main_grad``
+inside the backward, past the probe).
+
 Biases that megatron returns separately (``skip_bias_add``) are added inside the layer while probed
 (the layer returns no bias, which megatron's bias-dropout-add and MLP accept), so their gradient is
 split by domain too. Each rank's pieces cover its local shard; the probe sums partial products over
@@ -101,12 +105,6 @@ def _batch_first_linear(x: torch.Tensor, weight, bias, rec) -> torch.Tensor:
     return _LinearFn.apply(x, weight, bias, rec).transpose(0, 1).contiguous()
 
 
-def _refuse_unsupported(layer) -> None:
-    if getattr(layer, "sequence_parallel", False) or getattr(layer.config, "gradient_accumulation_fusion", False):
-        raise NotImplementedError("the gradient probe supports megatron layers without sequence parallelism and "
-                                  "without gradient_accumulation_fusion")
-
-
 def _probed_classes():
     from megatron.core.tensor_parallel import layers as tpl
     from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
@@ -119,7 +117,6 @@ def _probed_classes():
             rec = self._tap.current
             if rec is None:
                 return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
-            _refuse_unsupported(self)
             x = copy_to_tensor_model_parallel_region(input_.transpose(0, 1), group=self.tp_group)
             y = _batch_first_linear(x, self.weight if weight is None else weight, self.bias, rec)
             gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
@@ -132,7 +129,6 @@ def _probed_classes():
             rec = self._tap.current
             if rec is None:
                 return super().forward(input_)
-            _refuse_unsupported(self)
             x = input_ if self.input_is_parallel else scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
             y = _batch_first_linear(x.transpose(0, 1), self.weight, None, rec)
             y = reduce_from_tensor_model_parallel_region(y, group=self.tp_group)
@@ -145,8 +141,6 @@ def _probed_classes():
             rec = self._tap.current
             if rec is None:
                 return super().forward(input_)
-            if self.reduce_scatter_embeddings:
-                raise NotImplementedError("the gradient probe does not support sequence-parallel embeddings")
             ids, outside = input_, None
             if self.tp_group.size() > 1:
                 outside = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
