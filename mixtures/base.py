@@ -143,11 +143,15 @@ class Controller(ABC):
     name: ClassVar[str]
     Config: ClassVar[type]
 
-    def __init__(self, domains: list[str], cfg: Any, *, domain_tokens: np.ndarray | None = None):
+    def __init__(self, domains: list[str], cfg: Any, *, domain_tokens: np.ndarray | None = None,
+                 run_tokens: int | None = None):
+        """``domain_tokens``: training tokens per domain (temperature, UniMax, natural priors);
+        ``run_tokens``: the run's whole training-token budget (steps x global batch x seq_len)."""
         self.domains = list(domains)
         self.K = len(domains)
         self.cfg = cfg
         self.domain_tokens = None if domain_tokens is None else np.asarray(domain_tokens, dtype=np.float64)
+        self.run_tokens = None if run_tokens is None else int(run_tokens)
         self._weights = np.full(self.K, 1.0 / self.K)
         self._sum = np.zeros(self.K)
         self._count = 0
@@ -228,9 +232,9 @@ def config_from_dict(config_cls: type, values: dict, prefix: str = "mixture"):
     return cfg
 
 
-def build_controller(name: str, domains: list[str], values: dict, *, domain_tokens=None) -> Controller:
+def build_controller(name: str, domains: list[str], values: dict, *, domain_tokens=None, run_tokens=None) -> Controller:
     if name not in REGISTRY:
         raise MixtureConfigError(f"mixture.name={name!r} is not a registered controller; allowed: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[name]
     cfg = config_from_dict(cls.Config, values)
-    return cls(domains, cfg, domain_tokens=domain_tokens)
+    return cls(domains, cfg, domain_tokens=domain_tokens, run_tokens=run_tokens)

@@ -136,8 +136,8 @@ class LearnedMixture(Controller):
     sampler's weights, and leaves out the first ``burn_in`` recorded steps.
     """
 
-    def __init__(self, domains, cfg, *, domain_tokens=None, proxy: bool = False, floor: float = 0.0, burn_in: int = 0):
-        super().__init__(domains, cfg, domain_tokens=domain_tokens)
+    def __init__(self, domains, cfg, *, proxy: bool = False, floor: float = 0.0, burn_in: int = 0, **context):
+        super().__init__(domains, cfg, **context)
         self._proxy = proxy
         self._floor = floor
         self._burn_in = burn_in

@@ -106,8 +106,8 @@ class DGA(LearnedMixture):
     name = "dga"
     Config = DgaConfig
 
-    def __init__(self, domains, cfg: DgaConfig, *, domain_tokens=None):
-        super().__init__(domains, cfg, domain_tokens=domain_tokens, floor=cfg.floor)
+    def __init__(self, domains, cfg: DgaConfig, **context):
+        super().__init__(domains, cfg, **context, floor=cfg.floor)
         self.basis = basis_matrix(cfg.basis, self.domains)
         if cfg.basis is not None and np.any(self.basis.sum(axis=0) == 0):
             unused = [d for d, m in zip(self.domains, self.basis.sum(axis=0)) if m == 0]

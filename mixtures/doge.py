@@ -110,8 +110,8 @@ class DoGE(ExponentiatedMixture):
     name = "doge"
     Config = DogeConfig
 
-    def __init__(self, domains, cfg: DogeConfig, *, domain_tokens=None):
-        super().__init__(domains, cfg, domain_tokens=domain_tokens, proxy=cfg.mode == "proxy",
+    def __init__(self, domains, cfg: DogeConfig, **context):
+        super().__init__(domains, cfg, **context, proxy=cfg.mode == "proxy",
                          floor=cfg.floor, burn_in=cfg.burn_in)
 
     def request(self, step: int) -> Request:

@@ -59,8 +59,8 @@ class DoReMi(ExponentiatedMixture):
     name = "doremi"
     Config = DoremiConfig
 
-    def __init__(self, domains, cfg: DoremiConfig, *, domain_tokens=None):
-        super().__init__(domains, cfg, domain_tokens=domain_tokens, proxy=cfg.mode == "proxy")
+    def __init__(self, domains, cfg: DoremiConfig, **context):
+        super().__init__(domains, cfg, **context, proxy=cfg.mode == "proxy")
 
     def request(self, step: int) -> Request:
         return Request(ref_model_loss=True)

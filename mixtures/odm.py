@@ -59,8 +59,8 @@ class ODM(Controller):
     name = "odm"
     Config = OdmConfig
 
-    def __init__(self, domains, cfg: OdmConfig, *, domain_tokens=None):
-        super().__init__(domains, cfg, domain_tokens=domain_tokens)
+    def __init__(self, domains, cfg: OdmConfig, **context):
+        super().__init__(domains, cfg, **context)
         self._reward = np.zeros(self.K)
         self._round = 1
         self._weights = self.policy()

@@ -56,8 +56,8 @@ class Static(_Fixed):
     name = "static"
     Config = StaticConfig
 
-    def __init__(self, domains, cfg, *, domain_tokens=None):
-        super().__init__(domains, cfg, domain_tokens=domain_tokens)
+    def __init__(self, domains, cfg, **context):
+        super().__init__(domains, cfg, **context)
         if cfg.weights is None:
             raise MixtureConfigError(f"mixture.weights_from={cfg.weights_from!r} was not resolved to weights")
         self._weights = apply_floor(check_weights(cfg.weights, self.domains, "mixture.weights"), cfg.floor)
@@ -80,8 +80,8 @@ class Temperature(_Fixed):
     name = "temperature"
     Config = TemperatureConfig
 
-    def __init__(self, domains, cfg, *, domain_tokens=None):
-        super().__init__(domains, cfg, domain_tokens=domain_tokens)
+    def __init__(self, domains, cfg, **context):
+        super().__init__(domains, cfg, **context)
         if self.domain_tokens is None:
             raise MixtureConfigError("mixture=temperature needs the domains' token counts")
         sizes = self.domain_tokens

@@ -564,8 +564,8 @@ class TikmixD(Controller):
     Config = TikmixDConfig
     per_sample = False
 
-    def __init__(self, domains, cfg: TikmixDConfig, *, domain_tokens=None):
-        super().__init__(domains, cfg, domain_tokens=domain_tokens)
+    def __init__(self, domains, cfg: TikmixDConfig, **context):
+        super().__init__(domains, cfg, **context)
         self._stage_tokens = int(cfg.stage_tokens)
         self._prior = prior_weights(cfg.prior, self.K, self.domain_tokens, self.domains)
         self._weights = np.array(apply_floor(self._prior, cfg.floor))

@@ -21,8 +21,8 @@ class LossSoftmax(Controller):
     name = "test_loss_softmax"
     Config = LossSoftmaxConfig
 
-    def __init__(self, domains, cfg, *, domain_tokens=None):
-        super().__init__(domains, cfg, domain_tokens=domain_tokens)
+    def __init__(self, domains, cfg, **context):
+        super().__init__(domains, cfg, **context)
         self.ema = np.zeros(self.K)
         self.updates = 0
 

@@ -75,14 +75,15 @@ def _resolve_model(cfg: Config, data: DataBundle) -> Config:
     return dataclasses.replace(cfg, model=model)
 
 
-def _controller(cfg: Config, data: DataBundle):
+def _controller(cfg: Config, data: DataBundle, global_batch: int):
     values = dict(cfg.mixture)
     name = values.pop("name")
     if values.get("weights_from"):
         if values.get("weights") is not None:
             raise ConfigError("give mixture.weights or mixture.weights_from, not both")
         values["weights"] = read_weights(values["weights_from"])
-    return build_controller(name, data.domains, values, domain_tokens=data.train_tokens)
+    run_tokens = cfg.train.steps * global_batch * cfg.data.seq_len
+    return build_controller(name, data.domains, values, domain_tokens=data.train_tokens, run_tokens=run_tokens)
 
 
 def _pools(cfg: Config, data: DataBundle, subset: str):
@@ -127,9 +128,9 @@ class Loop:
             self.data = load_data(cfg.data, quiet=True)
         self.cfg = cfg = _resolve_model(cfg, self.data)
         self.K = len(self.data.domains)
-        self.controller = _controller(cfg, self.data)
         t = cfg.train
         self.global_batch = t.micro_batch * t.grad_accum * self.dp_size
+        self.controller = _controller(cfg, self.data, self.global_batch)
         pools = _pools(cfg, self.data, cfg.data.subset)
         order, self.scores_meta = _curriculum_order(cfg, self.data, pools)
         self.sampler = DomainSampler(self.data.train_samples, cfg.data.steps_per_shard * self.global_batch,
