@@ -24,13 +24,16 @@ class MixtureConfigError(ValueError):
 class Request:
     """Signals a controller needs at one step. The trainer computes only what is asked for.
 
-    Reference names (for ``align``): ``"heldout"`` — a held-out mixed batch drawn uniformly from
-    every domain's validation split (DoGE universal); ``"target:<name>"`` — a batch of the named
-    target set's few-shot pool (DGA, DoGE OOD); ``"valid:<domain>"`` — a batch of that domain's
-    validation split; ``"target:*"`` and ``"valid:*"`` expand to every target set (sorted by name) and
-    every domain with a validation split (domain order), for controllers that measure many tasks
-    (TiKMiX). Columns of ``DomainStats.align`` follow the expanded list, given in
-    ``DomainStats.align_names``.
+    Reference names (for ``align``): ``"heldout"`` — a mixed batch from every domain's held-out
+    training slice (``data.reference_fraction``; DoGE universal), every domain represented: equal
+    counts, the remainder (or, with fewer sequences than domains, every sequence) on distinct
+    domains drawn at random per step; ``"heldout:<domain>"`` — a batch of that domain's slice;
+    ``"target:<name>"`` — a batch of the named target set's few-shot pool (train split; DGA, DoGE
+    OOD); ``"valid:<domain>"`` — a batch of that domain's validation split, which evaluation also
+    reports (the trainer says so when a run steers on it); ``"heldout:*"``, ``"target:*"`` and
+    ``"valid:*"`` expand to every domain (domain order), every target set (sorted by name) and
+    every domain with a validation split, for controllers that measure many tasks (TiKMiX). Columns
+    of ``DomainStats.align`` follow the expanded list, given in ``DomainStats.align_names``.
     """
 
     loss: bool = True
@@ -176,21 +179,32 @@ class Controller(ABC):
         return Request()
 
     @property
+    def references(self) -> tuple[str, ...]:
+        """Every reference name (``Request.align``) this controller may ask for during the run,
+        known before the run starts: the trainer sets data aside for held-out references and says
+        up front when a reference draws from data that evaluation reports."""
+        return ()
+
+    @property
     def adaptive(self) -> bool:
         """Whether weights can change during a run (static controllers skip the per-step sync)."""
         return True
 
     @abstractmethod
     def observe(self, stats: DomainStats) -> None:
-        """Update from one step's statistics. Must leave state untouched when ``stats`` is not finite."""
+        """Update from one step's statistics. Must leave state untouched when ``stats`` is not finite.
+
+        A controller adds its new weights to the running average (``_record``) itself, on the
+        steps it actually updates: a step skipped for non-finite statistics is not an update and
+        enters neither the weights nor the average's count."""
 
     def metrics(self) -> dict[str, float]:
         """Scalars about the last update worth logging (e.g. TiKMiX's ``pareto_relaxed``); the trainer
         writes them as ``mixture/<key>`` in the step's record."""
         return {}
 
-    def record(self) -> None:
-        """Add the current weights to the running average; called by the trainer once per update."""
+    def _record(self) -> None:
+        """Add the current weights to the running average; called by ``observe`` once per update."""
         self._sum += self._weights
         self._count += 1
 

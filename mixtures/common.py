@@ -160,7 +160,7 @@ class LearnedMixture(Controller):
     def loss_weights(self) -> np.ndarray:
         return self.K * self.mixture if self._proxy else np.ones(self.K)
 
-    def record(self) -> None:
+    def _record(self) -> None:
         self._records += 1
         if self._records > self._burn_in:
             self._sum += self.mixture
@@ -197,6 +197,7 @@ class ExponentiatedMixture(LearnedMixture):
         """log α += step on the present domains, renormalise, mix with uniform by ``eps``."""
         self._logw = mix_uniform_log(mirror_step(self._logw, step, present), eps)
         self._publish()
+        self._record()
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "logw": self._logw.copy()}

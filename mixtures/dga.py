@@ -122,6 +122,10 @@ class DGA(LearnedMixture):
         """Whether step ``step`` is an update step (the last of every block of ``update_every``)."""
         return (step + 1) % self.cfg.update_every == 0
 
+    @property
+    def references(self) -> tuple[str, ...]:
+        return (self.cfg.target,)
+
     def request(self, step: int) -> Request:
         if not self.updates_at(step):
             return Request()
@@ -156,6 +160,7 @@ class DGA(LearnedMixture):
         w_hat = np.exp(mirror_step(safe_log(self._w), eta * a_basis, has))
         self._w = self.cfg.ema * self._w + (1 - self.cfg.ema) * w_hat
         self._publish()
+        self._record()
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "w": self._w.copy()}

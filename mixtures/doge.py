@@ -7,10 +7,11 @@ Source: Fan, Pagliardini, Jaggi, arXiv 2310.15393 (ICML 2024); the update follow
     s_i = η_t S_iT / (mean_i min(||g_i||, C) + 1e-6),  clipped to [η_t dw_min, η_t dw_max]
     log α += s / μ;  α = softmax(log α);  α = (1 - ε) α + ε u
 
-The official code subtracts the self-term S_ii when the target set *is* the training set. mixtrain's
-targets are always a separate reference batch ("heldout": a mix of every domain's validation split,
-the code's shipped ``mix`` target; "target:<name>": an OOD target set), never the training domains
-themselves, so the exclusion never applies and is not implemented.
+The official code is written to subtract the self-term S_ii when the target set is the training
+set, but that branch never runs (it compares two sets of 0-d tensors, which compare by identity),
+and with its shipped held-out ``mix`` target it would not apply anyway. mixtrain's targets are
+always a separate reference batch ("heldout": a mix of every domain's held-out training slice, the
+code's ``mix``; "target:<name>": an OOD target set), so no exclusion is implemented.
 
 Project choices (controllers.md §1.9):
 - Lag-1 recombination: the loss weights of step t use α^t and step t's statistics produce α^{t+1}
@@ -18,8 +19,12 @@ Project choices (controllers.md §1.9):
 - Proxy mode (default): the sampler stays uniform and the update direction Σ_i α_i g_i is realised
   as loss weights K·α_i (see ``ExponentiatedMixture`` for the exact objective); ``average_weights`` is the
   time-averaged α a proxy search exports. Resample mode (not in the paper): the sampler draws from α.
-- A domain absent from the step keeps its weight (``mirror_step``); the official code instead scores
-  it 0, so it loses mass to the others' renormalisation.
+- A domain absent from the step keeps its weight (``mirror_step``) and stays out of the mean-norm
+  normaliser. The official code writes a domain's clipped gradient row only when the domain has a
+  positive loss and never resets it, so an absent domain is scored with its *stale* row from the
+  last step it appeared (the row is zero only before it is first seen), and that row enters the
+  normaliser. With the trainer's batches holding every domain (uniform proxy sampling, b ≥ K) the
+  two agree.
 - ``burn_in`` (default 0 = faithful) leaves the first steps out of the exported average; ``floor``
   (default 0) mixes the output with uniform without entering the state.
 """
@@ -44,8 +49,9 @@ class DogeConfig:
     name: str = "doge"
     """Registry name."""
     target: str = "heldout"
-    """Reference gradient g_T: "heldout" (universal generalization: a mix of every domain's
-    validation split) or "target:<name>" (out-of-domain: that target set's few-shot pool)."""
+    """Reference gradient g_T: "heldout" (universal generalization: a mix of every domain's held-out
+    training slice, ``data.reference_fraction``, as the official code holds out part of the training
+    data) or "target:<name>" (out-of-domain: that target set's few-shot pool)."""
     mu: float | None = None
     """μ, the proximity strength: the log-weight step is s/μ. None picks the official configs' value
     for the target kind: 0.01 universal, 0.05 OOD. Retune when the LR schedule, batch or K change."""
@@ -116,6 +122,10 @@ class DoGE(ExponentiatedMixture):
 
     def request(self, step: int) -> Request:
         return Request(align=(self.cfg.target,), norms=True, ref_sequences=self.cfg.ref_sequences)
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        return (self.cfg.target,)
 
     def scores(self, align: np.ndarray, norms: np.ndarray, ref_norm: float, lr: float, present: np.ndarray) -> np.ndarray:
         """s_i of the present domains (0 elsewhere): clipped alignment over the mean clipped norm."""

@@ -6,7 +6,11 @@ reference model (the trainer measures it on the same batch):
 
     α' = α ⊙ exp(η λ);   α = (1 - c) α'/Σα' + c u
 
-The proxy trains on Σ_i α_i L_i under uniform sampling; the export is the time average ᾱ.
+The proxy trains on Σ_i α_i L_i under uniform sampling; the export is the time average ᾱ. As in
+the official code (``DoReMiTrainer.write_weights`` with the running average seeded by the initial
+weights and a count of 1) ᾱ = (α₀ + α₁ + … + α_T)/(T + 1); the paper writes (1/T) Σ_{t=1}^T α_t,
+which ``average_initial=false`` gives. A step skipped for non-finite statistics is no update: it
+enters neither α nor the average's count.
 
 Project choices (controllers.md §5.6):
 - ``reference`` names a previous mixtrain run directory; the trainer loads its final checkpoint as the
@@ -16,7 +20,10 @@ Project choices (controllers.md §5.6):
 - A domain absent from the step: its λ does not enter and the exponentiated step is renormalised
   among the present domains only, so before smoothing the absent domain's weight is exactly what it
   was. The smoothing with c then applies to every domain, as it is what keeps each weight ≥ c/K.
-  (The official code instead reuses the absent domain's last λ.)
+  The official code instead scores an absent domain with its stored per-domain λ
+  (``perdomain_scores``): the last λ it had, or, before the domain was first seen, the initial state
+  log(vocabulary size), a large excess loss that pushes an unseen domain *up*. mixtrain's batches
+  hold every domain under uniform proxy sampling, so the difference only shows with tiny batches.
 """
 
 from __future__ import annotations
@@ -44,6 +51,9 @@ class DoremiConfig:
     mode: str = "proxy"
     """"proxy": uniform sampling, loss weights K·α_i (the paper's proxy run); "resample": the sampler
     draws from α and the loss is unweighted."""
+    average_initial: bool = True
+    """Whether the exported ᾱ counts the initial weights α₀ once (the official code's running
+    average); false = the paper's (1/T) Σ_{t=1}^T α_t."""
 
     def validate(self) -> None:
         check_knob(isinstance(self.reference, str) and self.reference.strip() != "", "reference", self.reference,
@@ -52,6 +62,7 @@ class DoremiConfig:
         check_knob(is_number(self.reweight_eps) and 0 <= self.reweight_eps < 1, "reweight_eps", self.reweight_eps,
                    "must be in [0, 1)")
         check_knob(self.mode in ("proxy", "resample"), "mode", self.mode, 'must be "proxy" or "resample"')
+        check_knob(isinstance(self.average_initial, bool), "average_initial", self.average_initial, "must be true or false")
 
 
 @register
@@ -61,6 +72,8 @@ class DoReMi(ExponentiatedMixture):
 
     def __init__(self, domains, cfg: DoremiConfig, **context):
         super().__init__(domains, cfg, **context, proxy=cfg.mode == "proxy")
+        if cfg.average_initial:
+            self._sum, self._count = self.mixture.copy(), 1
 
     def request(self, step: int) -> Request:
         return Request(ref_model_loss=True)

@@ -84,6 +84,7 @@ class ODM(Controller):
         self._reward[present] = gamma * self._reward[present] + (1 - gamma) * estimate
         self._round += 1
         self._weights = self.policy()
+        self._record()
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "reward": self._reward.copy(), "round": self._round}

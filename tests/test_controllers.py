@@ -115,7 +115,6 @@ def test_doge_average_and_burn_in():
         trajectory = []
         for align in ([1.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 2.0]):
             c.observe(grad_stats(align=align, norms=[1.0, 1.0, 1.0], ref_norm=1.0, lr=1e-2))
-            c.record()  # the trainer: observe, then record, once per step
             trajectory.append(c.loss_weights / 3)
         return c, trajectory
 
@@ -253,13 +252,16 @@ def test_doremi_update_by_hand():
     a1 = U * np.exp(eta * np.array([0.5, 0.0, 1.2]))
     a1 = (1 - c_eps) * a1 / a1.sum() + c_eps / 3
     assert np.array_equal(c.weights, U) and np.allclose(c.loss_weights, 3 * a1, rtol=1e-12, atol=0)
-    c.record()
     c.observe(stats(excess_loss=[0.1, 2.0, 0.0]))
     a2 = a1 * np.exp(eta * np.array([0.1, 2.0, 0.0]))
     a2 = (1 - c_eps) * a2 / a2.sum() + c_eps / 3
     assert np.allclose(c.loss_weights, 3 * a2, rtol=1e-12, atol=0)
-    c.record()
-    assert np.allclose(c.average_weights, (a1 + a2) / 2, rtol=1e-12, atol=0)
+    # The official code's running average starts at α₀ with a count of 1; the paper's formula leaves it out.
+    assert np.allclose(c.average_weights, (U + a1 + a2) / 3, rtol=1e-12, atol=0)
+    paper = build_controller("doremi", DOMAINS, {"reference": "runs/ref", "average_initial": False})
+    for excess in ([0.5, 0.0, 1.2], [0.1, 2.0, 0.0]):
+        paper.observe(stats(excess_loss=excess))
+    assert np.allclose(paper.average_weights, (a1 + a2) / 2, rtol=1e-12, atol=0)
 
 
 def test_doremi_resample_and_eta():
@@ -369,11 +371,10 @@ def random_stats(step: int, rng: np.random.Generator, *, everyone: bool = False)
 
 
 def drive(c, steps, rng, start=0):
-    """What the trainer does each step: request, observe, record."""
+    """What the trainer does each step: request, observe."""
     for step in range(start, start + steps):
         c.request(step)
         c.observe(random_stats(step, rng))
-        c.record()
 
 
 def learned(c) -> np.ndarray:
@@ -386,7 +387,6 @@ def test_weights_stay_on_the_simplex(key):
     c, rng = make(key), np.random.default_rng(1)
     for step in range(60):
         c.observe(random_stats(step, rng))
-        c.record()
         for w in (c.weights, c.average_weights, learned(c)):
             assert np.all(w >= 0) and w.sum() == pytest.approx(1.0, abs=1e-12)
         assert np.all(c.loss_weights >= 0) and c.loss_weights.sum() == pytest.approx(3.0, abs=1e-12)

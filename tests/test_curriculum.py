@@ -275,6 +275,13 @@ def test_mismatched_scores_are_refused(proxy, tmp_path):
         Loop(cfg(proxy["data"], **{"curriculum": {"name": "irreducible", "scores": str(bad)}}))
     with pytest.raises(ConfigError, match="data.holdout_fraction"):
         Loop(cfg(proxy["data"], **{"data.holdout_fraction": 0.2}))
+    own = tmp_path / "own"  # scores of a proxy that trained on the main run's own samples
+    shutil.copytree(proxy["scores"], own)
+    meta = json.loads((own / "meta.json").read_text())
+    meta["proxy"]["subset"] = "all"
+    (own / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="data.subset='all'.*main run's own samples"):
+        Loop(cfg(proxy["data"], **{"curriculum": {"name": "irreducible", "scores": str(own)}}))
     assert not (tmp_path / "run").exists()  # refused before anything was written
     with pytest.raises(ConfigError, match="data.subset"):
         load_config(tiny_values(proxy["data"], tmp_path / "r", curriculum={"name": "irreducible", "scores": "x"}))

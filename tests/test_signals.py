@@ -16,7 +16,8 @@ from trainer.signals import _PROBE_CHUNK
 @pytest.fixture()
 def loop(tmp_path):
     data = make_shardset(tmp_path / "data", targets={"wordy": "words", "abcs": "abc"})
-    return Loop(load_config(tiny_values(data, tmp_path / "run")))
+    # DoGE declares the "heldout" reference, so the loop holds the reference slices out
+    return Loop(load_config(tiny_values(data, tmp_path / "run", mixture={"name": "doge"})))
 
 
 def _flat_grad(model, loss):
@@ -36,8 +37,9 @@ def _measure(loop, req, step=0):
 
 
 def test_wildcards_expand_to_every_target_and_validation_split(loop):
-    names = loop.signals.expand(("target:*", "valid:*", "heldout"))
-    assert names == ("target:abcs", "target:wordy", *(f"valid:{d}" for d in loop.data.domains), "heldout")
+    names = loop.signals.expand(("target:*", "valid:*", "heldout", "heldout:*"))
+    assert names == ("target:abcs", "target:wordy", *(f"valid:{d}" for d in loop.data.domains), "heldout",
+                     *(f"heldout:{d}" for d in loop.data.domains))
     with pytest.raises(ConfigError, match="valid:nowhere"):
         loop.signals._ref_batch("valid:nowhere", 2, 0, 0)
 

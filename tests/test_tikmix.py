@@ -203,7 +203,6 @@ def test_tikmix_d_controller_flow():
     for step in range(4):  # 300 training tokens per step: the boundary 1000 is reached after step 3
         assert c.request(step) == Request()
         c.observe(loss_stats(step))
-        c.record()
     assert c.request(4) == measurement_request()
     assert np.array_equal(c.weights, uniform) and c.metrics() == {}
     # A non-finite measurement: nothing changes, the next step asks again.
@@ -221,7 +220,6 @@ def test_tikmix_d_controller_flow():
     m = c.metrics()
     assert m["stage"] == 1 and m["pareto_relaxed"] == 0 and m["tasks"] == 4
     assert m["objective"] == pytest.approx(objective(expected, ALIGN.T)[0]) and m["objective"] < m["objective_uniform"]
-    c.record()
     assert np.array_equal(c.average_weights, expected)  # the last stage's solution, not a time average
     # 1800 tokens seen: the next boundary is 2000, reached after step 6.
     assert c.request(6) == Request()
@@ -344,7 +342,6 @@ def test_state_dict_round_trip_mid_stage(name, values):
         for step in steps:
             out.append(c.request(step))
             c.observe(step_stats(step))
-            c.record()
             out.append((c.weights.copy(), c.metrics()))
         return out
 

@@ -88,6 +88,12 @@ class DataConfig:
     """Which training samples the sampler may draw: 'all', 'main' (everything except the holdout:
     the main run under a curriculum, which must never train on the proxy's data) or 'holdout'
     (only the holdout: the curriculum proxy, +experiment=curriculum_proxy)."""
+    reference_fraction: float = 0.02
+    """Share of each domain's training samples held out as its reference slice (at least one
+    sample, chosen by a hash of domain name and sample index: ``trainer.data.reference``), for
+    controllers that steer on held-out data: DoGE's ``heldout`` mix, TiKMiX's ``heldout:<domain>``
+    tasks. Never drawn by the sampler and disjoint from validation, which evaluation alone reads.
+    Only runs whose controller asks for a held-out reference carve it out."""
 
     def validate(self):
         if self.source not in ("demo", "path", "prefixes"):
@@ -109,6 +115,8 @@ class DataConfig:
             raise ConfigError(f"data.holdout_fraction={self.holdout_fraction} must be in [0, 1)")
         if self.subset not in SUBSETS:
             raise ConfigError(f"data.subset={self.subset!r}; allowed: {', '.join(SUBSETS)}")
+        if not 0.0 < self.reference_fraction < 0.5:
+            raise ConfigError(f"data.reference_fraction={self.reference_fraction} must be in (0, 0.5)")
         if self.subset != "all" and self.holdout_fraction <= 0:
             raise ConfigError(f"data.subset={self.subset} needs a holdout: set data.holdout_fraction > 0 (the curriculum uses 0.1)")
 

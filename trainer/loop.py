@@ -33,10 +33,12 @@ from mixtures import DomainStats, build_controller
 from . import checkpoint, dist
 from .config import Config, ConfigError
 from .data.domains import DataBundle, check_vocab, load_data
+from .data.reference import reference_slice, uses_heldout, without
 from .data.sampler import DataExhausted, DomainSampler, SampleOrder, ShardPlan
 from .engines import MicroBatch, build_engine
 from .tracking import Tracker
 from .export import yaml_text
+from .signals import Signals, evaluation_overlap, expand_references
 from .weights_io import megatron_blend, read_weights, write_weights
 
 
@@ -132,11 +134,21 @@ class Loop:
         self.global_batch = t.micro_batch * t.grad_accum * self.dp_size
         self.controller = _controller(cfg, self.data, self.global_batch)
         pools = _pools(cfg, self.data, cfg.data.subset)
+        if uses_heldout(self.controller.references):
+            # steering data the sampler never draws: a slice of every domain's training samples
+            self.data.reference = [reference_slice(d, int(n), cfg.data.reference_fraction)
+                                   for d, n in zip(self.data.domains, self.data.train_samples)]
+            pools = without(pools, self.data.train_samples, self.data.reference)
+        self.steers_on_eval = evaluation_overlap(expand_references(self.controller.references, self.data), self.data)
+        if self.steers_on_eval:
+            _say(self.rank, "warning: the mixture steers on data that evaluation reports: " + "; ".join(self.steers_on_eval))
         order, self.scores_meta = _curriculum_order(cfg, self.data, pools)
         self.sampler = DomainSampler(self.data.train_samples, cfg.data.steps_per_shard * self.global_batch,
                                      seed=t.seed, exhaustion=cfg.data.exhaustion, pools=pools, order=order)
         self.fingerprint = {**cfg.fingerprint(), "world_size": self.world, "domains": self.data.domains,
                             "tokenizer": self.data.tokenizer}
+        if self.data.reference is not None:
+            self.fingerprint["data"]["reference_fraction"] = cfg.data.reference_fraction
         if self.scores_meta is not None:  # the scores' content, not just their path, must match on resume
             self.fingerprint["curriculum_scores_key"] = self.scores_meta["key"]
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -358,8 +370,6 @@ class Loop:
     def signals(self):
         """Measurement beyond per-domain losses, built on first use (static runs never pay for it)."""
         if self._signals is None:
-            from .signals import Signals
-
             self._signals = Signals(self.engine, self.data, self.cfg.train.seed, self.cfg.probe, self.reference, self.global_batch)
         return self._signals
 
@@ -457,7 +467,6 @@ class Loop:
                 if self.controller.adaptive:
                     before = self.controller.metrics()
                     self.controller.observe(stats)  # controllers skip non-finite steps themselves
-                    self.controller.record()
                     metrics = self.controller.metrics()
                     if metrics != before:  # logged on the step an update changes them, not repeated
                         rec.update({f"mixture/{k}": float(v) for k, v in metrics.items()})
@@ -518,6 +527,9 @@ class Loop:
         if "eval/loss" in ev:
             per = {d: ev[f"eval/{d}/loss"] for d in self.data.domains if f"eval/{d}/loss" in ev}
             lines.append(f"eval/loss {ev['eval/loss']:.3f} | macro {ev['eval/macro_loss']:.3f} | best {min(per, key=per.get)} | worst {max(per, key=per.get)}")
+        if self.steers_on_eval:
+            lines.append("NOTE: this mixture steered on data that evaluation reports, so its evaluation is optimistic: "
+                         + "; ".join(self.steers_on_eval))
         lines.append(f"weights: {self.run_dir / 'weights.json'} (exported = {self.controller.exported if self.controller.adaptive else 'fixed'}); "
                      f"reuse with: mixtrain train mixture=static mixture.weights_from={self.run_dir}")
         _say(0, f"done: {self.step} steps | run dir {self.run_dir}\n" + "\n".join(lines))

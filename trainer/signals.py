@@ -2,9 +2,11 @@
 
 Per step, only what is requested is computed:
 
-- reference gradients (``"heldout"``: a mixed batch from every domain's validation split;
-  ``"target:<name>"``: a batch of the target set's few-shot pool; ``"valid:<domain>"``: a batch of
-  one domain's validation split; ``"target:*"``/``"valid:*"`` expand to all of them), computed
+- reference gradients (``"heldout"``: a mixed batch from every domain's held-out training slice,
+  every domain represented; ``"heldout:<domain>"``: one domain's slice; ``"target:<name>"``: a
+  batch of the target set's few-shot pool; ``"valid:<domain>"``: a batch of one domain's
+  validation split, which evaluation also reports; ``"heldout:*"``/``"target:*"``/``"valid:*"``
+  expand to all of them; ``mixtures.Request`` documents each), computed
   before the training backward, identical on every rank (same batch, same parameters), optionally
   preconditioned by Adam's second moments;
 - per-domain alignments / norms / Gram from the probe, inside the training backward
@@ -35,8 +37,56 @@ _REF_STREAM, _PROBE_STREAM = 3, 4
 _PROBE_CHUNK = 32  # probe-batch sequences per forward/backward: bounds activation memory
 
 
-def _draw(view: SequenceView, n: int, rng: np.random.Generator) -> np.ndarray:
-    return view.get(np.sort(rng.choice(len(view), size=n, replace=n > len(view))))
+def _draw(view: SequenceView, n: int, rng: np.random.Generator, pool: np.ndarray | None = None) -> np.ndarray:
+    """n sequences of ``view`` (from the sample indices ``pool`` if given), without replacement
+    while there are enough."""
+    size = len(view) if pool is None else pool.size
+    picked = rng.choice(size, size=n, replace=n > size)
+    return view.get(np.sort(picked if pool is None else pool[picked]))
+
+
+def mix_counts(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Sequences per domain of a held-out mix of n sequences over k domains: n // k each, and one
+    more for n % k distinct domains drawn at random, so every domain enters (equal counts when k
+    divides n; with n < k, each sequence's domain is a random draw without replacement: the
+    official ``mix`` target is a shuffled equal mix of every domain)."""
+    counts = np.full(k, n // k, dtype=np.int64)
+    counts[rng.choice(k, size=n % k, replace=False)] += 1
+    return counts
+
+
+def expand_references(names, data: DataBundle) -> tuple[str, ...]:
+    """Reference names with the wildcards replaced by every domain's slice / target set / validation split."""
+    out: list[str] = []
+    for name in names:
+        if name == "heldout:*":
+            out += [f"heldout:{d}" for d in data.domains]
+        elif name == "target:*":
+            if not data.targets:
+                raise ConfigError("reference 'target:*': this data has no target sets")
+            out += [f"target:{t}" for t in sorted(data.targets)]
+        elif name == "valid:*":
+            valid = [f"valid:{d}" for d in data.domains if d in data.valid]
+            if not valid:
+                raise ConfigError("reference 'valid:*': no domain has a validation split")
+            out += valid
+        else:
+            out.append(name)
+    return tuple(out)
+
+
+def evaluation_overlap(names, data: DataBundle) -> list[str]:
+    """Which (expanded) reference names draw from data that evaluation also reports: a steering
+    signal graded on its own target. ``valid:<domain>`` is ``eval/<domain>/loss``'s split; a target
+    set with only one split is steered and scored on that split."""
+    out = []
+    for name in names:
+        kind, _, which = name.partition(":")
+        if kind == "valid" and which in data.valid:
+            out.append(f"{name} (reported as eval/{which}/loss)")
+        elif kind == "target" and which in data.targets and set(data.targets[which]) != {"train", "valid"}:
+            out.append(f"{name} (the target set has one split, reported as target/{which}/loss)")
+    return out
 
 
 def load_reference_model(run_dir: str, data: DataBundle, device: torch.device) -> torch.nn.Module:
@@ -69,12 +119,20 @@ class Signals:
     # ---- reference gradients ----------------------------------------------------------------
     def _ref_batch(self, name: str, n: int, step: int, r: int) -> torch.Tensor:
         rng = np.random.default_rng([self.seed, _REF_STREAM, step, r])
-        if name == "heldout":
-            views = [self.data.valid[d] for d in self.data.domains if d in self.data.valid]
-            if not views:
-                raise ConfigError("the 'heldout' reference needs validation splits; this data has none")
-            per = np.bincount(np.arange(n) % len(views), minlength=len(views))
-            return torch.from_numpy(np.concatenate([_draw(v, int(k), rng) for v, k in zip(views, per) if k]))
+        if name == "heldout" or name.startswith("heldout:"):
+            slices = self.data.reference
+            if slices is None:
+                raise RuntimeError(f"reference {name!r} was not declared by the controller (Controller.references), "
+                                   "so no reference slice was held out of the training data")
+            if name == "heldout":
+                counts = mix_counts(n, self.K, rng)
+                return torch.from_numpy(np.concatenate([_draw(v, int(c), rng, s) for v, s, c in
+                                                        zip(self.data.train, slices, counts) if c]))
+            domain = name.split(":", 1)[1]
+            if domain not in self.data.domains:
+                raise ConfigError(f"reference {name!r}: no domain {domain!r}; domains: {self.data.domains}")
+            d = self.data.domains.index(domain)
+            return torch.from_numpy(_draw(self.data.train[d], n, rng, slices[d]))
         if name.startswith("valid:"):
             domain = name.split(":", 1)[1]
             if domain not in self.data.valid:
@@ -87,25 +145,11 @@ class Signals:
                 raise ConfigError(f"reference {name!r}: no target set {target!r}; available: {sorted(self.data.targets)}")
             splits = self.data.targets[target]
             return torch.from_numpy(_draw(splits.get("train") or splits["valid"], n, rng))
-        raise ConfigError(f"unknown reference gradient {name!r}; use 'heldout', 'target:<name>', 'valid:<domain>', "
-                          "'target:*' or 'valid:*'")
+        raise ConfigError(f"unknown reference gradient {name!r}; use 'heldout', 'heldout:<domain>', 'target:<name>', "
+                          "'valid:<domain>', 'heldout:*', 'target:*' or 'valid:*'")
 
     def expand(self, names: tuple[str, ...]) -> tuple[str, ...]:
-        """Reference names with the wildcards replaced by every target set / validation split."""
-        out: list[str] = []
-        for name in names:
-            if name == "target:*":
-                if not self.data.targets:
-                    raise ConfigError("reference 'target:*': this data has no target sets")
-                out += [f"target:{t}" for t in sorted(self.data.targets)]
-            elif name == "valid:*":
-                valid = [f"valid:{d}" for d in self.data.domains if d in self.data.valid]
-                if not valid:
-                    raise ConfigError("reference 'valid:*': no domain has a validation split")
-                out += valid
-            else:
-                out.append(name)
-        return tuple(out)
+        return expand_references(names, self.data)
 
     def _preconditioner(self) -> list[torch.Tensor] | None:
         """1 / (sqrt(v̂) + eps) per parameter from AdamW's bias-corrected second moments, or None

@@ -50,6 +50,9 @@ class DataBundle:
     targets: dict[str, dict[str, SequenceView]] = field(default_factory=dict)
     tokenizer: dict = field(default_factory=dict)
     root: str = ""
+    reference: list[np.ndarray] | None = None
+    """Per domain, the sample indices of its reference slice (``trainer.data.reference``), set by
+    the loop when the controller steers on held-out data; None otherwise."""
 
     @property
     def vocab_size(self) -> int:
