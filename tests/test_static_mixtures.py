@@ -1,14 +1,18 @@
-"""uniform, static and temperature controllers, and the weight-file formats users bring."""
+"""uniform, static, temperature and UniMax controllers, and the weight-file formats users bring."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
 import yaml
+from helpers import make_shardset, tiny_config
 
 from mixtures import MixtureConfigError, build_controller
 from mixtures.base import DomainStats
 from trainer.config import ConfigError
+from trainer.data.domains import load_data
+from trainer.loop import Loop
 from trainer.weights_io import megatron_blend, read_weights, write_weights
 
 DOMAINS = ["code", "math", "books"]
@@ -66,3 +70,107 @@ def test_weight_file_formats(tmp_path):
 
 def test_megatron_blend_string():
     assert megatron_blend(DOMAINS, [0.5, 0.0, 0.5], ["/d/code", "/d/math", "/d/books"]) == "0.500000 /d/code 0.500000 /d/books"
+
+
+def _water_fill(sizes, budget, epochs):
+    """UniMax as the level lam with sum(min(N n_i, lam)) = B, found by bisection: the same answer as
+    the paper's smallest-first loop, reached another way, so a slip in one does not hide in both."""
+    caps = epochs * np.asarray(sizes, dtype=np.float64)
+    lo, hi = 0.0, float(budget)
+    for _ in range(200):
+        lam = (lo + hi) / 2
+        lo, hi = (lam, hi) if np.minimum(caps, lam).sum() < budget else (lo, lam)
+    alloc = np.minimum(caps, hi)
+    return alloc / alloc.sum()
+
+
+def test_unimax_by_hand():
+    sizes = np.array([10000.0, 100.0, 1000.0])  # not sorted, so the smallest-first order is exercised
+    # N=1, B=3000: the 100-token domain takes its 100; 2900 / 2 = 1450 > 1000, so the 1000-token domain is
+    # capped too and the largest takes the remaining 1900.
+    c = build_controller("unimax", DOMAINS, {"epochs": 1, "budget_tokens": 3000}, domain_tokens=sizes)
+    assert np.allclose(c.allocation, [1900, 100, 1000]) and np.allclose(c.weights, [1900 / 3000, 100 / 3000, 1000 / 3000])
+    # N=2: caps 200 / 2000; 200 is taken, then 2800 / 2 = 1400 is under 2000, so the rest split evenly.
+    c2 = build_controller("unimax", DOMAINS, {"epochs": 2, "budget_tokens": 3000}, domain_tokens=sizes)
+    assert np.allclose(c2.allocation, [1400, 200, 1400]) and np.allclose(c2.weights, np.array([1400, 200, 1400]) / 3000)
+    for cc in (c, c2):
+        assert not cc.adaptive and np.allclose(cc.loss_weights, 1)
+        assert np.allclose(cc.weights, _water_fill(sizes, cc.budget, cc.cfg.epochs))
+    # Fractional N: caps 50 / 500 / 5000 of B=3000 -> 50, 500, 2450.
+    half = build_controller("unimax", DOMAINS, {"epochs": 0.5, "budget_tokens": 3000}, domain_tokens=sizes)
+    assert np.allclose(half.allocation, [2450, 50, 500])
+
+
+def test_unimax_uniform_when_budget_is_small():
+    sizes = np.array([1e6, 2e6, 3e6])
+    c = build_controller("unimax", DOMAINS, {"budget_tokens": 3000}, domain_tokens=sizes)
+    assert np.allclose(c.weights, 1 / 3) and np.allclose(c.allocation, 1000)
+
+
+def test_unimax_all_capped_is_natural_proportions():
+    sizes = np.array([100.0, 300.0, 600.0])
+    with pytest.warns(RuntimeWarning, match=r"every domain is capped.*each domain sees 5 epochs"):
+        c = build_controller("unimax", DOMAINS, {"epochs": 2, "budget_tokens": 5000}, domain_tokens=sizes)
+    assert np.allclose(c.allocation, 2 * sizes) and np.allclose(c.weights, sizes / sizes.sum())
+    # Exactly N x all the data fits: every domain is at its cap, but nothing is over-asked, so no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exact = build_controller("unimax", DOMAINS, {"epochs": 2, "budget_tokens": 2000}, domain_tokens=sizes)
+    assert np.allclose(exact.weights, sizes / sizes.sum())
+
+
+def test_unimax_uses_run_budget_unless_given():
+    sizes = np.array([10000.0, 100.0, 1000.0])
+    from_run = build_controller("unimax", DOMAINS, {}, domain_tokens=sizes, run_tokens=3000)
+    assert from_run.budget == 3000 and np.allclose(from_run.allocation, [1900, 100, 1000])
+    override = build_controller("unimax", DOMAINS, {"budget_tokens": 300}, domain_tokens=sizes, run_tokens=3000)
+    assert override.budget == 300 and np.allclose(override.weights, 1 / 3)
+
+
+@pytest.mark.parametrize("knobs, match", [
+    ({"epochs": 0}, r"mixture\.epochs=0 must be > 0"),
+    ({"epochs": -1.5}, r"mixture\.epochs=-1\.5 must be > 0"),
+    ({"epochs": float("inf")}, r"mixture\.epochs=inf must be > 0 and finite"),
+    ({"epochs": float("nan")}, r"mixture\.epochs=nan must be > 0 and finite"),
+    ({"epochs": "one"}, r"mixture\.epochs='one' must be > 0"),
+    ({"epochs": True}, r"mixture\.epochs=True must be > 0"),
+    ({"budget_tokens": 0}, r"mixture\.budget_tokens=0 must be a token count > 0"),
+    ({"budget_tokens": -5}, r"mixture\.budget_tokens=-5 must be a token count > 0"),
+    ({"budget_tokens": "lots"}, r"mixture\.budget_tokens='lots' must be a token count"),
+    ({"floor": 0.1}, r"unknown knob\(s\) mixture\.floor"),
+])
+def test_unimax_rejects_bad_knobs(knobs, match):
+    with pytest.raises(MixtureConfigError, match=match):
+        build_controller("unimax", DOMAINS, knobs, domain_tokens=np.ones(3), run_tokens=100)
+
+
+def test_unimax_needs_budget_and_token_counts():
+    with pytest.raises(MixtureConfigError, match=r"needs a token budget: set mixture\.budget_tokens"):
+        build_controller("unimax", DOMAINS, {}, domain_tokens=np.ones(3))
+    with pytest.raises(MixtureConfigError, match="needs the domains' token counts"):
+        build_controller("unimax", DOMAINS, {"budget_tokens": 100})
+    with pytest.raises(MixtureConfigError, match="positive token count"):
+        build_controller("unimax", DOMAINS, {"budget_tokens": 100}, domain_tokens=np.array([5.0, 0.0, 5.0]))
+    with pytest.raises(MixtureConfigError, match="2 token counts for 3 domains"):
+        build_controller("unimax", DOMAINS, {"budget_tokens": 100}, domain_tokens=np.ones(2))
+
+
+def test_unimax_run_uses_its_own_budget(tmp_path):
+    data = make_shardset(tmp_path / "data")
+    base = tiny_config(data, tmp_path / "unused", **{"train.steps": 4})
+    sizes = load_data(base.data, quiet=True).train_tokens
+    budget = base.train.steps * base.train.micro_batch * base.data.seq_len  # one rank, grad_accum 1
+    # A cap just under the even share for the smallest domain: it is capped and its leftover moves to the
+    # others, so the weights depend on this run's budget (far below the caps they would be uniform).
+    epochs = float(0.9 * budget / len(sizes) / sizes.min())
+    expected = _water_fill(sizes, budget, epochs)
+    assert not np.allclose(expected, 1 / len(sizes))
+    assert np.isclose(expected.min() * budget, epochs * sizes.min())
+    assert (expected * budget < epochs * sizes - 1e-6).sum() >= 2  # the larger domains stay under their caps
+    cfg = tiny_config(data, tmp_path / "run", **{"train.steps": 4, "mixture": {"name": "unimax", "epochs": epochs}})
+    result = Loop(cfg).train()
+    assert result.step == 4 and np.allclose(result.final_weights, expected)
+    saved = json.loads((tmp_path / "run" / "weights.json").read_text())
+    assert saved["controller"] == "unimax" and list(saved["train_domain_weights"]) == load_data(cfg.data, quiet=True).domains
+    for key in ("train_domain_weights", "final_domain_weights"):
+        assert np.allclose(list(saved[key].values()), expected, atol=1e-9), key
