@@ -23,7 +23,8 @@ sys.path.insert(0, str(REPO / "tests" / "scripts"))
 
 from probe_case import (K, SKETCH, TWO_RANK_LAYOUT, flat, micro_batches, oracle_gradients,  # noqa: E402
                         probed_step, reference_vectors, tiny_model)
-from trainer.models import layers, token_losses  # noqa: E402
+from trainer.config import ModelConfig  # noqa: E402
+from trainer.models import build_model, layers, token_losses  # noqa: E402
 from trainer.probe import Probe, ProbeResult, ProbeSpec  # noqa: E402
 
 TOL = 1e-5
@@ -69,6 +70,35 @@ def test_exact_statistics_match_oracle(layout, tied, bias):
     oracle = oracle_stats(model, mbs, refs)
     for result in results:
         check(result, oracle)
+
+
+def test_exact_at_gpt2_small_width():
+    """A d = 768 block (7.2M parameters, the width of GPT-2 small): norms without the Gram and
+    alignments without norms take their own paths, which must stay exact in long rows too (one fp32
+    reduction over a whole row or tensor lost 7e-4 on the norms and 1.3e-4 on an alignment here)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_layer=1, n_head=12, d_model=768, vocab_size=97, max_seq_len=16))
+    probe = Probe(model, K)
+    mbs = micro_batches([[0, 0, 1, 2, 3, 3]], seed=1)
+    G = oracle_gradients(model, mbs)
+    norms = np.linalg.norm(G[PRESENT], axis=1)
+    # references well aligned with the pieces: domain 0's own gradient and the sum of all domains'
+    refs, at = [[], []], 0
+    for p in probe.params:
+        block = G[PRESENT, at:at + p.numel()]
+        refs[0].append(torch.from_numpy(block[0]).float().view(p.shape))
+        refs[1].append(torch.from_numpy(block.sum(0)).float().view(p.shape))
+        at += p.numel()
+    R = np.stack([flat(r) for r in refs])
+    tight = 1e-6
+    result = probed_step(probe, model, mbs, ProbeSpec(norms=True))
+    assert np.abs(result.norms[PRESENT] / norms - 1).max() <= tight
+    result = probed_step(probe, model, mbs, ProbeSpec(refs=2), refs)
+    err = np.abs(result.align[PRESENT] - G[PRESENT] @ R.T) / np.outer(norms, np.linalg.norm(R, axis=1))
+    assert err.max() <= tight, err
+    result = probed_step(probe, model, mbs, ProbeSpec(refs=2, norms=True, gram=True), refs)
+    gram = G[PRESENT] @ G[PRESENT].T
+    assert np.abs(result.gram[np.ix_(PRESENT, PRESENT)] - gram).max() / norms.max() ** 2 <= tight
 
 
 def test_training_gradient_unchanged_and_reference_gradient_leaves_grad():

@@ -150,7 +150,7 @@ class _StepState:
             return
         flat = flat.float()
         if self.align is not None:
-            self.align.index_add_(0, index, (flat @ self._refs_of(slot).T).double())
+            self.align.index_add_(0, index, _products(flat, self._refs_of(slot)))
         if self.sketch is not None:
             bucket, sign = self._hash(slot)
             sketched = flat.new_zeros(flat.shape[0], self.sketch_dim).index_add_(1, bucket, flat * sign)
@@ -166,8 +166,9 @@ class _StepState:
             return
         if self.align is not None:
             ref_rows = self._refs_of(slot).view(self.spec.refs, -1, slot.width)[:, ids]  # [R, n, d]
-            per_token = torch.einsum("rnd,nd->nr", ref_rows, values)
-            self.align.index_add_(0, index, segment_sums(per_token, bounds).double())
+            # per token an fp32 dot over one row (d terms), summed over the tokens in float64
+            per_token = torch.einsum("rnd,nd->nr", ref_rows, values).double()
+            self.align.index_add_(0, index, segment_sums(per_token, bounds))
         if self.sketch is not None:
             bucket, sign = self._hash(slot)
             buckets = bucket.view(-1, slot.width)[ids]
@@ -253,8 +254,9 @@ def _full_shape(p: torch.Tensor) -> torch.Size:
 def _products(a: torch.Tensor, b: torch.Tensor, block: int = 4096) -> torch.Tensor:
     """a @ bᵀ (float64) for long rows: fp32 partial products over blocks of ``block`` columns (one
     batched GEMM), summed in float64. A single fp32 GEMM over millions of columns loses up to ~1e-4
-    relative (measured), more than the exact tiers allow (gradient-probe.md P5: 1e-5); this keeps
-    ~1e-7 at fp32 speed."""
+    relative (measured: 1.3e-4 for a piece aligned with its reference at GPT-2-small width), more
+    than the exact tiers allow (gradient-probe.md P5: 1e-5); this keeps ~1e-7 at fp32 speed. Every
+    tier goes through it (alignments of Tier A per parameter, exact rows' products)."""
     whole = a.shape[1] // block * block
     out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
     if whole:
@@ -263,6 +265,19 @@ def _products(a: torch.Tensor, b: torch.Tensor, block: int = 4096) -> torch.Tens
         out += torch.bmm(ab, bb.transpose(1, 2)).double().sum(0)
     if whole < a.shape[1]:
         out += (a[:, whole:] @ b[:, whole:].T).double()
+    return out
+
+
+def _squared_norms(rows: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """‖row‖² (float64) of each row: fp32 norms of ``block``-column pieces, squared and summed in
+    float64. One fp32 norm over a K x P row loses precision with P (measured 7e-4 relative at 7.2M
+    parameters, ~1e-2 at 85M); the pieces' norms need no K x P temporary."""
+    whole = rows.shape[1] // block * block
+    out = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
+    if whole:
+        out += (torch.linalg.vector_norm(rows[:, :whole].unflatten(1, (-1, block)), dim=2).double() ** 2).sum(1)
+    if whole < rows.shape[1]:
+        out += torch.linalg.vector_norm(rows[:, whole:], dim=1).double() ** 2
     return out
 
 
@@ -439,6 +454,6 @@ class Probe:
                 out.gram = np.outer(scale, scale) * raw
                 squared = np.diag(raw)
             else:
-                squared = self._tp_sum(torch.linalg.vector_norm(rows, dim=1).double() ** 2).cpu().numpy()
+                squared = self._tp_sum(_squared_norms(rows)).cpu().numpy()
             out.norms = np.abs(scale) * np.sqrt(squared) if spec.norms else None
         return out
