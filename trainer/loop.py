@@ -345,25 +345,31 @@ class Loop:
             groups[f"target/{name}/loss"] = splits.get("valid") or splits.get("train")
         return groups
 
-    def evaluate(self) -> dict:
+    def evaluate(self, per_sequence: bool = False):
+        """Mean token loss of every evaluation group (``data.eval_sequences`` fixed sequences each,
+        split over the data-parallel ranks), plus the token-weighted and macro averages over the
+        domains. With ``per_sequence``, also {group: each sequence's mean token loss} (same order on
+        every run of the same data: what paired comparisons between runs need)."""
         groups = self._eval_groups()
         if not groups:
-            return {}
-        sums = torch.zeros(len(groups), 2, dtype=torch.float64)
-        mb = self.cfg.train.micro_batch
-        for g, view in enumerate(groups.values()):
-            idx = view.eval_indices(self.cfg.data.eval_sequences)[self.dp_rank :: self.dp_size]
-            for s in range(0, idx.size, mb):
-                loss, n = self.engine.token_loss_sum(torch.from_numpy(view.get(idx[s : s + mb])))
-                sums[g, 0] += loss
-                sums[g, 1] += n
-        dist.all_reduce_sum(sums)
-        out = {k: float(sums[g, 0] / sums[g, 1]) for g, k in enumerate(groups) if sums[g, 1] > 0}
-        dom = [g for g, k in enumerate(groups) if k.startswith("eval/")]
+            return ({}, {}) if per_sequence else {}
+        indices = [view.eval_indices(self.cfg.data.eval_sequences) for view in groups.values()]
+        sums = torch.zeros(sum(i.size for i in indices), dtype=torch.float64)
+        mb, at = self.cfg.train.micro_batch, 0
+        for view, idx in zip(groups.values(), indices):
+            mine = np.arange(idx.size)[self.dp_rank :: self.dp_size]
+            for s in range(0, mine.size, mb):
+                rows = mine[s : s + mb]
+                sums[at + rows] = self.engine.sequence_loss_sums(torch.from_numpy(view.get(idx[rows])))
+            at += idx.size
+        dist.all_reduce_sum(sums)  # every rank wrote its own sequences, zeros elsewhere
+        seq = np.split(sums.numpy() / self.cfg.data.seq_len, np.cumsum([i.size for i in indices])[:-1])
+        out = {k: float(s.mean()) for k, s in zip(groups, seq) if s.size}
+        dom = [s for k, s in zip(groups, seq) if k.startswith("eval/") and s.size]
         if dom:
-            out["eval/loss"] = float(sums[dom, 0].sum() / sums[dom, 1].sum())
-            out["eval/macro_loss"] = float(np.mean([out[k] for k in groups if k.startswith("eval/")]))
-        return out
+            out["eval/loss"] = float(np.concatenate(dom).mean())
+            out["eval/macro_loss"] = float(np.mean([s.mean() for s in dom]))
+        return (out, dict(zip(groups, seq))) if per_sequence else out
 
     # ---- the loop -----------------------------------------------------------------------------
     @property
@@ -452,42 +458,51 @@ class Loop:
                    # a log file (SLURM, CI) gets a line every 15 s instead of one per step
                    mininterval=0.1 if sys.stdout.isatty() else 15)
         try:
-            while self.step < t.steps:
-                if self.step % cfg.data.steps_per_shard == 0:
-                    try:
-                        self._next_shard()
-                    except DataExhausted as e:
-                        _say(self.rank, f"stopping at step {self.step}: {e}")
-                        break
-                t0 = time.perf_counter()
-                rec, stats = self._train_step(lr_at(self.step, t))
-                rec["perf/tokens_per_sec"] = float(stats.tokens.sum() / (time.perf_counter() - t0))
-                if self.online is not None:
-                    rec["curriculum/proxy_loss"] = self.online.train_step(self.step, lr_at)
-                if self.controller.adaptive:
-                    before = self.controller.metrics()
-                    self.controller.observe(stats)  # controllers skip non-finite steps themselves
-                    metrics = self.controller.metrics()
-                    if metrics != before:  # logged on the step an update changes them, not repeated
-                        rec.update({f"mixture/{k}": float(v) for k, v in metrics.items()})
-                if (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps:
-                    self.tracker.log(rec)
-                self.step += 1
-                # "step" in every record = optimizer updates applied to the parameters it measures:
-                # a training loss of record n is taken before update n, an evaluation after it.
-                if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
-                    self.tracker.log({"step": self.step, **self.evaluate()})
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['train/loss']:.3f}", tok_s=f"{rec['perf/tokens_per_sec'] or 0:.0f}", refresh=False)
-                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
-                    self._save()
-                self._fault()
+            while self.step < t.steps and self.advance(bar):
+                pass
         finally:
             bar.close()
         return self._finish()
 
+    def advance(self, bar=None) -> bool:
+        """One optimizer step with everything around it (a new shard at a boundary, the
+        controller's update, logging, evaluation and checkpoints on their cadence); False, with
+        nothing done, when the data ran out (data.exhaustion=stop)."""
+        cfg, t = self.cfg, self.cfg.train
+        if self.step % cfg.data.steps_per_shard == 0:
+            try:
+                self._next_shard()
+            except DataExhausted as e:
+                _say(self.rank, f"stopping at step {self.step}: {e}")
+                return False
+        t0 = time.perf_counter()
+        rec, stats = self._train_step(lr_at(self.step, t))
+        rec["perf/tokens_per_sec"] = float(stats.tokens.sum() / (time.perf_counter() - t0))
+        if self.online is not None:
+            rec["curriculum/proxy_loss"] = self.online.train_step(self.step, lr_at)
+        if self.controller.adaptive:
+            before = self.controller.metrics()
+            self.controller.observe(stats)  # controllers skip non-finite steps themselves
+            metrics = self.controller.metrics()
+            if metrics != before:  # logged on the step an update changes them, not repeated
+                rec.update({f"mixture/{k}": float(v) for k, v in metrics.items()})
+        if (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps:
+            self.tracker.log(rec)
+        self.step += 1
+        # "step" in every record = optimizer updates applied to the parameters it measures:
+        # a training loss of record n is taken before update n, an evaluation after it.
+        if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+            self.tracker.log({"step": self.step, **self.evaluate()})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['train/loss']:.3f}", tok_s=f"{rec['perf/tokens_per_sec'] or 0:.0f}", refresh=False)
+        if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
+            self._save()
+        self._fault()
+        return True
+
     def _finish(self) -> RunResult:
-        final_eval = self.evaluate()
+        final_eval, per_sequence = self.evaluate(per_sequence=True)
         self._save()  # before logging the evaluation: re-running a finished run logs it once, not twice
         if final_eval:
             self.tracker.log({"step": self.step, **final_eval})
@@ -498,6 +513,8 @@ class Loop:
             self.history[-1]["end_step"] = self.step
         if self.rank == 0:
             write_weights(self.run_dir / "weights.json", domains, avg, final, self.cfg.mixture["name"], self.step)
+            if per_sequence:  # the final evaluation, sequence by sequence (paired comparisons across runs)
+                np.savez(self.run_dir / "eval_sequences.npz", **per_sequence)
             prefixes = [v.stream.prefix for v in self.data.train]
             (self.run_dir / "blend.txt").write_text(megatron_blend(domains, avg, prefixes) + "\n")
             (self.run_dir / "weights.yaml").write_text(

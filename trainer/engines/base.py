@@ -77,8 +77,9 @@ class Engine(ABC):
     def load_state_dict(self, state: dict) -> None: ...
 
     @torch.no_grad()
-    def token_loss_sum(self, batch: torch.Tensor) -> tuple[float, int]:
-        """Sum of token losses and token count of an evaluation batch on this rank."""
+    def sequence_loss_sums(self, batch: torch.Tensor) -> torch.Tensor:
+        """Per sequence, the sum of token losses of an evaluation batch [b, T+1] on this rank
+        (float64 [b] on the CPU; every sequence has T loss tokens)."""
         from ..models import token_losses
 
         was = self.model.training
@@ -87,7 +88,7 @@ class Engine(ABC):
             loss = token_losses(self.model, batch.to(self.device))
         finally:
             self.model.train(was)
-        return float(loss.double().sum()), int(loss.numel())
+        return loss.double().sum(dim=1).cpu()
 
 
 ENGINES: dict[str, type[Engine]] = {}

@@ -17,7 +17,7 @@
   every DP replica holds the same gradient, so no DP sum is needed.
 - Loss accounting: per-domain loss sums / token counts are returned by TP rank 0 of each replica
   only (zeros elsewhere), so the loop's all-reduce over every rank counts each token once; the same
-  for ``token_loss_sum`` and the ``on_losses`` hook.
+  for ``sequence_loss_sums`` and the ``on_losses`` hook.
 - Checkpoints (``save_checkpoint``/``load_checkpoint``, inside ``trainer.checkpoint``'s atomic
   directory): rank 0 writes the loop state as ``state.pt``; the first DP replica's ranks each write
   ``megatron/tp_rank_XX.pt`` (their model shard and AdamW state). ``meta.json`` records
@@ -163,10 +163,10 @@ class MegatronEngine(Engine):
             self.optimizer.load_state_dict(state["optimizer"])
 
     @torch.no_grad()
-    def token_loss_sum(self, batch: torch.Tensor) -> tuple[float, int]:
+    def sequence_loss_sums(self, batch: torch.Tensor) -> torch.Tensor:
         """Collective over the TP group (every TP rank runs the forward); counted on TP rank 0."""
-        loss, n = super().token_loss_sum(batch)
-        return (loss, n) if self._counts_here else (0.0, 0)
+        sums = super().sequence_loss_sums(batch)
+        return sums if self._counts_here else torch.zeros_like(sums)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, directory: Path, client_state: dict | None) -> None:
