@@ -115,9 +115,11 @@ def test_tokenizer_identity_file_and_round_trip(built):
         assert tok.eod not in ids and max(ids) < VOCAB
         assert tok.decode(ids) == text
     assert tok.encode_batch(["abc", "def"]) == [tok.encode("abc"), tok.encode("def")]
-    # Targets are the source's texts under the new tokenizer.
-    src_texts = _texts(source, "targets/wordy/valid", get_tokenizer("bytes"))
-    assert [d.tolist() for d in _docs(root, "targets/wordy/valid")] == [[*tok.encode(t), tok.eod] for t in src_texts]
+    # Targets are the source's examples under the new tokenizer, split again: 2/3 held out, disjoint.
+    src = {t for s in ("train", "valid") for t in _texts(source, f"targets/wordy/{s}", get_tokenizer("bytes"))}
+    new = {s: [tok.decode(d.tolist()) for d in _docs(root, f"targets/wordy/{s}")] for s in ("train", "valid")}
+    assert set(new["train"]) | set(new["valid"]) == src and not set(new["train"]) & set(new["valid"])
+    assert len(new["valid"]) == round(planted.DEFAULT_TARGET_VALID * len(src))
 
 
 def test_trainer_loaders_open_it(built):

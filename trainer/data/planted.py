@@ -48,12 +48,14 @@ import numpy as np
 from trainer.data import indexed, shardset
 from trainer.data.tokenizer import EOD_TOKEN, Tokenizer, get_tokenizer, load_tokenizer_json
 
-VERSION = 1
+VERSION = 2
 """Bump when the construction changes: it is part of the recipe hash, so old sets are not reused."""
 DEFAULT_VOCAB = 2048
 DEFAULT_MAX_TOKENS = 1_500_000
 """Per real domain: ~12M training tokens over the demo's 8 domains; the whole build takes 1.5-2 min on 2 cores."""
 NOISE_DOC_TOKENS = 1024
+DEFAULT_TARGET_VALID = 2 / 3
+"""Share of each target set's examples held out for evaluation (the rest is the few-shot pool)."""
 BPE_MIN_FREQUENCY = 2
 TOKENIZER_FILE = "tokenizer.json"
 _ENCODE_BATCH = 64
@@ -184,6 +186,16 @@ def duplicate_mask(texts: list[str], lengths: list[int], salt: str) -> np.ndarra
     return mask
 
 
+def resplit_examples(splits: dict[str, list[str]], valid_fraction: float, salt: str) -> dict[str, list[str]]:
+    """A target set's examples (both splits pooled) split again: the ``valid_fraction`` of them
+    first in hash order become the valid split, the rest the train split (the few-shot pool),
+    each in hash order. The demo's targets are halved; evaluating a study on at least 160
+    sequences of every target set needs a larger held-out side (HumanEval has 164 problems)."""
+    pooled = sorted({text for docs in splits.values() for text in docs}, key=lambda t: (_digest(salt, t), t))
+    n_valid = round(valid_fraction * len(pooled))
+    return {"train": pooled[n_valid:], "valid": pooled[:n_valid]}
+
+
 def unigram_counts(docs: list[np.ndarray], vocab_size: int, eod: int) -> np.ndarray:
     """How often each id occurs in ``docs``, EOD's count set to zero."""
     counts = np.zeros(vocab_size, dtype=np.int64)
@@ -210,7 +222,7 @@ def noise_documents(counts: np.ndarray, n_tokens: int, doc_tokens: int, eod: int
 
 def make_recipe(ss: shardset.ShardSet, manifest_bytes: bytes, *, vocab_size: int, noise_domains: int,
                 noise_tokens: int, noise_doc_tokens: int, duplicate: str | None, max_tokens_per_domain: int | None,
-                seed: int) -> dict:
+                target_valid_fraction: float | None, seed: int) -> dict:
     """Everything that decides the bytes of the planted set."""
     import tokenizers
 
@@ -225,6 +237,7 @@ def make_recipe(ss: shardset.ShardSet, manifest_bytes: bytes, *, vocab_size: int
         "noise_domains": noise_domains,
         "noise_tokens": noise_tokens,
         "noise_doc_tokens": noise_doc_tokens,
+        "target_valid_fraction": target_valid_fraction,
         "seed": seed,
     }
 
@@ -270,6 +283,9 @@ def _build_into(root: Path, ss: shardset.ShardSet, src_meta: dict, recipe: dict,
             if s == "train":
                 src_tokens[name] = n
     targets_text = {t: {s: decode_split(sp, src_tok)[0] for s, sp in splits.items()} for t, splits in ss.targets.items()}
+    if recipe["target_valid_fraction"] is not None:
+        targets_text = {t: resplit_examples(splits, recipe["target_valid_fraction"], salt=f"planted/{seed}/targets/{t}")
+                        for t, splits in targets_text.items()}
     train_texts = [t for name in real for t in texts[name].get("train", [])]
     _log(quiet, f"[decode] {len(train_texts):,} training documents, {_text_bytes(train_texts) / 1e6:.1f} MB "
                 f"of text ({src_tok.name}) in {time.perf_counter() - t0:.1f}s")
@@ -351,7 +367,8 @@ def _build_into(root: Path, ss: shardset.ShardSet, src_meta: dict, recipe: dict,
 def build_planted(source: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, *,
                   vocab_size: int = DEFAULT_VOCAB, noise_domains: int = 2, noise_tokens: int = 1_000_000,
                   noise_doc_tokens: int = NOISE_DOC_TOKENS, duplicate: str | None = "code",
-                  max_tokens_per_domain: int | None = DEFAULT_MAX_TOKENS, seed: int = 0,
+                  max_tokens_per_domain: int | None = DEFAULT_MAX_TOKENS,
+                  target_valid_fraction: float | None = DEFAULT_TARGET_VALID, seed: int = 0,
                   quiet: bool = False, force: bool = False) -> Path:
     """Build (or find) the planted shard set and return its folder ``<cache>/planted/<recipe-hash[:12]>``.
 
@@ -367,6 +384,9 @@ def build_planted(source: str | os.PathLike | None = None, cache_dir: str | os.P
     - ``max_tokens_per_domain``: cap on each real domain's training tokens (new tokens, EOD
       included, whole documents; the duplicate's two halves share it); ``None`` = no cap.
       Validation splits and target sets are never capped.
+    - ``target_valid_fraction``: share of each target set's examples (both source splits pooled,
+      duplicates removed) in its new valid split, the rest in the train split (``resplit_examples``);
+      ``None`` keeps the source's splits.
     - ``seed``: seeds the noise draws (``[seed, k]`` for ``noise_k``) and salts the duplicate's split.
     - ``quiet``: no progress lines and no summary table.
     - ``force``: rebuild even if the folder is complete.
@@ -374,6 +394,8 @@ def build_planted(source: str | os.PathLike | None = None, cache_dir: str | os.P
     if noise_domains < 0 or noise_tokens <= 0 or noise_doc_tokens < 2:
         raise ValueError(f"noise_domains={noise_domains} must be >= 0, noise_tokens={noise_tokens} > 0 and "
                          f"noise_doc_tokens={noise_doc_tokens} >= 2")
+    if target_valid_fraction is not None and not 0 < target_valid_fraction < 1:
+        raise ValueError(f"target_valid_fraction={target_valid_fraction} must be in (0, 1) or None")
     if max_tokens_per_domain is not None and max_tokens_per_domain <= 0:
         raise ValueError(f"max_tokens_per_domain={max_tokens_per_domain} must be positive or None")
     from trainer.data.demo.build import build_demo, default_cache_dir
@@ -384,7 +406,8 @@ def build_planted(source: str | os.PathLike | None = None, cache_dir: str | os.P
     manifest_bytes = (Path(source) / shardset.MANIFEST).read_bytes()
     recipe = make_recipe(ss, manifest_bytes, vocab_size=vocab_size, noise_domains=noise_domains,
                          noise_tokens=noise_tokens, noise_doc_tokens=noise_doc_tokens, duplicate=duplicate,
-                         max_tokens_per_domain=max_tokens_per_domain, seed=seed)
+                         max_tokens_per_domain=max_tokens_per_domain, target_valid_fraction=target_valid_fraction,
+                         seed=seed)
     planted_dir = cache / "planted"
     out = planted_dir / recipe_hash(recipe)[:12]
     if (out / shardset.MANIFEST).is_file() and not force:
@@ -466,7 +489,8 @@ def format_table(meta: dict) -> str:
 def _run(args: argparse.Namespace) -> int:
     path = build_planted(args.source, args.cache_dir, vocab_size=args.vocab, noise_domains=args.noise_domains,
                          noise_tokens=args.noise_tokens, duplicate=args.duplicate or None,
-                         max_tokens_per_domain=args.max_tokens_per_domain or None, seed=args.seed, force=args.force)
+                         max_tokens_per_domain=args.max_tokens_per_domain or None,
+                         target_valid_fraction=args.target_valid or None, seed=args.seed, force=args.force)
     print(path)
     return 0
 
@@ -487,6 +511,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--noise-domains", type=int, default=2, help="noise domains (default: 2)")
     parser.add_argument("--noise-tokens", type=int, default=1_000_000,
                         help="tokens per noise domain (default: 1,000,000)")
+    parser.add_argument("--target-valid", type=float, default=DEFAULT_TARGET_VALID,
+                        help="share of each target set's examples in its valid split; 0 keeps the source's "
+                             f"splits (default: {DEFAULT_TARGET_VALID:.3f})")
     parser.add_argument("--duplicate", default="code",
                         help="domain halved into <name>_dup; empty for none (default: code)")
     parser.add_argument("--max-tokens-per-domain", type=int, default=DEFAULT_MAX_TOKENS,
