@@ -12,17 +12,30 @@ TiKMiX-D (paper Eqs. 9-11) minimises over the simplex
 
     α·std(P̂) − β·Σ_i P̂_i − γ·H(w),   P = S·w,  P̂_i = P_i / (max_j |S_ij| + 1e-8),  H(w) = −Σ w log w
 
-with SLSQP from the uniform mixture, subject to the Pareto constraint S·w ≥ S·w_prior (w_prior =
-the previous stage's mixture). TiKMiX-M (paper Algorithm 1) labels N mixtures drawn by Latin
-hypercube sampling in the box [lo, hi] × w_orig with their measured influence y = Σ_i P̂_i, fits a
-LightGBM surrogate y ≈ f(w), and searches it with annealed Dirichlet sampling started at the
-TiKMiX-D solution.
+with SLSQP from the uniform mixture (the std smoothed, below), subject to the Pareto constraint
+S·w ≥ S·w_prior (w_prior = the previous stage's mixture). TiKMiX-M (paper Algorithm 1) labels N
+mixtures drawn by Latin hypercube sampling in a per-domain box with their measured influence
+y = Σ_i P̂_i, fits a LightGBM surrogate y ≈ f(w), and searches it with annealed Dirichlet sampling
+started at the TiKMiX-D solution (box and search: below).
 
 Project choices (controllers.md §3.6; every one is a knob or a constant below):
 
 - Curvature H = I; ``precondition`` swaps in H ≈ diag(√v̂ + ε) from Adam's second moments.
 - Normaliser max_j |S_ij| + 1e-8: the absolute value (a deviation from the paper's max_j S_ij) keeps
   the sign of a task where every domain is harmful. std is the population std (ddof = 0).
+- Kink of the std (pitfall §3.7). std(P̂) is not differentiable where all P̂_i are equal, and the
+  optimum often lies there (the std term pulls the tasks level); SLSQP, which assumes a smooth
+  objective, stalls short of it (against an exact conic solve: off by more than 1e-6 in 10-16% of
+  random 8-domain, 2-task problems, by up to 3e-3). SLSQP therefore minimises √(var(P̂) + δ²)
+  for δ = 1e-2, 1e-4, 1e-6, 1e-8 (``SMOOTHING``), each solve started from the previous answer,
+  then restarts at the last δ while that still lowers the objective (``SLSQP_RESTARTS``: SLSQP's
+  stopping test can fire early where small weights make the entropy's curvature large). The
+  smoothed std exceeds the std by at most δ, so the answer is within α·1e-8 of the optimum when the
+  solves converge; ``info["objective"]`` and the metrics report the exact, unsmoothed objective.
+  The epigraph form (min t s.t. n·t² ≥ ‖P̂ − mean P̂‖²) was not used: its constraint's gradient
+  vanishes at the kink, so where the optimum sits the KKT conditions SLSQP solves for have, in
+  general, no solution. The Pareto handling below is unchanged: every solve carries the
+  constraint, and the last kept solve's status is what counts as "SLSQP failed".
 - "Infeasible" Pareto constraint. w = w_prior always satisfies S·w ≥ S·w_prior, so the constraint is
   never infeasible in the strict sense. What does happen (pitfall §3.7) is that it admits *only*
   w_prior: whenever every direction of change lowers some task's influence — typically when each
@@ -35,8 +48,8 @@ Project choices (controllers.md §3.6; every one is a knob or a constant below):
   rescaling of the same constraint).
 - Weights and cadence: ``weights`` is the current stage's mixture and the sampler draws it (TiKMiX
   is a resampling method; loss weights stay 1). ``floor`` mixes each published mixture with uniform;
-  the published (floored) mixture is what the stage trained on, so it is the next w_prior and the
-  centre of TiKMiX-M's box. Stage boundaries are the multiples of ``stage_tokens``; after the
+  the published (floored) mixture is what the stage trained on, so it is the next w_prior and
+  TiKMiX-M's w_orig. Stage boundaries are the multiples of ``stage_tokens``; after the
   training tokens reach one, the next ``request`` asks for the measurement and its ``observe``
   solves. A measurement with any non-finite value (or a domain the trainer could not probe: NaN
   rows) leaves the weights as they are and is asked for again on the next step. If one step's tokens
@@ -65,23 +78,41 @@ Project choices (controllers.md §3.6; every one is a knob or a constant below):
   trained on the other 80%, is the surrogate. For ~200 training rows: ``num_leaves`` 31 (LightGBM's
   default) with ``min_data_in_leaf`` 3 (the default 20 would allow at most ~10 leaves and blur the
   optimum), single-threaded and ``deterministic`` so a stage's result is reproducible.
+- Box: lo·min(w_orig, w_d) ≤ w ≤ hi·max(w_orig, w_d) per domain, with ``box`` = [lo, hi], w_orig
+  the previous stage's mixture and w_d the TiKMiX-D solution. The paper's box [lo, hi]·w_orig does
+  not contain w_d in most stages, yet the search starts there: a surrogate fitted on labels from
+  that box extrapolates (a tree ensemble repeats its outermost leaves), and the search's answer
+  scored below its start on the noise-free influence in 43 of 60 random problems. This box is the
+  smallest holding both [lo, hi]·w_orig and [lo, hi]·w_d, so it contains w_orig, w_d and the
+  segment between them, and is the paper's box when w_d = w_orig. A box scaled around w_d alone
+  would pin a domain that TiKMiX-D set to ~0 at ~0.
+- Candidates: batches of N Latin-hypercube points in the box are normalised and rejected until N
+  lie in it. After 100 batches (a very uneven mixture with many domains can make acceptance rare)
+  the missing candidates are rejected points pulled toward (w_orig + w_d)/2 just far enough to enter
+  the box (it is convex and contains that point); their number is reported as ``candidates_shrunk``.
 - Search: T = 5 rounds of N = 10,000 draws ~ Dirichlet(α_t·w_best), w_best ← mean of the top-100
   predicted, α_t = geomspace(50, 1000, T): coarse to fine, the project's deliberate order (the
-  paper's text runs from α_max to α_min; give ``concentration: [1000, 50]`` for that). Dirichlet
-  parameters are floored at 1e-3 so a domain at weight 0 can be drawn again. If every label is equal
-  the surrogate has nothing to rank and the search returns the TiKMiX-D solution.
-- Candidates: batches of N Latin-hypercube points are normalised and rejected until N lie in the box.
-  After 100 batches (a very uneven w_orig with many domains can make acceptance rare) the missing
-  candidates are rejected points pulled toward w_orig just far enough to enter the box (the box is
-  convex and contains w_orig); their number is reported as ``candidates_shrunk``.
+  paper's text runs from α_max to α_min; give ``concentration: [1000, 50]`` for that). Every draw
+  outside the box is pulled toward w_best until it enters it, so the surrogate only ranks mixtures
+  like those it was fitted on. Dirichlet parameters are floored at 1e-3 so a domain at weight 0 can
+  be drawn again. If every label is equal the surrogate has nothing to rank and the search returns
+  the TiKMiX-D solution.
+- Guard: the answer replaces w_d only if it beats w_d on the noise-free influence Σ_i P̂_i(S·w),
+  what the labels estimate: S's columns are the per-domain means of the probe alignments, so this
+  is the label's expectation for a mixed sample drawn in proportion to w (the largest-remainder
+  counts only round w, in steps of 1/``mix_sequences``, which would make nearby mixtures tie; and
+  the sampler trains on w itself). Otherwise w_d is kept, reported as the metric ``kept_start`` = 1
+  and in ``last_message``. A surrogate fitted on noisy labels can rank wrongly, and a top-k mean
+  drifts into the box's interior while a linear influence peaks on its boundary: without the guard
+  the box-confined search still ended below w_d in 19 of those 60 problems.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -98,6 +129,11 @@ ENTROPY_TINY = 1e-12
 """Weights below this use log(1e-12) in the entropy gradient (the true slope is −∞ at 0)."""
 SLSQP_FTOL = 1e-10
 SLSQP_MAXITER = 1000
+SMOOTHING = (1e-2, 1e-4, 1e-6, 1e-8)
+"""δ of the smoothed std √(var(P̂) + δ²), one SLSQP solve per δ, each started from the previous
+answer. The last δ bounds how far the answer's exact objective can exceed the optimum: α·δ."""
+SLSQP_RESTARTS = 10
+"""At most this many extra solves at the last δ, each from the previous answer, while they lower it."""
 SURROGATE_PARAMS = {
     "objective": "regression",
     "learning_rate": 1e-2,
@@ -146,24 +182,27 @@ def tikmix_objective(w: np.ndarray, S: np.ndarray, alpha: float = 1.0, beta: flo
     return float(alpha * np.std(p) - beta * np.sum(p) - gamma * entropy(w))
 
 
-def _objective_with_gradient(S_hat: np.ndarray, alpha: float, beta: float, gamma: float):
-    """The objective and its gradient in w for the normalised matrix Ŝ (P̂ = Ŝ·w).
+def _smoothed_objective(S_hat: np.ndarray, alpha: float, beta: float, gamma: float, delta: float):
+    """α·√(var(P̂) + δ²) − β·Σ_i P̂_i − γ·H(w) and its gradient in w, for the normalised matrix Ŝ (P̂ = Ŝ·w).
 
-    ∂std/∂w = Ŝᵀ(P̂ − mean P̂)/(n·std) (0 where std = 0, a subgradient of the convex std);
-    ∂(−H)/∂w = log w + 1. The objective is convex (a norm of an affine map, a linear term and the
-    negative entropy), so SLSQP's local answer is the global one.
+    std(P̂) is a norm of the centred affine map w ↦ P̂ − mean(P̂), not differentiable where all P̂ are
+    equal. Handed to SLSQP as it is, that kink stalls the solver short of the optimum when the
+    optimum lies on it or the path crosses it (module docstring). √(var + δ²) is smooth for δ > 0
+    and exceeds std by at most δ, so its minimiser is within α·δ of the exact optimum.
+    ∂/∂w = α·Ŝᵀ(P̂ − mean P̂)/(n·√(var + δ²)) − β·Ŝᵀ1 + γ·(log w + 1). The objective stays convex
+    (√(var + δ²) = ‖(P̂ − mean P̂, √n·δ)‖/√n, a norm of an affine map of w), so SLSQP's local
+    answer is the global one.
     """
     n = S_hat.shape[0]
     column_sums = S_hat.sum(axis=0)
 
     def fun(w):
         p = S_hat @ w
-        return float(alpha * np.std(p) - beta * p.sum() - gamma * entropy(w))
+        return float(alpha * math.sqrt(np.var(p) + delta * delta) - beta * p.sum() - gamma * entropy(w))
 
     def jac(w):
         p = S_hat @ w
-        sd = np.std(p)
-        g_std = S_hat.T @ ((p - p.mean()) / (n * sd)) if sd > 0 else np.zeros_like(w)
+        g_std = S_hat.T @ ((p - p.mean()) / (n * math.sqrt(np.var(p) + delta * delta)))
         return alpha * g_std - beta * column_sums + gamma * (np.log(np.maximum(w, ENTROPY_TINY)) + 1.0)
 
     return fun, jac
@@ -206,16 +245,19 @@ def solve_tikmix_d(S, w_prior, *, alpha: float = 1.0, beta: float = 1.0, gamma: 
     """TiKMiX-D: the mixture minimising ``tikmix_objective`` over the simplex.
 
     ``S`` is the n×K influence matrix (tasks × domains, benefit orientation), ``w_prior`` the
-    previous stage's mixture. SLSQP (bounds [0, 1], Σw = 1) starts at the uniform mixture; with
-    ``pareto`` it also keeps S·w ≥ S·w_prior. When that constraint admits only w_prior, SLSQP
-    fails, or its answer violates the constraint by more than ``PARETO_TOL`` (normalised scale),
-    the problem is solved again without it and ``info["pareto_relaxed"]`` is True. The answer's
-    tiny negatives are clipped and it is renormalised; if even the unconstrained solve gives no
-    usable point, w_prior is returned with ``info["success"] = False``.
+    previous stage's mixture. SLSQP (bounds [0, 1], Σw = 1) minimises the smoothed objective
+    (``_smoothed_objective``) once per δ of ``SMOOTHING``, the first solve from the uniform mixture
+    and each later one from the previous answer, then restarts at the last δ (up to
+    ``SLSQP_RESTARTS`` times) while that lowers it; the last kept solve's status is the solve's.
+    With ``pareto`` every solve also keeps S·w ≥ S·w_prior. When that constraint admits only
+    w_prior, SLSQP fails, or its answer violates the constraint by more than ``PARETO_TOL``
+    (normalised scale), the problem is solved again without it and ``info["pareto_relaxed"]`` is
+    True. Every answer's tiny negatives are clipped and it is renormalised; if even the
+    unconstrained solve gives no usable point, w_prior is returned with ``info["success"] = False``.
 
     ``info``: pareto_relaxed, success, message (empty when all went to plan), objective,
-    objective_uniform, objective_prior, influence (Σ P̂ of the answer), violation (largest
-    normalised shortfall S·w_prior − S·w, ≥ 0).
+    objective_uniform, objective_prior (all three the exact, unsmoothed objective), influence
+    (Σ P̂ of the answer), violation (largest normalised shortfall S·w_prior − S·w, ≥ 0).
     """
     from scipy.optimize import minimize
 
@@ -228,15 +270,35 @@ def solve_tikmix_d(S, w_prior, *, alpha: float = 1.0, beta: float = 1.0, gamma: 
         raise ValueError("solve_tikmix_d: S and w_prior must be finite")
     K = S.shape[1]
     S_hat = S * task_normalisers(S)[:, None]
-    fun, jac = _objective_with_gradient(S_hat, alpha, beta, gamma)
     floor_rhs = S_hat @ w_prior
+    final_fun, _ = _smoothed_objective(S_hat, alpha, beta, gamma, SMOOTHING[-1])
 
     def slsqp(constrained: bool):
+        """(result of the last kept solve, its answer on the simplex or None when a solve gave no usable point)."""
         constraints = [{"type": "eq", "fun": lambda w: np.array([w.sum() - 1.0]), "jac": lambda w: np.ones((1, K))}]
         if constrained:
             constraints.append({"type": "ineq", "fun": lambda w: S_hat @ w - floor_rhs, "jac": lambda w: S_hat})
-        return minimize(fun, np.full(K, 1.0 / K), jac=jac, method="SLSQP", bounds=[(0.0, 1.0)] * K,
-                        constraints=constraints, options={"ftol": SLSQP_FTOL, "maxiter": SLSQP_MAXITER})
+
+        def run(delta, start):
+            fun, jac = _smoothed_objective(S_hat, alpha, beta, gamma, delta)
+            res = minimize(fun, start, jac=jac, method="SLSQP", bounds=[(0.0, 1.0)] * K, constraints=constraints,
+                           options={"ftol": SLSQP_FTOL, "maxiter": SLSQP_MAXITER})
+            return res, _to_simplex(res.x)
+
+        x = np.full(K, 1.0 / K)
+        for delta in SMOOTHING:
+            res, x = run(delta, x)
+            if x is None:
+                return res, None
+        # SLSQP stops at the first step that changes f by less than ftol, which its quasi-Newton
+        # model can take well short of the optimum when the entropy's curvature 1/w_j is large
+        # (small weights, small γ); a fresh start resets that model.
+        for _ in range(SLSQP_RESTARTS):
+            again, y = run(SMOOTHING[-1], x)
+            if y is None or not final_fun(y) < final_fun(x):
+                break
+            res, x = again, y
+        return res, x
 
     info = {"pareto_relaxed": False, "success": True, "message": ""}
     w = None
@@ -247,8 +309,7 @@ def solve_tikmix_d(S, w_prior, *, alpha: float = 1.0, beta: float = 1.0, gamma: 
             reason = ("the Pareto constraint S·w >= S·w_prior admits only the previous mixture "
                       "(every change lowers some task's influence)")
         else:
-            res = slsqp(True)
-            x = _to_simplex(res.x)
+            res, x = slsqp(True)
             shortfall = math.inf if x is None else float(np.max(floor_rhs - S_hat @ x, initial=0.0))
             if res.success and shortfall <= PARETO_TOL:
                 w = x
@@ -260,8 +321,7 @@ def solve_tikmix_d(S, w_prior, *, alpha: float = 1.0, beta: float = 1.0, gamma: 
             info["pareto_relaxed"] = True
             info["message"] = reason + "; solved again without it (pareto_relaxed=1)"
     if w is None:
-        res = slsqp(False)
-        w = _to_simplex(res.x)
+        res, w = slsqp(False)
         if w is None:
             w = w_prior.copy()
             info["success"] = False
@@ -270,7 +330,9 @@ def solve_tikmix_d(S, w_prior, *, alpha: float = 1.0, beta: float = 1.0, gamma: 
         elif not res.success:
             info["message"] = (info["message"] + "; " if info["message"] else "") + f"SLSQP: {res.message} (answer kept)"
     uniform = np.full(K, 1.0 / K)
-    info.update(objective=fun(w), objective_uniform=fun(uniform), objective_prior=fun(w_prior),
+    info.update(objective=tikmix_objective(w, S, alpha, beta, gamma),
+                objective_uniform=tikmix_objective(uniform, S, alpha, beta, gamma),
+                objective_prior=tikmix_objective(w_prior, S, alpha, beta, gamma),
                 influence=float(np.sum(S_hat @ w)), violation=float(np.max(floor_rhs - S_hat @ w, initial=0.0)))
     return w, info
 
@@ -284,45 +346,59 @@ def latin_hypercube(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     return (strata + rng.random((n, k))) / n
 
 
-def in_box(x: np.ndarray, w_orig: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Which rows of x satisfy lo·w_orig ≤ x ≤ hi·w_orig in every coordinate (1e-12 slack)."""
-    return np.all((x >= lo * w_orig - 1e-12) & (x <= hi * w_orig + 1e-12), axis=-1)
+def search_box(w_orig, w_start, box=(0.5, 2.0)) -> tuple[np.ndarray, np.ndarray]:
+    """TiKMiX-M's per-domain box [lower, upper] = [lo·min(w_orig, w_start), hi·max(w_orig, w_start)].
 
-
-def shrink_into_box(x: np.ndarray, w_orig: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """w_orig + t·(x − w_orig) with the largest t ∈ [0, 1] that lies in the box (rows of x on the
-    simplex; the result stays on it). Needs lo ≤ 1 ≤ hi, so w_orig itself is in the box."""
-    d = x - w_orig
-    with np.errstate(divide="ignore", invalid="ignore"):
-        up = np.where(d > 0, (hi - 1.0) * w_orig / d, np.inf)
-        down = np.where(d < 0, (1.0 - lo) * w_orig / -d, np.inf)
-    t = np.clip(np.minimum(up, down).min(axis=-1), 0.0, 1.0)
-    return w_orig + t[:, None] * d
-
-
-def box_candidates(w_orig, n: int, rng: np.random.Generator, box=(0.5, 2.0),
-                   max_batches: int = CANDIDATE_BATCHES) -> tuple[np.ndarray, int]:
-    """n mixtures in the box [lo, hi]·w_orig on the simplex (TiKMiX-M's Algorithm 1, step 1).
-
-    Repeats: n Latin-hypercube points mapped to [lo·w_orig, hi·w_orig], normalised to sum 1, kept
-    if still inside the box; until n are kept. After ``max_batches`` batches the missing ones are
-    the first rejected points pulled into the box (``shrink_into_box``). Returns (candidates [n, K],
-    number pulled in).
+    The paper's box is [lo, hi]·w_orig, but its search starts at the TiKMiX-D solution w_start,
+    usually outside that box, where a surrogate fitted on the box's labels only extrapolates. This
+    box is the smallest one holding both scaled boxes, so it contains w_orig, w_start and the segment
+    between them (a box is convex). It is the paper's box when w_start = w_orig. A box scaled around
+    w_start alone would not do: where TiKMiX-D sets a weight to ~0 it would pin that domain at ~0.
     """
     w_orig = np.asarray(w_orig, dtype=np.float64)
-    lo, hi = float(box[0]), float(box[1])
+    w_start = np.asarray(w_start, dtype=np.float64)
+    return float(box[0]) * np.minimum(w_orig, w_start), float(box[1]) * np.maximum(w_orig, w_start)
+
+
+def in_box(x: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Which rows of x satisfy lower ≤ x ≤ upper in every coordinate (1e-12 slack)."""
+    return np.all((x >= lower - 1e-12) & (x <= upper + 1e-12), axis=-1)
+
+
+def shrink_into_box(x: np.ndarray, centre: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """centre + t·(x − centre) with the largest t ∈ [0, 1] that lies in the box (rows of x and the
+    centre on the simplex; the result stays on it). ``centre`` must lie in the box."""
+    d = x - centre
+    with np.errstate(divide="ignore", invalid="ignore"):
+        up = np.where(d > 0, (upper - centre) / d, np.inf)
+        down = np.where(d < 0, (centre - lower) / -d, np.inf)
+    t = np.clip(np.minimum(up, down).min(axis=-1), 0.0, 1.0)
+    return centre + t[:, None] * d
+
+
+def box_candidates(lower, upper, centre, n: int, rng: np.random.Generator,
+                   max_batches: int = CANDIDATE_BATCHES) -> tuple[np.ndarray, int]:
+    """n mixtures in the box [lower, upper] on the simplex (TiKMiX-M's Algorithm 1, step 1).
+
+    Repeats: n Latin-hypercube points mapped to [lower, upper], normalised to sum 1, kept if still
+    inside the box; until n are kept. After ``max_batches`` batches the missing ones are the first
+    rejected points pulled toward ``centre`` (a mixture in the box) until they enter it
+    (``shrink_into_box``). Returns (candidates [n, K], number pulled in).
+    """
+    lower = np.asarray(lower, dtype=np.float64)
+    upper = np.asarray(upper, dtype=np.float64)
     kept, rejected, count = [], [], 0
     for _ in range(max_batches):
-        x = w_orig * (lo + (hi - lo) * latin_hypercube(n, w_orig.size, rng))
+        x = lower + (upper - lower) * latin_hypercube(n, lower.size, rng)
         x /= x.sum(axis=1, keepdims=True)
-        ok = in_box(x, w_orig, lo, hi)
+        ok = in_box(x, lower, upper)
         kept.append(x[ok])
         rejected.append(x[~ok])
         count += int(ok.sum())
         if count >= n:
             return np.concatenate(kept)[:n], 0
     missing = n - count
-    pulled = shrink_into_box(np.concatenate(rejected)[:missing], w_orig, lo, hi)
+    pulled = shrink_into_box(np.concatenate(rejected)[:missing], np.asarray(centre, dtype=np.float64), lower, upper)
     return np.concatenate(kept + [pulled]), missing
 
 
@@ -340,7 +416,7 @@ def fit_surrogate(X: np.ndarray, y: np.ndarray, rng: np.random.Generator, seed: 
     y = np.asarray(y, dtype=np.float64)
     z = (y - y.mean()) / y.std()
     order = rng.permutation(len(y))
-    n_valid = max(1, int(round(SURROGATE_HOLDOUT * len(y))))
+    n_valid = max(1, round(SURROGATE_HOLDOUT * len(y)))
     valid, train = order[:n_valid], order[n_valid:]
     params = {**SURROGATE_PARAMS, "seed": int(seed)}
     train_set = lgb.Dataset(X[train], z[train], params={"verbose": -1})
@@ -355,19 +431,27 @@ def fit_surrogate(X: np.ndarray, y: np.ndarray, rng: np.random.Generator, seed: 
     return predict, {"rounds": rounds, "train_rows": int(train.size), "valid_rows": int(valid.size)}
 
 
-def dirichlet_search(predict: Callable, w_start, rng: np.random.Generator, *, rounds: int = 5, draws: int = 10_000,
-                     top_k: int = 100, concentration=(50.0, 1000.0)) -> tuple[np.ndarray, dict]:
-    """Annealed Dirichlet search of a surrogate (TiKMiX-M's Algorithm 1, step 4).
+def dirichlet_search(predict: Callable, w_start, lower, upper, rng: np.random.Generator, *, rounds: int = 5,
+                     draws: int = 10_000, top_k: int = 100, concentration=(50.0, 1000.0)) -> tuple[np.ndarray, dict]:
+    """Annealed Dirichlet search of a surrogate inside the box (TiKMiX-M's Algorithm 1, step 4).
 
     For α_t in geomspace(concentration[0], concentration[1], rounds): draw ``draws`` mixtures ~
-    Dirichlet(max(α_t·w_best, 1e-3)), predict them, w_best ← mean of the ``top_k`` highest
-    predictions (ties broken by draw order). Returns (w_best, info) with info["trajectory"] the
-    w_best after every round.
+    Dirichlet(max(α_t·w_best, 1e-3)), pull each draw outside [lower, upper] toward w_best until it
+    enters the box (``shrink_into_box``: its direction from w_best is kept, its step shortened),
+    predict them, w_best ← mean of the ``top_k`` highest predictions (ties broken by draw order).
+    The box is where the surrogate's labels were measured: outside it a tree ensemble just repeats
+    the values of its outermost leaves. ``w_start`` must lie in the box, and then every w_best does
+    (a mean of points of a convex set). Returns (w_best, info) with info["trajectory"] the w_best
+    after every round.
     """
     w = np.asarray(w_start, dtype=np.float64).copy()
+    lower = np.asarray(lower, dtype=np.float64)
+    upper = np.asarray(upper, dtype=np.float64)
     trajectory = []
     for alpha_t in np.geomspace(concentration[0], concentration[1], rounds):
         cloud = rng.dirichlet(np.maximum(alpha_t * w, DIRICHLET_MIN_ALPHA), size=draws)
+        outside = ~in_box(cloud, lower, upper)
+        cloud[outside] = shrink_into_box(cloud[outside], w, lower, upper)
         best = np.argsort(-np.asarray(predict(cloud)), kind="stable")[:top_k]
         w = cloud[best].mean(axis=0)
         w /= w.sum()
@@ -375,32 +459,45 @@ def dirichlet_search(predict: Callable, w_start, rng: np.random.Generator, *, ro
     return w, {"trajectory": trajectory}
 
 
-def search_tikmix_m(label_fn: Callable, w_orig, w_start, rng: np.random.Generator, *, n_labels: int = 256,
-                    box=(0.5, 2.0), rounds: int = 5, draws: int = 10_000, top_k: int = 100,
+def search_tikmix_m(label_fn: Callable, influence_fn: Callable, w_orig, w_start, rng: np.random.Generator, *,
+                    n_labels: int = 256, box=(0.5, 2.0), rounds: int = 5, draws: int = 10_000, top_k: int = 100,
                     concentration=(50.0, 1000.0), seed: int = 42) -> tuple[np.ndarray, dict]:
-    """TiKMiX-M: candidates in the box around ``w_orig`` → labels → surrogate → Dirichlet search.
+    """TiKMiX-M: candidates in the box → labels → surrogate → Dirichlet search in the box → guard.
 
     ``label_fn`` maps candidate mixtures [N, K] to their measured aggregate influence y [N]
-    (higher is better); ``w_start`` is where the search starts (the TiKMiX-D solution in the
-    controller); ``rng`` drives the candidates, the hold-out split and the search; ``seed`` is the
-    surrogate's. Returns (w, info) with the candidates, labels, surrogate rounds, the number of
-    candidates pulled into the box and the search trajectory.
+    (higher is better) and ``influence_fn`` to its noise-free value, what the labels measure;
+    ``w_orig`` is the previous stage's mixture and ``w_start`` where the search starts (the
+    TiKMiX-D solution in the controller); the box is ``search_box(w_orig, w_start, box)``;
+    ``rng`` drives the candidates, the hold-out split and the search; ``seed`` is the surrogate's.
+
+    Guard: a surrogate fitted on noisy labels can rank wrongly, and the top-k mean drifts toward
+    the inside of the box, so when the search's answer does not beat ``w_start`` on
+    ``influence_fn``, ``w_start`` is returned and info["kept_start"] is True: the output never
+    scores below the TiKMiX-D solution on the quantity the labels estimate.
+
+    Returns (w, info) with the candidates, labels, the box (lower, upper), surrogate rounds, the
+    number of candidates pulled into the box, the search trajectory, flat_labels and kept_start.
     """
     w_orig = np.asarray(w_orig, dtype=np.float64)
     w_start = np.asarray(w_start, dtype=np.float64)
-    candidates, shrunk = box_candidates(w_orig, n_labels, rng, box)
+    lower, upper = search_box(w_orig, w_start, box)
+    candidates, shrunk = box_candidates(lower, upper, 0.5 * (w_orig + w_start), n_labels, rng)
     labels = np.asarray(label_fn(candidates), dtype=np.float64)
     if labels.shape != (n_labels,) or not np.all(np.isfinite(labels)):
         raise ValueError(f"search_tikmix_m: label_fn must give {n_labels} finite labels, got shape {labels.shape}")
-    info = {"candidates": candidates, "labels": labels, "candidates_shrunk": shrunk, "rounds": 0, "trajectory": [],
-            "flat_labels": bool(np.ptp(labels) == 0)}
+    info = {"candidates": candidates, "labels": labels, "lower": lower, "upper": upper, "candidates_shrunk": shrunk,
+            "rounds": 0, "trajectory": [], "flat_labels": bool(np.ptp(labels) == 0), "kept_start": True}
     if info["flat_labels"]:
         return w_start.copy(), info
     predict, fit = fit_surrogate(candidates, labels, rng, seed)
-    w, search = dirichlet_search(predict, w_start, rng, rounds=rounds, draws=draws, top_k=top_k,
+    w, search = dirichlet_search(predict, w_start, lower, upper, rng, rounds=rounds, draws=draws, top_k=top_k,
                                  concentration=concentration)
     info.update(rounds=fit["rounds"], trajectory=search["trajectory"])
-    return w, info
+    found, start = np.asarray(influence_fn(np.stack([w, w_start])), dtype=np.float64)
+    if found > start:
+        info["kept_start"] = False
+        return w, info
+    return w_start.copy(), info
 
 
 def largest_remainder(w, total: int) -> np.ndarray:
@@ -620,7 +717,7 @@ class TikmixD(Controller):
         tokens = np.asarray(stats.tokens, dtype=np.float64)
         measuring = self.pending  # the request of this step asked for the measurement
         if np.all(np.isfinite(tokens)):
-            self._tokens_seen += int(round(float(tokens.sum())))
+            self._tokens_seen += round(float(tokens.sum()))
         if not measuring or stats.align is None:
             return
         S = self._measurement(stats)
@@ -706,16 +803,25 @@ class TikmixM(TikmixD):
                                                 np.random.default_rng([cfg.seed, stage, 2, c + 1]))
                              for c, w in enumerate(candidates)])
 
-        w, info = search_tikmix_m(label_fn, self._weights, w_d, np.random.default_rng([cfg.seed, stage, 1]),
-                                  n_labels=cfg.n_labels, box=tuple(cfg.box), rounds=cfg.rounds, draws=cfg.draws,
-                                  top_k=cfg.top_k, concentration=tuple(cfg.concentration), seed=cfg.seed)
+        def influence_fn(candidates: np.ndarray) -> np.ndarray:
+            """Σ_i P̂_i of S·w: S's columns are the per-domain means of the rows the labels resample."""
+            return np.sum(normalised_performance(S, candidates), axis=-1)
+
+        rng = np.random.default_rng([cfg.seed, stage, 1])
+        w, info = search_tikmix_m(label_fn, influence_fn, self._weights, w_d, rng, n_labels=cfg.n_labels,
+                                  box=tuple(cfg.box), rounds=cfg.rounds, draws=cfg.draws, top_k=cfg.top_k,
+                                  concentration=tuple(cfg.concentration), seed=cfg.seed)
         self.last_info = {**info, "tikmix_d": info_d, "w_start": w_d}
         metrics = {"pareto_relaxed": metrics_d["pareto_relaxed"],
                    "objective": tikmix_objective(w, S, cfg.alpha, cfg.beta, cfg.gamma),
                    "objective_start": metrics_d["objective"], "objective_uniform": metrics_d["objective_uniform"],
                    "objective_prior": metrics_d["objective_prior"],
                    "influence": float(np.sum(normalised_performance(S, w))), "influence_start": metrics_d["influence"],
-                   "surrogate_rounds": float(info["rounds"]), "candidates_shrunk": float(info["candidates_shrunk"])}
+                   "surrogate_rounds": float(info["rounds"]), "candidates_shrunk": float(info["candidates_shrunk"]),
+                   "kept_start": float(info["kept_start"])}
         if info["flat_labels"]:
             message = (message + "; " if message else "") + "every label is equal: kept the TiKMiX-D solution"
+        elif info["kept_start"]:
+            message = (message + "; " if message else "") + \
+                "the search did not beat the TiKMiX-D solution on the noise-free influence: kept it"
         return w, metrics, message
