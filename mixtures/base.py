@@ -31,8 +31,9 @@ class Request:
     ``"target:<name>"`` — a batch of the named target set's few-shot pool (train split; DGA, DoGE
     OOD); ``"valid:<domain>"`` — a batch of that domain's validation split, which evaluation also
     reports (the trainer says so when a run steers on it); ``"heldout:*"``, ``"target:*"`` and
-    ``"valid:*"`` expand to every domain (domain order), every target set (sorted by name) and
-    every domain with a validation split, for controllers that measure many tasks (TiKMiX). Columns
+    ``"valid:*"`` expand to the slice of every domain with a validation split (the domains evaluation
+    reports; every domain when none has one), every target set (sorted by name) and every
+    validation split, in domain order, for controllers that measure many tasks (TiKMiX). Columns
     of ``DomainStats.align`` follow the expanded list, given in ``DomainStats.align_names``.
     """
 

@@ -1,7 +1,8 @@
 """TiKMiX-D and TiKMiX-M: stage-wise mixtures chosen from group influence (controllers.md §3).
 
-Source: Wang et al. (ByteDance), arXiv 2508.17677v1; no public code. The run is cut into stages of
-``stage_tokens`` training tokens; the first stage trains on the prior (uniform or natural). At each
+Source: Wang et al. (ByteDance), arXiv 2508.17677v1; no public code. The run is cut into ``stages``
+stages (or stages of ``stage_tokens`` training tokens); the first trains on the prior (uniform or
+natural). At each
 stage boundary the controller asks for one measurement: ``sequences_per_domain`` probe sequences of
 every domain's training data and one gradient per validation task (``tasks``). The trainer returns
 ``align[j, i] = <ḡ_j, H⁻¹∇ℓ_{v_i}>`` (ḡ_j the gradient of domain j's token-mean loss, H = I or Adam's
@@ -550,25 +551,33 @@ def check_pair(value, knob: str) -> tuple[float, float]:
 
 def check_task(value) -> None:
     ok = isinstance(value, str) and (value == "heldout" or any(
-        value.startswith(p) and len(value) > len(p) for p in ("target:", "valid:")))
-    check_knob(ok, "tasks", value, 'entries must be "target:<name>", "valid:<domain>", "target:*", "valid:*" or "heldout"')
+        value.startswith(p) and len(value) > len(p) for p in ("target:", "heldout:", "valid:")))
+    check_knob(ok, "tasks", value, 'entries must be "target:<name>", "heldout:<domain>", "valid:<domain>", "target:*", '
+               '"heldout:*", "valid:*" or "heldout"')
 
 
 @dataclass
 class TikmixDConfig:
     name: str = "tikmix_d"
     """Registry name."""
-    stage_tokens: int = 51_200
-    """Training tokens per stage; the mixture is re-solved at every multiple. The default gives
-    the demo search (200 steps x 8 sequences x 128 tokens = 204,800 tokens) 3 updates; the paper's
-    stages are hundreds of billions of tokens (2 x 500B for its 1B model)."""
+    stages: int = 2
+    """Stages in the run: the first trains on the prior, and at the start of each later one the
+    mixture is solved again (stages - 1 measurements). The paper's 1B runs have 2 stages of 500B
+    tokens, one transition; each measurement costs about sequences_per_domain x K + 16 x tasks
+    sequences of forward/backward, so a few stages keep the method's cost near a static run's."""
+    stage_tokens: int | None = None
+    """Training tokens per stage instead of ``stages``: the mixture is re-solved at every multiple.
+    Null: the run's token budget / ``stages``."""
     sequences_per_domain: int = 32
     """Group-gradient budget per domain, in probe sequences of the training data (tokens = this x
     data.seq_len); every domain gets the same budget so the columns of S are comparable. The paper
     uses 0.1B tokens per domain (scope uncertain, controllers.md §3.5)."""
-    tasks: list = field(default_factory=lambda: ["target:*", "valid:*"])
-    """Validation tasks, one gradient each: "target:<name>", "valid:<domain>", "heldout", or the
-    wildcards "target:*" (every target set) and "valid:*" (every domain's validation split)."""
+    tasks: list = field(default_factory=lambda: ["target:*", "heldout:*"])
+    """Validation tasks, one gradient each: "target:<name>" (a target set's few-shot pool),
+    "heldout:<domain>" (the domain's held-out training slice, data.reference_fraction), "heldout"
+    (their mix), "valid:<domain>" (the validation split evaluation reports: steering on it is said
+    at the start and in the summary), or the wildcards "target:*", "heldout:*" (every domain that
+    evaluation reports, i.e. with a validation split) and "valid:*"."""
     precondition: bool = False
     """Influence under Adam's diagonal curvature H ≈ diag(√v̂ + ε) instead of H = I."""
     prior: str = "uniform"
@@ -586,8 +595,10 @@ class TikmixDConfig:
     """Mix every published mixture with uniform: w ← (1 - floor) w + floor/K."""
 
     def validate(self) -> None:
-        check_knob(is_number(self.stage_tokens) and self.stage_tokens >= 1 and float(self.stage_tokens).is_integer(),
-                   "stage_tokens", self.stage_tokens, "must be a whole number of tokens >= 1")
+        check_int(self.stages, "stages", 1)
+        check_knob(self.stage_tokens is None or is_number(self.stage_tokens) and self.stage_tokens >= 1
+                   and float(self.stage_tokens).is_integer(), "stage_tokens", self.stage_tokens,
+                   "must be a whole number of tokens >= 1 (or null: the run's tokens / mixture.stages)")
         check_int(self.sequences_per_domain, "sequences_per_domain", 1)
         check_knob(isinstance(self.tasks, (list, tuple)) and len(self.tasks) > 0, "tasks", self.tasks,
                    "must be a non-empty list of validation task names")
@@ -663,7 +674,10 @@ class TikmixD(Controller):
 
     def __init__(self, domains, cfg: TikmixDConfig, **context):
         super().__init__(domains, cfg, **context)
-        self._stage_tokens = int(cfg.stage_tokens)
+        if cfg.stage_tokens is None and self.run_tokens is None:
+            raise MixtureConfigError("mixture.stage_tokens must be set: the run's token budget, which mixture.stages "
+                                     "divides, is not known here")
+        self._stage_tokens = int(cfg.stage_tokens) if cfg.stage_tokens is not None else max(1, self.run_tokens // cfg.stages)
         self._prior = prior_weights(cfg.prior, self.K, self.domain_tokens, self.domains)
         self._weights = np.array(apply_floor(self._prior, cfg.floor))
         self._tokens_seen = 0
@@ -684,6 +698,10 @@ class TikmixD(Controller):
     def stage(self) -> int:
         """Index of the stage being trained (0: the prior)."""
         return self._stage
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        return tuple(self.cfg.tasks)
 
     def request(self, step: int) -> Request:
         if not self.pending:

@@ -39,7 +39,7 @@ def _measure(loop, req, step=0):
 def test_wildcards_expand_to_every_target_and_validation_split(loop):
     names = loop.signals.expand(("target:*", "valid:*", "heldout", "heldout:*"))
     assert names == ("target:abcs", "target:wordy", *(f"valid:{d}" for d in loop.data.domains), "heldout",
-                     *(f"heldout:{d}" for d in loop.data.domains))
+                     *(f"heldout:{d}" for d in loop.data.domains))  # every domain here has a validation split
     with pytest.raises(ConfigError, match="valid:nowhere"):
         loop.signals._ref_batch("valid:nowhere", 2, 0, 0)
 

@@ -300,7 +300,7 @@ def test_mixed_sample_label_by_hand():
 
 # ---------------------------------------------------------------- controllers
 
-def measurement_request(per_sample=False, probe=32, tasks=("target:*", "valid:*")) -> Request:
+def measurement_request(per_sample=False, probe=32, tasks=("target:*", "heldout:*")) -> Request:
     return Request(align=tasks, source="probe_batch", probe_sequences=probe, precondition=False, per_sample=per_sample)
 
 
@@ -357,10 +357,26 @@ def test_one_step_crossing_several_boundaries_measures_once():
 
 
 def test_natural_prior():
-    c = build_controller("tikmix_d", DOMAINS, {"prior": "natural"}, domain_tokens=np.array([100.0, 300.0, 600.0]))
+    c = build_controller("tikmix_d", DOMAINS, {"prior": "natural", "stage_tokens": 100},
+                         domain_tokens=np.array([100.0, 300.0, 600.0]))
     assert np.allclose(c.weights, [0.1, 0.3, 0.6]) and np.allclose(c.average_weights, [0.1, 0.3, 0.6])
     with pytest.raises(MixtureConfigError, match=r"mixture\.prior"):
-        build_controller("tikmix_d", DOMAINS, {"prior": "natural"})
+        build_controller("tikmix_d", DOMAINS, {"prior": "natural", "stage_tokens": 100})
+
+
+def test_stages_divide_the_run():
+    """Without stage_tokens the run's budget is cut into ``stages`` (the paper's 2 by default):
+    one measurement, half-way."""
+    c = build_controller("tikmix_d", DOMAINS, {}, run_tokens=1200)
+    pending = []
+    for step in range(4):  # 300 tokens per step
+        pending.append(c.pending)
+        c.observe(loss_stats(step))
+    assert pending == [False, False, True, True] and c.request(2) == measurement_request()
+    three = build_controller("tikmix_d", DOMAINS, {"stages": 3}, run_tokens=1200)
+    assert three._next_boundary == 400
+    with pytest.raises(MixtureConfigError, match=r"mixture\.stage_tokens must be set"):
+        build_controller("tikmix_d", DOMAINS, {})
 
 
 def probe_pool(seed: int, per_domain: int = 8):
@@ -470,7 +486,7 @@ def test_tikmix_m_knobs():
     c, *_ = run_tikmix_m({"n_labels": 40, "draws": 500, "top_k": 10, "rounds": 2, "mix_sequences": 5, "seed": 3})
     assert c.last_info["candidates"].shape == (40, 3) and len(c.last_info["trajectory"]) == 2
     assert c.mix_sequences == 5
-    assert build_controller("tikmix_m", DOMAINS, {"sequences_per_domain": 8}).mix_sequences == 12
+    assert build_controller("tikmix_m", DOMAINS, {"sequences_per_domain": 8, "stage_tokens": 100}).mix_sequences == 12
 
 
 def test_tikmix_m_missing_per_sample_stats_is_an_error():
@@ -510,7 +526,7 @@ def test_state_dict_round_trip_mid_stage(name, values):
     b = build_controller(name, DOMAINS, values)
     b.load_state_dict(state)
     tail_a, tail_b = drive(a, range(6, 10)), drive(b, range(6, 10))
-    assert tail_a[4] == Request(align=("target:*", "valid:*"), source="probe_batch",
+    assert tail_a[4] == Request(align=("target:*", "heldout:*"), source="probe_batch",
                                 probe_sequences=values.get("sequences_per_domain", 32), per_sample=name == "tikmix_m")
     for x, y in zip(tail_a, tail_b):
         if isinstance(x, Request):
@@ -527,6 +543,7 @@ def test_state_dict_round_trip_mid_stage(name, values):
 @pytest.mark.parametrize("name, values, knob", [
     ("tikmix_d", {"stage_tokens": -5}, "mixture.stage_tokens"),
     ("tikmix_d", {"stage_tokens": 0.5}, "mixture.stage_tokens"),
+    ("tikmix_d", {"stages": 0}, "mixture.stages"),
     ("tikmix_d", {"sequences_per_domain": 0}, "mixture.sequences_per_domain"),
     ("tikmix_d", {"tasks": []}, "mixture.tasks"),
     ("tikmix_d", {"tasks": ["news"]}, "mixture.tasks"),

@@ -56,11 +56,14 @@ def mix_counts(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def expand_references(names, data: DataBundle) -> tuple[str, ...]:
-    """Reference names with the wildcards replaced by every domain's slice / target set / validation split."""
+    """Reference names with the wildcards replaced: ``heldout:*`` by the held-out slice of every
+    domain evaluation reports (those with a validation split; every domain when none has one), the
+    eval-safe twin of ``valid:*``; ``target:*`` by every target set; ``valid:*`` by every
+    validation split."""
     out: list[str] = []
     for name in names:
         if name == "heldout:*":
-            out += [f"heldout:{d}" for d in data.domains]
+            out += [f"heldout:{d}" for d in ([d for d in data.domains if d in data.valid] or data.domains)]
         elif name == "target:*":
             if not data.targets:
                 raise ConfigError("reference 'target:*': this data has no target sets")
