@@ -1,5 +1,6 @@
 """TiKMiX in real training runs: stage measurements through the trainer's probe batch (every target
-and validation task), weights.json from the last stage, and bit-exact resume across a crash."""
+set and every domain's held-out slice), weights.json from the last stage, and bit-exact resume
+across a crash."""
 
 import json
 import subprocess
@@ -36,9 +37,10 @@ def test_tikmix_run_updates_by_stage_and_resumes_bit_exactly(tmp_path, mixture):
     records = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     updates = [r for r in records if "mixture/stage" in r]
     assert [r["mixture/stage"] for r in updates] == [1.0, 2.0, 3.0]  # 128 tokens a step, a stage every 3 steps
-    # every task of the synthetic set was measured: its target set and the four validation splits
+    # every task of the synthetic set was measured: its target set and the four domains' held-out slices
     assert {k for k in updates[0] if k.startswith("probe/align/")} >= {
-        f"probe/align/{name}/counting" for name in ("target:wordy", "valid:counting", "valid:abc", "valid:words", "valid:noise")}
+        f"probe/align/{name}/counting" for name in ("target:wordy", "heldout:counting", "heldout:abc", "heldout:words",
+                                                    "heldout:noise")}
     exported = json.loads((tmp_path / "ref" / "weights.json").read_text())["train_domain_weights"]
     last = [r for r in records if "train/loss" in r][-1]
     assert exported == pytest.approx({d: last[f"mixture/learned/{d}"] for d in exported}, abs=1e-12)
