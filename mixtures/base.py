@@ -47,9 +47,11 @@ class Request:
     """The K x K Gram <g_i, g_j> (its diagonal are the squared norms)."""
     source: str = "in_batch"
     """Where per-domain gradients come from: "in_batch" (the training step's own batch, split by
-    domain inside its backward) or "probe_batch" (a separate batch of ``probe_sequences`` sequences
+    domain inside its backward), "probe_batch" (a separate batch of ``probe_sequences`` sequences
     per domain drawn from the training data, forward/backward without touching the training
-    gradient; every domain gets a signal even at weight ~0)."""
+    gradient; every domain gets a signal even at weight ~0) or "auto" (in_batch when the step's
+    global batch holds every domain, probe_batch otherwise: the training batch's signal costs
+    nothing extra, the probe batch only steps in for a domain the sampler left out)."""
     probe_sequences: int = 16
     """Sequences per domain in a probe batch (source="probe_batch")."""
     ref_sequences: int | None = 16

@@ -114,10 +114,13 @@ def is_number(value) -> bool:
 
 
 def check_reference(value, knob: str, *, allow_heldout: bool) -> None:
-    """A reference gradient name as Request.align spells it: "target:<name>" (or "heldout")."""
+    """A reference gradient name as Request.align spells it: "target:<name>" (or, with
+    ``allow_heldout``, "heldout", "heldout:<domain>" and "heldout:*")."""
     ok = isinstance(value, str) and (value.startswith("target:") and len(value) > len("target:")
-                                     or allow_heldout and value == "heldout")
-    rule = 'must be "heldout" or "target:<name>"' if allow_heldout else 'must be "target:<name>"'
+                                     or allow_heldout and (value == "heldout" or value.startswith("heldout:")
+                                                           and len(value) > len("heldout:")))
+    rule = ('must be "heldout", "heldout:<domain>", "heldout:*" or "target:<name>"' if allow_heldout
+            else 'must be "target:<name>"')
     check_knob(ok, knob, value, rule)
 
 

@@ -40,7 +40,7 @@ from .base import MixtureConfigError, Request, check_weights, register
 from .common import (LearnedMixture, check_knob, check_reference, clip_factors, is_number, mirror_step,
                      present_domains, require, safe_log)
 
-SOURCES = ("probe_batch", "in_batch")
+SOURCES = ("auto", "probe_batch", "in_batch")
 
 
 @dataclass
@@ -61,9 +61,13 @@ class DgaConfig:
     """β, weight of the previous α in α ← β α + (1 - β) α̂; 0 turns the EMA off."""
     floor: float = 0.0
     """Mix the output with uniform: w ← (1 - floor) α + floor/K (not fed back into α)."""
-    source: str = "probe_batch"
-    """Where the g_i come from: "probe_batch" (a separate batch of ``probe_sequences`` sequences per
-    domain, so a domain at weight ~0 still gets a signal) or "in_batch" (the training batch)."""
+    source: str = "auto"
+    """Where the g_i come from: "auto" (the training batch when it holds every domain, else a probe
+    batch), "probe_batch" (always a separate batch of ``probe_sequences`` sequences per domain, as
+    the peer code's per-domain loaders: a domain at weight ~0 still gets a signal) or "in_batch"
+    (always the training batch; an absent domain is skipped). "auto" costs a probe batch only when
+    the sampler left a domain out; the training batch's per-domain gradients are the same
+    estimator on fewer sequences (B/K per domain instead of ``probe_sequences``)."""
     probe_sequences: int = 16
     """Sequences per domain in a probe batch."""
     target_sequences: int = 16
@@ -149,7 +153,7 @@ class DGA(LearnedMixture):
         if not self.updates_at(stats.step):
             return
         align, norms, ref_norms = require(stats, self.name, "align", "norms", "ref_norms")
-        present = present_domains(stats, [align[:, 0], norms], probed=self.cfg.source == "probe_batch",
+        present = present_domains(stats, [align[:, 0], norms], probed=self.cfg.source != "in_batch",
                                   scalars=(ref_norms[0],))
         if present is None or not present.any():
             return

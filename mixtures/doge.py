@@ -4,14 +4,16 @@ Source: Fan, Pagliardini, Jaggi, arXiv 2310.15393 (ICML 2024); the update follow
 (github.com/Olivia-fsm/DoGE 88400e9, ``DoGETrainer.update_domain_weights_distributed``). Every step:
 
     c_i = min(1, C/||g_i||), c_T = min(1, C/||g_T||),  S_iT = c_i c_T <g_i, g_T>
-    s_i = η_t S_iT / (mean_i min(||g_i||, C) + 1e-6),  clipped to [η_t dw_min, η_t dw_max]
+    s_i = η_t Σ_T S_iT / (mean_i min(||g_i||, C) + 1e-6),  clipped to [η_t dw_min, η_t dw_max]
     log α += s / μ;  α = softmax(log α);  α = (1 - ε) α + ε u
 
 The official code is written to subtract the self-term S_ii when the target set is the training
 set, but that branch never runs (it compares two sets of 0-d tensors, which compare by identity),
 and with its shipped held-out ``mix`` target it would not apply anyway. mixtrain's targets are
-always a separate reference batch ("heldout": a mix of every domain's held-out training slice, the
-code's ``mix``; "target:<name>": an OOD target set), so no exclusion is implemented.
+always separate reference batches ("heldout": a mix of every domain's held-out training slice, the
+code's ``mix``; "heldout:*": each evaluated domain's slice as a target of its own, the sum over
+targets T being the code's sum over its target domains; "target:<name>": an OOD target set), so no
+exclusion is implemented.
 
 Project choices (controllers.md §1.9):
 - Lag-1 recombination: the loss weights of step t use α^t and step t's statistics produce α^{t+1}
@@ -49,9 +51,12 @@ class DogeConfig:
     name: str = "doge"
     """Registry name."""
     target: str = "heldout"
-    """Reference gradient g_T: "heldout" (universal generalization: a mix of every domain's held-out
-    training slice, ``data.reference_fraction``, as the official code holds out part of the training
-    data) or "target:<name>" (out-of-domain: that target set's few-shot pool)."""
+    """Reference gradient(s) g_T: "heldout" (universal generalization: a mix of every domain's
+    held-out training slice, ``data.reference_fraction``, as the official code's ``mix`` holds out
+    part of the training data), "heldout:*" (one target per domain that evaluation reports, the
+    held-out slice of each, scores summed over them as the official code sums over its target
+    domains: generalization to the evaluated domains only), "heldout:<domain>", or "target:<name>"
+    (out-of-domain: that target set's few-shot pool)."""
     mu: float | None = None
     """μ, the proximity strength: the log-weight step is s/μ. None picks the official configs' value
     for the target kind: 0.01 universal, 0.05 OOD. Retune when the LR schedule, batch or K change."""
@@ -78,8 +83,8 @@ class DogeConfig:
 
     @property
     def ood(self) -> bool:
-        """Whether the target is an out-of-domain target set rather than the held-out mix."""
-        return self.target != "heldout"
+        """Whether the target is an out-of-domain target set rather than held-out training data."""
+        return self.target.startswith("target:")
 
     @property
     def step_mu(self) -> float:
@@ -127,10 +132,12 @@ class DoGE(ExponentiatedMixture):
     def references(self) -> tuple[str, ...]:
         return (self.cfg.target,)
 
-    def scores(self, align: np.ndarray, norms: np.ndarray, ref_norm: float, lr: float, present: np.ndarray) -> np.ndarray:
-        """s_i of the present domains (0 elsewhere): clipped alignment over the mean clipped norm."""
+    def scores(self, align: np.ndarray, norms: np.ndarray, ref_norms: np.ndarray, lr: float, present: np.ndarray) -> np.ndarray:
+        """s_i of the present domains (0 elsewhere): clipped alignment, summed over the targets
+        (``align`` [K, T], ``ref_norms`` [T]), over the mean clipped norm."""
         clip = self.cfg.clip
-        alignment = clip_factors(norms[present], clip) * clip_factors(ref_norm, clip) * align[present]
+        per_target = clip_factors(norms[present], clip)[:, None] * clip_factors(ref_norms, clip)[None, :] * align[present]
+        alignment = per_target.sum(axis=1)
         normaliser = np.minimum(norms[present], clip).mean() + NORMALISER_EPS
         s = np.zeros(self.K)
         s[present] = np.clip(lr * alignment / normaliser, lr * self.cfg.dw_min, lr * self.cfg.dw_max)
@@ -138,8 +145,8 @@ class DoGE(ExponentiatedMixture):
 
     def observe(self, stats) -> None:
         align, norms, ref_norms = require(stats, self.name, "align", "norms", "ref_norms")
-        present = present_domains(stats, [align[:, 0], norms], scalars=(ref_norms[0],))
+        present = present_domains(stats, [align, norms], scalars=(ref_norms,))
         if present is None or not present.any():
             return
-        s = self.scores(align[:, 0], norms, float(ref_norms[0]), stats.lr, present)
+        s = self.scores(align, norms, ref_norms, stats.lr, present)
         self._update(s / self.cfg.step_mu, present, self.cfg.reweight_eps)

@@ -74,6 +74,19 @@ def test_doge_update_by_hand_clips_scores_and_gradients():
     assert np.allclose(c.loss_weights, 3 * alpha2, rtol=1e-12, atol=0)
 
 
+def test_doge_scores_sum_over_several_targets():
+    """target=heldout:* (one target per evaluated domain): s_i sums the clipped alignments over the
+    targets, as the official code sums its scores over its target domains."""
+    lr, mu, C = 1e-3, 0.01, 5.0
+    c = build_controller("doge", DOMAINS, {"target": "heldout:*"})
+    assert c.request(0).align == ("heldout:*",) and c.cfg.step_mu == mu and c.cfg.clip == C  # universal defaults
+    align = np.array([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]])
+    c.observe(stats(align=align, norms=[1.0, 2.0, 10.0], ref_norms=[1.0, 10.0], lr=lr))
+    s_iT = np.array([1.0, 1.0, 0.5])[:, None] * np.array([1.0, 0.5])[None, :] * align  # clip factors c_i c_T
+    s = np.clip(lr * s_iT.sum(axis=1) / ((1.0 + 2.0 + 5.0) / 3 + 1e-6), 0, 5 * lr)
+    assert np.allclose(c.loss_weights / 3, softmax(np.log(U) + s / mu), rtol=1e-12, atol=0)
+
+
 def test_doge_negative_dw_min_and_eps_mixing():
     lr, mu, eps = 2e-3, 0.05, 0.1
     c = build_controller("doge", DOMAINS, {"target": "target:t", "dw_min": -1.0, "dw_max": 2.0, "reweight_eps": eps})
@@ -132,7 +145,7 @@ def test_dga_requests_only_on_update_steps():
     for step in (0, 1, 8, 10, 18):
         r = c.request(step)
         assert r.align == () and not r.norms and not r.any_gradient
-    assert c.request(9) == Request(align=("target:code_tasks",), norms=True, source="probe_batch", probe_sequences=16,
+    assert c.request(9) == Request(align=("target:code_tasks",), norms=True, source="auto", probe_sequences=16,
                                    ref_sequences=16)
     assert c.request(19).align == ("target:code_tasks",)
     custom = build_controller("dga", DOMAINS, {"target": "target:x", "update_every": 3, "source": "in_batch",

@@ -72,6 +72,27 @@ def test_exact_statistics_match_oracle(layout, tied, bias):
         check(result, oracle)
 
 
+@pytest.mark.parametrize("tied,bias", [(True, True), (False, False)], ids=["tied", "untied_nobias"])
+def test_direct_tier_matches_oracle_without_accumulators(tied, bias):
+    """One micro-batch on one rank: norms and Gram taken in the backward as the pieces arrive, the
+    tied matrix's head/embedding cross terms included, with no K x P accumulator ever allocated."""
+    model = tiny_model(tied, bias)
+    probe = Probe(model, K)
+    refs = reference_vectors(probe, model)
+    mbs = micro_batches(ONE_MB, seed=1)
+    spec = ProbeSpec(refs=2, norms=True, gram=True, micro_batches=1)
+    assert probe.direct_applies(spec)
+    result = probed_step(probe, model, mbs, spec, refs)
+    assert probe._exact_rows is None
+    check(result, oracle_stats(model, mbs, refs))
+    norms_only = probed_step(probe, model, mbs, ProbeSpec(norms=True, micro_batches=1))
+    check(norms_only, oracle_stats(model, mbs, refs))
+    assert norms_only.gram is None and norms_only.align is None
+    with pytest.raises(RuntimeError, match="second probed micro-batch"):
+        probed_step(probe, model, micro_batches(TWO_MB, seed=2), ProbeSpec(norms=True, micro_batches=1))
+    model.zero_grad(set_to_none=True)
+
+
 def test_exact_at_gpt2_small_width():
     """A d = 768 block (7.2M parameters, the width of GPT-2 small): norms without the Gram and
     alignments without norms take their own paths, which must stay exact in long rows too (one fp32
@@ -91,8 +112,9 @@ def test_exact_at_gpt2_small_width():
         at += p.numel()
     R = np.stack([flat(r) for r in refs])
     tight = 1e-6
-    result = probed_step(probe, model, mbs, ProbeSpec(norms=True))
-    assert np.abs(result.norms[PRESENT] / norms - 1).max() <= tight
+    for spec in (ProbeSpec(norms=True), ProbeSpec(norms=True, micro_batches=1)):  # K x P rows; the direct tier
+        result = probed_step(probe, model, mbs, spec)
+        assert np.abs(result.norms[PRESENT] / norms - 1).max() <= tight
     result = probed_step(probe, model, mbs, ProbeSpec(refs=2), refs)
     err = np.abs(result.align[PRESENT] - G[PRESENT] @ R.T) / np.outer(norms, np.linalg.norm(R, axis=1))
     assert err.max() <= tight, err

@@ -112,3 +112,17 @@ def test_per_sample_needs_a_probe_batch_and_alignments_only(loop):
         loop.signals.begin(Request(align=("heldout",), per_sample=True), 0)
     with pytest.raises(ValueError, match="per_sample"):
         loop.signals.begin(Request(align=("heldout",), source="probe_batch", norms=True, per_sample=True), 0)
+
+
+def test_auto_source_uses_the_training_batch_only_when_it_holds_every_domain(loop):
+    req = Request(align=("heldout",), norms=True, source="auto", probe_sequences=4, ref_sequences=4)
+    every = loop.signals.begin(req, 0, np.ones(loop.K, dtype=int))
+    assert every["source"] == "in_batch" and loop.signals.in_batch_probe(every) is loop.signals.probe
+    loop.signals.probe.finish(np.ones(loop.K))  # close the step begun above
+    missing = np.ones(loop.K, dtype=int)
+    missing[1] = 0
+    some = loop.signals.begin(req, 0, missing)
+    assert some["source"] == "probe_batch" and loop.signals.in_batch_probe(some) is None
+    stats = _stats(loop)
+    loop.signals.end(some, stats, 0, np.ones(loop.K), 1)
+    assert np.all(np.isfinite(stats.norms))  # the probe batch measured every domain, the absent one too

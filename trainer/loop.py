@@ -327,6 +327,11 @@ class Loop:
                 out[f"curriculum/score/{d}"] = float(plan.scores[sel].mean())
         return out
 
+    def _step_counts(self) -> np.ndarray:
+        """Sequences per domain in this step's global batch (every rank's rows)."""
+        pos = (self.step % self.cfg.data.steps_per_shard) * self.global_batch
+        return np.bincount(self.plan.domains[pos:pos + self.global_batch], minlength=self.K)
+
     def _batch(self) -> list[MicroBatch]:
         t = self.cfg.train
         pos = (self.step % self.cfg.data.steps_per_shard) * self.global_batch
@@ -376,7 +381,8 @@ class Loop:
     def signals(self):
         """Measurement beyond per-domain losses, built on first use (static runs never pay for it)."""
         if self._signals is None:
-            self._signals = Signals(self.engine, self.data, self.cfg.train.seed, self.cfg.probe, self.reference, self.global_batch)
+            self._signals = Signals(self.engine, self.data, self.cfg.train.seed, self.cfg.probe, self.reference, self.global_batch,
+                                    self.cfg.train.grad_accum)
         return self._signals
 
     def _train_step(self, lr: float) -> tuple[dict, DomainStats]:
@@ -386,7 +392,7 @@ class Loop:
         measuring = req is not None and (req.any_gradient or req.ref_model_loss)
         if self.controller.adaptive:
             lw = self._sync(lw)
-        state = self.signals.begin(req, self.step) if measuring else None
+        state = self.signals.begin(req, self.step, self._step_counts()) if measuring else None
         sums, counts = self.engine.forward_backward(
             self._batch(), torch.from_numpy(lw), self.K,
             probe=self.signals.in_batch_probe(state) if measuring else None,

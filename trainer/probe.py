@@ -14,6 +14,13 @@ adds up across micro-batches and data-parallel ranks with one all-reduce, and th
 - sketched norms/Gram (Tier C): CountSketch of every piece into K x m, all-reduce K·m floats,
   Gram ≈ S Sᵀ (unbiased). Used when asked for (sketch_dim > 0) or when K·P·4 bytes exceeds the
   exact budget.
+- direct norms/Gram: when the step is ONE micro-batch on ONE data-parallel rank (``ProbeSpec.
+  micro_batches == 1``), every domain's gradient is complete inside that backward, so each layer's
+  products are taken as its pieces arrive: Gram += pieces piecesᵀ, a K x K float64 state, no
+  K x P accumulators to fill, zero and read. A layer materialises all its domains' pieces at once
+  (K x the parameter, within the exact budget). Tied weights need the cross terms between their
+  uses (<head_i, emb_j>): the rows an embedding lookup touches are noted in the forward, and each
+  use's parts on those rows are kept (K x rows x width) for the next use's cross terms.
 
 Tied weights need no special case: both uses of the shared matrix (LM head and input embedding)
 key into the same parameter slot, so their pieces land in the same accumulator row (exact), are
@@ -50,6 +57,9 @@ class ProbeSpec:
     total dimension m (Tier C; relative std of a squared norm <= sqrt(2/m))."""
     seed: int = 0
     """Sketch seed: the same on every rank, a new one every step."""
+    micro_batches: int = 0
+    """Probed micro-batches this step on this rank, when known (0 = unknown). With exactly one and
+    one data-parallel rank, norms/Gram are taken directly in the backward (the direct tier)."""
 
     @property
     def products(self) -> bool:
@@ -114,15 +124,66 @@ class _Exact:
                 block[dom].zero_()
 
 
+class _Direct:
+    """Exact Gram of one micro-batch on one rank, taken layer by layer in the backward (the direct
+    tier of the module docstring). ``rows``: per parameter slot, the sorted table rows its embedding
+    lookups touched (noted in the forward); ``stash``: per such slot, the sum of the parts seen so far
+    on those rows, [K, rows, width], for the cross terms of the next part of the same parameter."""
+
+    def __init__(self, K: int, device):
+        self.K = K
+        self.gram = torch.zeros(K, K, dtype=torch.float64, device=device)
+        self.rows: dict[int, torch.Tensor] = {}
+        self.stash: dict[int, torch.Tensor] = {}
+
+    def note_rows(self, slot: _Slot, ids: torch.Tensor) -> None:
+        seen = torch.unique(ids.reshape(-1))
+        if slot.index in self.rows:
+            seen = torch.unique(torch.cat([self.rows[slot.index], seen]))
+        self.rows[slot.index] = seen
+
+    def _add(self, slot: _Slot, index: torch.Tensor, own: torch.Tensor, on_rows: torch.Tensor | None) -> None:
+        """One part of a parameter's per-domain gradient: ``own`` its products with itself [k, k],
+        ``on_rows`` the part on the slot's noted rows [k, rows, width] (None for an untied layer)."""
+        cell = (index.unsqueeze(1), index.unsqueeze(0))
+        self.gram[cell] += own
+        if on_rows is None:
+            return
+        before = self.stash.get(slot.index)
+        if before is not None:  # <part_i, earlier_j> + <earlier_i, part_j>
+            cross = _products(on_rows.reshape(on_rows.shape[0], -1), before.reshape(self.K, -1))
+            self.gram[index, :] += cross
+            self.gram[:, index] += cross.T
+        else:
+            before = self.stash[slot.index] = on_rows.new_zeros(self.K, *on_rows.shape[1:])
+        before.index_add_(0, index, on_rows)
+
+    def dense(self, slot: _Slot, index: torch.Tensor, flat: torch.Tensor) -> None:
+        rows = self.rows.get(slot.index)
+        on_rows = None if rows is None else flat.view(flat.shape[0], -1, slot.width)[:, rows]
+        self._add(slot, index, _products(flat, flat), on_rows)
+
+    def sparse(self, slot: _Slot, index: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, bounds: list[int]) -> None:
+        rows = self.rows[slot.index]
+        at = torch.searchsorted(rows, ids)
+        compact = values.new_zeros(len(bounds) - 1, rows.numel(), slot.width)
+        for j in range(len(bounds) - 1):
+            compact[j].index_add_(0, at[bounds[j]:bounds[j + 1]], values[bounds[j]:bounds[j + 1]])
+        flat = compact.reshape(compact.shape[0], -1)
+        self._add(slot, index, _products(flat, flat), compact)
+
+
 class _StepState:
     """The linear accumulators of one optimizer step (see the module docstring)."""
 
     def __init__(self, K: int, spec: ProbeSpec, refs: torch.Tensor | None, exact: _Exact | None, sketch_dim: int, device,
-                 layout=None):
+                 layout=None, direct: _Direct | None = None):
         self.K, self.spec, self.refs, self.sketch_dim = K, spec, refs, sketch_dim
         self.layout = layout  # the model's tensor-parallel layout (Probe.layout), None without TP
         self.seqs = torch.zeros(K, device=device)
+        self.micro_batches = 0
         self.exact = exact
+        self.direct = direct
         self.align = torch.zeros(K, spec.refs, dtype=torch.float64, device=device) if spec.refs and exact is None else None
         self.sketch = torch.zeros(K, sketch_dim, device=device) if sketch_dim else None
 
@@ -151,6 +212,8 @@ class _StepState:
         flat = flat.float()
         if self.align is not None:
             self.align.index_add_(0, index, _products(flat, self._refs_of(slot)))
+        if self.direct is not None:
+            self.direct.dense(slot, index, flat)
         if self.sketch is not None:
             bucket, sign = self._hash(slot)
             sketched = flat.new_zeros(flat.shape[0], self.sketch_dim).index_add_(1, bucket, flat * sign)
@@ -169,6 +232,8 @@ class _StepState:
             # per token an fp32 dot over one row (d terms), summed over the tokens in float64
             per_token = torch.einsum("rnd,nd->nr", ref_rows, values).double()
             self.align.index_add_(0, index, segment_sums(per_token, bounds))
+        if self.direct is not None:
+            self.direct.sparse(slot, index, ids, values, bounds)
         if self.sketch is not None:
             bucket, sign = self._hash(slot)
             buckets = bucket.view(-1, slot.width)[ids]
@@ -206,6 +271,10 @@ class _MicroBatch:
         if bool((seq[1:] < seq[:-1]).any()) or int(seq.min()) < 0 or int(seq.max()) >= state.K:
             raise ValueError(f"seq_domains must be sorted ascending in [0, {state.K}); got {seq.tolist()}")
         counts = torch.bincount(seq, minlength=state.K)
+        state.micro_batches += 1
+        if state.direct is not None and state.micro_batches > 1:
+            raise RuntimeError("a second probed micro-batch in a step started with ProbeSpec.micro_batches=1: the direct "
+                               "norms/Gram of the first are already taken")
         if probe.counts_sequences:
             state.seqs += counts.to(state.seqs)
         self.probe, self.state, self.sequences = probe, state, seq.numel()
@@ -227,7 +296,13 @@ class _MicroBatch:
         return self._bounds[rows]
 
     def chunk(self, numel: int) -> int:
+        if self.state.direct is not None:  # products between every pair of domains need them all at once
+            return len(self.domains)
         return max(1, self.probe.transient_bytes // (4 * numel))
+
+    def note_rows(self, slot, ids: torch.Tensor) -> None:
+        if slot is not None and slot.counted and self.state.direct is not None:
+            self.state.direct.note_rows(slot, ids)
 
     def _open_state(self) -> _StepState:
         """The step this micro-batch belongs to, refusing a backward that arrives after finish()."""
@@ -327,6 +402,16 @@ class Probe:
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
         if missing:
             raise ValueError(f"parameters outside probe-aware layers would be missing from every statistic: {missing}")
+        # The direct tier keeps a parameter's earlier parts only on the rows embedding lookups touch,
+        # so it is exact when a parameter has at most one dense (non-lookup) use; a weight shared by
+        # two linear layers would need K x P after all.
+        dense_uses: dict[int, int] = {}
+        for m in self._layers:
+            if not isinstance(m, torch.nn.Embedding):
+                for p in m.parameters(recurse=False):
+                    dense_uses[id(p)] = dense_uses.get(id(p), 0) + 1
+        self._direct_ok = all(n <= 1 for n in dense_uses.values()) and not tp
+        self._largest = max(_full_shape(p).numel() for p in self.params)
         self._state: _StepState | None = None
         self._exact_rows: torch.Tensor | None = None  # K x P, allocated on first use, kept between steps
         self._warned = False
@@ -393,15 +478,16 @@ class Probe:
             if len(r) != len(self.params) or any(t.shape != _full_shape(p) for t, p in zip(r, self.params)):
                 raise ValueError("a reference vector must have one tensor per trainable parameter, shaped like it")
         flat_refs = torch.stack([torch.cat([t.detach().reshape(-1).float() for t in r]) for r in refs]).to(self.device) if refs else None
-        exact = spec.products and spec.sketch_dim == 0 and self._exact_fits()
-        if spec.products and not exact and self.layout is not None and self.layout.tp_size > 1:
+        direct = _Direct(K, self.device) if self.direct_applies(spec) else None
+        exact = spec.products and spec.sketch_dim == 0 and direct is None and self._exact_fits()
+        if spec.products and not exact and direct is None and self.layout is not None and self.layout.tp_size > 1:
             # every TP rank would hash its own shard with the same per-parameter map: correlated
             # buckets across shards, a biased estimate. Refused rather than wrong.
             raise ConfigError(f"sketched norms/Gram are not supported under tensor parallelism (engine.tensor_parallel="
                              f"{self.layout.tp_size}); set probe.sketch_dim=0 and raise probe.exact_budget_mb to at least "
                              f"{-(-self.K * self.P * 4 // 2**20)} (exact K x P accumulators of this rank's shard)")
         sketch_dim = 0
-        if spec.products and not exact:
+        if spec.products and not exact and direct is None:
             sketch_dim = spec.sketch_dim or self.fallback_sketch_dim
             if spec.sketch_dim == 0 and not self._warned:
                 warnings.warn(f"exact norms/Gram need K·P·4 = {self.K * self.P * 4 / 2**20:.0f} MiB of accumulators, over the "
@@ -410,7 +496,14 @@ class Probe:
         if exact and self._exact_rows is None:
             self._exact_rows = torch.empty(self.K, self.P, device=self.device)
         accumulators = _Exact(self._exact_rows, list(self._slots.values())) if exact else None
-        self._state = _StepState(K, spec, flat_refs, accumulators, sketch_dim, self.device, self.layout)
+        self._state = _StepState(K, spec, flat_refs, accumulators, sketch_dim, self.device, self.layout, direct)
+
+    def direct_applies(self, spec: ProbeSpec) -> bool:
+        """Whether ``spec``'s exact norms/Gram are taken by the direct tier: one micro-batch on one
+        data-parallel rank, no tensor parallelism, no parameter shared by two dense layers, and one
+        layer's pieces of every domain (K x its largest parameter) within the exact budget."""
+        return (spec.products and spec.sketch_dim == 0 and spec.micro_batches == 1 and self.dp_size == 1
+                and self._direct_ok and self.K * self._largest * 4 <= self.exact_budget_bytes)
 
     @contextlib.contextmanager
     def micro_batch(self, seq_domains: torch.Tensor):
@@ -448,7 +541,11 @@ class Probe:
         if spec.refs:
             raw = self._tp_sum(_products(rows, state.refs)) if state.exact is not None else state.align
             out.align = scale[:, None] * raw.cpu().numpy()
-        if spec.products:
+        if spec.products and state.direct is not None:
+            raw = state.direct.gram.cpu().numpy()
+            out.gram = np.outer(scale, scale) * raw if spec.gram else None
+            out.norms = np.abs(scale) * np.sqrt(np.diag(raw)) if spec.norms else None
+        elif spec.products:
             if spec.gram:
                 raw = self._tp_sum(_products(rows, rows)).cpu().numpy()
                 out.gram = np.outer(scale, scale) * raw

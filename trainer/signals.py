@@ -10,7 +10,8 @@ Per step, only what is requested is computed:
   before the training backward, identical on every rank (same batch, same parameters), optionally
   preconditioned by Adam's second moments;
 - per-domain alignments / norms / Gram from the probe, inside the training backward
-  (``source="in_batch"``) or on a separate per-domain probe batch (``source="probe_batch"``,
+  (``source="in_batch"``) or on a separate per-domain probe batch (``source="probe_batch"``; ``"auto"``:
+  in the batch when it holds every domain,
   processed in chunks, optionally with one alignment row per sequence);
 - per-domain excess loss against a frozen reference model on the training batch (DoReMi).
 
@@ -108,9 +109,11 @@ def load_reference_model(run_dir: str, data: DataBundle, device: torch.device) -
 
 
 class Signals:
-    def __init__(self, engine, data: DataBundle, seed: int, probe_cfg, reference: torch.nn.Module | None, global_batch: int):
+    def __init__(self, engine, data: DataBundle, seed: int, probe_cfg, reference: torch.nn.Module | None, global_batch: int,
+                 grad_accum: int = 1):
         self.engine = engine
         self.global_batch = global_batch
+        self.grad_accum = grad_accum
         self.data = data
         self.seed = seed
         self.K = len(data.domains)
@@ -186,29 +189,42 @@ class Signals:
         return refs, np.array(norms)
 
     # ---- per step -----------------------------------------------------------------------------
-    def begin(self, req: Request, step: int) -> dict:
-        """Work before the training backward; returns what ``end`` needs."""
-        state: dict = {"req": req}
+    def begin(self, req: Request, step: int, batch_counts: np.ndarray | None = None) -> dict:
+        """Work before the training backward; returns what ``end`` needs. ``batch_counts``: sequences
+        per domain in the step's global batch (decides ``source="auto"``)."""
+        source = req.source
+        if source == "auto":
+            source = "in_batch" if batch_counts is not None and np.all(np.asarray(batch_counts) > 0) else "probe_batch"
+        state: dict = {"req": req, "source": source}
         if req.ref_model_loss:
             if self.reference is None:
                 raise ConfigError("the controller asks for reference-model losses but no mixture.reference model is loaded")
             self._excess.zero_()
-        if req.per_sample and (req.source != "probe_batch" or req.norms or req.gram or not req.align):
+        if req.per_sample and (source != "probe_batch" or req.norms or req.gram or not req.align):
             raise ValueError("Request.per_sample needs source='probe_batch' and alignments only (no norms/Gram)")
         if req.any_gradient:
             state["names"] = self.expand(req.align)
             refs, state["ref_norms"] = self._reference_gradients(state["names"], req, step)
             spec = ProbeSpec(refs=len(refs), norms=req.norms or req.gram, gram=req.gram,
-                             sketch_dim=self.probe_cfg.sketch_dim, seed=(self.seed * 1_000_003 + step) & 0x7FFFFFFF)
+                             sketch_dim=self.probe_cfg.sketch_dim, seed=(self.seed * 1_000_003 + step) & 0x7FFFFFFF,
+                             micro_batches=self._micro_batches(req, source))
             if req.per_sample:  # started in end(), once the number of probe sequences is known
                 state["spec"], state["refs"] = spec, refs
             else:
                 self.probe.start(spec, refs or None)
         return state
 
+    def _micro_batches(self, req: Request, source: str) -> int:
+        """Probed micro-batches this step on this rank: the engine's accumulation steps, or the probe
+        batch's chunks."""
+        if source == "in_batch":
+            return self.grad_accum
+        per_rank = -(-req.probe_sequences // self.probe.dp_size) * self.K
+        return -(-per_rank // _PROBE_CHUNK)
+
     def in_batch_probe(self, state: dict) -> Probe | None:
         req = state["req"]
-        return self.probe if req.any_gradient and req.source == "in_batch" else None
+        return self.probe if req.any_gradient and state["source"] == "in_batch" else None
 
     def on_losses(self, state: dict):
         """Per-micro-batch hook for the engine (excess loss against the reference model), or None."""
@@ -267,7 +283,7 @@ class Signals:
         """Fill the requested fields of ``stats`` (a DomainStats with global token counts)."""
         req = state["req"]
         if req.any_gradient:
-            if req.source == "probe_batch":
+            if state["source"] == "probe_batch":
                 scale = self._run_probe_batch(req, state, step)
             else:
                 counts = stats.tokens

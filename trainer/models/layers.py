@@ -39,6 +39,9 @@ class Recording(Protocol):
     def chunk(self, numel: int) -> int:
         """How many domains' dense pieces of a ``numel``-sized parameter to materialise at once."""
 
+    def note_rows(self, slot, ids: torch.Tensor) -> None:
+        """An embedding lookup of table rows ``ids`` in the forward (tied weights' cross terms need them)."""
+
     def dense(self, slot, first: int, pieces: torch.Tensor) -> None:
         """pieces[j] is the gradient piece of present domain ``first + j``."""
 
@@ -134,6 +137,7 @@ class _EmbeddingFn(torch.autograd.Function):
     def forward(ctx, ids, weight, rec: Recording):
         ctx.save_for_backward(ids)
         ctx.rec, ctx.slot, ctx.shape = rec, rec.slot(weight), weight.shape
+        rec.note_rows(ctx.slot, ids)
         return F.embedding(ids, weight)
 
     @staticmethod
