@@ -99,18 +99,18 @@ def test_study_end_to_end(tmp_path):
     oracle = json.loads((out / "oracle.json").read_text())
     assert oracle["noise_1"] == oracle["noise_2"] == 0 and oracle["words"] == oracle["words_dup"] == 1 / 8
     # DoReMi ran after (and on) its uniform reference; the draws were ranked on proxies
-    for name in ("doremi", "doremi_eta01", "doge", "tikmix_d"):
+    for name in ("doremi", "doremi_eta01", "doge", "doge_mix", "tikmix_d"):
         assert json.loads((out / "proxies" / name / "weights.json").read_text())["train_domain_weights"]
     draws = [json.loads((out / "proxies" / "random" / f"draw_{k}.json").read_text()) for k in range(2)]
     assert json.loads((out / "proxies" / "random_best.json").read_text()) in draws
     # one multirun: every condition, one seed (--quick), each a finished run with its per-sequence evaluation
     jobs = sorted(p for p in (out / "main").iterdir() if p.is_dir() and p.name.isdigit())
-    assert len(jobs) == 10 and all((j / "weights.json").is_file() and (j / SEQUENCES).is_file() for j in jobs)
+    assert len(jobs) == 11 and all((j / "weights.json").is_file() and (j / SEQUENCES).is_file() for j in jobs)
     table = (out / "study.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert len(rows) == 10 and {r.split(" | ")[1] for r in rows} >= {"uniform", "oracle", "dga_humaneval", "unimax"}
+    assert len(rows) == 11 and {r.split(" | ")[1] for r in rows} >= {"uniform", "oracle", "dga_humaneval", "unimax"}
     assert "noise weight of doge" in table and "DGA → humaneval" in table
     assert (out / "compare.md").is_file() and (out / "study_delta.png").is_file()
     # a second call finds everything finished and only redoes the comparison
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "finished already" in again.stdout and "all 10 runs finished already" in again.stdout
+    assert again.returncode == 0 and "finished already" in again.stdout and "all 11 runs finished already" in again.stdout

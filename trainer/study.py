@@ -13,7 +13,8 @@ Three phases, each a set of ordinary mixtrain runs under ``OUT`` (default ``runs
 
 1. **Proxies** (``OUT/proxies/<name>``, ``+experiment=study_proxy``: a smaller model than the main
    one, batches of 4 sequences per domain): ``uniform`` (DoReMi's reference model), ``doremi``
-   (η = 1) and ``doremi_eta01`` (η = 0.1), ``doge``, ``tikmix_d`` and ``--random`` static mixtures
+   (η = 1) and ``doremi_eta01`` (η = 0.1), ``doge`` (toward the evaluated domains' held-out slices)
+   and ``doge_mix`` (toward the official mix of every domain), ``tikmix_d`` and ``--random`` static mixtures
    drawn from a flat Dirichlet (RegMix-style, shorter runs; the draw with the lowest macro
    validation loss is ``random_best``). Up to ``--jobs`` at once.
 2. **Main runs**: ONE Hydra multirun, printed before it starts so it can be rerun by hand,
@@ -50,18 +51,19 @@ import numpy as np
 
 from .paired import PairedDiff, load_sequences, metric, paired_difference
 
-CONDITIONS = ("uniform", "oracle", "temperature", "unimax", "doremi", "doremi_eta01", "doge", "tikmix_d",
+CONDITIONS = ("uniform", "oracle", "temperature", "unimax", "doremi", "doremi_eta01", "doge", "doge_mix", "tikmix_d",
               "dga_humaneval", "random_best")
 """conf/study/<name>.yaml."""
 
-STATIC = ("uniform", "oracle", "temperature", "unimax", "doremi", "doremi_eta01", "doge", "tikmix_d", "random_best")
+STATIC = ("uniform", "oracle", "temperature", "unimax", "doremi", "doremi_eta01", "doge", "doge_mix", "tikmix_d",
+          "random_best")
 """Conditions whose main run trains on fixed weights (DGA steers online)."""
 
-LEARNED = ("doremi", "doremi_eta01", "doge", "tikmix_d", "dga_humaneval", "random_best")
+LEARNED = ("doremi", "doremi_eta01", "doge", "doge_mix", "tikmix_d", "dga_humaneval", "random_best")
 """Conditions whose mixture a method chose (their noise weight is checked)."""
 
 NEEDS = {"doremi": ("uniform", "doremi"), "doremi_eta01": ("uniform", "doremi_eta01"), "doge": ("doge",),
-         "tikmix_d": ("tikmix_d",), "random_best": ("random",)}
+         "doge_mix": ("doge_mix",), "tikmix_d": ("tikmix_d",), "random_best": ("random",)}
 """Proxy runs a condition needs ("random" = the Dirichlet draws)."""
 
 COMMON = ["run.wandb=disabled", "run.plots=false", "run.progress=false"]
@@ -164,11 +166,17 @@ def plan_proxies(out: Path, conditions: list[str], planted: Planted, n_random: i
     if "doremi_eta01" in wanted:
         proxies.append(Proxy("doremi_eta01", ["mixture=doremi", "mixture.reweight_eta=0.1", reference, *base],
                              after=("uniform",)))
+    # DoGE at the official universal μ = 0.01 (a 150-step proxy has ~1/70 of the official run's Σ η_t/μ at
+    # the search's μ = 0.04, and its weights barely move), with a reference of >= 2 sequences per domain:
+    # "doge" steers toward the domains evaluation reports (heldout:*, one target each, scores summed as the
+    # official code sums over its target domains: 3 sequences per target), "doge_mix" toward the official
+    # mix of every training domain, noise and duplicate included (heldout).
     if "doge" in wanted:
-        # the search's μ for its learning rate (4x the paper's 5e-4 and 0.01: conf/experiment/search.yaml), a
-        # reference batch of 2 sequences per domain
-        proxies.append(Proxy("doge", ["mixture=doge", "mixture.mu=0.04", f"mixture.ref_sequences={2 * len(planted.domains)}",
-                                      *base]))
+        proxies.append(Proxy("doge", ["mixture=doge", "mixture.target=heldout:*", "mixture.mu=0.01",
+                                      f"mixture.ref_sequences={-(-2 * len(planted.domains) // len(planted.real))}", *base]))
+    if "doge_mix" in wanted:
+        proxies.append(Proxy("doge_mix", ["mixture=doge", "mixture.target=heldout", "mixture.mu=0.01",
+                                          f"mixture.ref_sequences={2 * len(planted.domains)}", *base]))
     if "tikmix_d" in wanted:
         proxies.append(Proxy("tikmix_d", ["mixture=tikmix_d", *base]))
     if "random" in wanted:
@@ -420,7 +428,7 @@ def checks(a: Analysis) -> list[str]:
         if name in a.conditions and a.planted.noise:
             w = np.mean([a.planted.noise_weight(r.weights) for r in a.conditions[name].runs if r.weights])
             out.append(f"noise weight of {name}: {w:.3f} (target ≤ 0.03) → {_verdict(w <= 0.03)}")
-    for name in ("doge", "doremi", "doremi_eta01"):
+    for name in ("doge", "doge_mix", "doremi", "doremi_eta01"):
         rec = a.recovered(name)
         if rec is not None:
             d = a.vs_uniform[name]
