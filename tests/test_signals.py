@@ -118,7 +118,8 @@ def test_auto_source_uses_the_training_batch_only_when_it_holds_every_domain(loo
     req = Request(align=("heldout",), norms=True, source="auto", probe_sequences=4, ref_sequences=4)
     every = loop.signals.begin(req, 0, np.ones(loop.K, dtype=int))
     assert every["source"] == "in_batch" and loop.signals.in_batch_probe(every) is loop.signals.probe
-    loop.signals.probe.finish(np.ones(loop.K))  # close the step begun above
+    assert "extra" in every  # one micro-batch on one rank: the reference rides in the training batch
+    loop.signals.probe.finish(np.ones(loop.K + 1))  # close the step begun above
     missing = np.ones(loop.K, dtype=int)
     missing[1] = 0
     some = loop.signals.begin(req, 0, missing)
@@ -126,3 +127,36 @@ def test_auto_source_uses_the_training_batch_only_when_it_holds_every_domain(loo
     stats = _stats(loop)
     loop.signals.end(some, stats, 0, np.ones(loop.K), 1)
     assert np.all(np.isfinite(stats.norms))  # the probe batch measured every domain, the absent one too
+
+
+def test_fused_reference_rows_equal_a_separate_reference_pass(loop):
+    """DoGE's request on one micro-batch: the references ride in the training batch (one backward)
+    and come out as Gram entries; alignments, norms, reference norms and the training gradient equal
+    the separate reference pass's, and the reference rows stay out of the loss accounting."""
+    loop._next_shard()
+    req = loop.controller.request(0)
+    params = [p for p in loop.engine.model.parameters() if p.requires_grad]
+    lw = torch.from_numpy(np.asarray(loop.controller.loss_weights, dtype=np.float64))
+
+    def step(fused: bool):
+        loop.engine.fuses_reference_rows = fused
+        state = loop.signals.begin(req, 0, loop._step_counts())
+        assert ("extra" in state) == fused
+        batch = loop.signals.with_reference_rows(state, loop._batch())
+        sums, counts = loop.engine.forward_backward(batch, lw, loop.K, probe=loop.signals.in_batch_probe(state))
+        grad = torch.cat([p.grad.reshape(-1) for p in params]).clone()
+        loop.engine.model.zero_grad(set_to_none=True)
+        stats = DomainStats(step=0, lr=1e-3, loss=(sums / counts).numpy(), tokens=counts.numpy())
+        t = loop.cfg.train
+        loop.signals.end(state, stats, 0, lw.numpy(), t.micro_batch * t.grad_accum * loop.cfg.data.seq_len)
+        return stats, grad, sums, counts
+
+    separate, g_sep, s_sep, c_sep = step(False)
+    fused, g_fused, s_fused, c_fused = step(True)
+    assert torch.equal(c_sep, c_fused) and torch.allclose(s_sep, s_fused, rtol=1e-6, atol=0)
+    assert torch.allclose(g_sep, g_fused, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(fused.norms, separate.norms, rtol=1e-5)
+    np.testing.assert_allclose(fused.ref_norms, separate.ref_norms, rtol=1e-5)
+    scale = np.outer(separate.norms, separate.ref_norms)
+    assert np.nanmax(np.abs(fused.align - separate.align)) / np.nanmax(scale) <= 1e-5  # NaN: a domain absent from the batch
+    assert fused.align_names == separate.align_names == ("heldout",)

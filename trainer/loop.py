@@ -393,8 +393,9 @@ class Loop:
         if self.controller.adaptive:
             lw = self._sync(lw)
         state = self.signals.begin(req, self.step, self._step_counts()) if measuring else None
+        batch = self.signals.with_reference_rows(state, self._batch()) if measuring else self._batch()
         sums, counts = self.engine.forward_backward(
-            self._batch(), torch.from_numpy(lw), self.K,
+            batch, torch.from_numpy(lw), self.K,
             probe=self.signals.in_batch_probe(state) if measuring else None,
             on_losses=self.signals.on_losses(state) if measuring else None)
         reduced = dist.all_reduce_sum(torch.cat([sums, counts])).numpy()

@@ -60,6 +60,10 @@ class ProbeSpec:
     micro_batches: int = 0
     """Probed micro-batches this step on this rank, when known (0 = unknown). With exactly one and
     one data-parallel rank, norms/Gram are taken directly in the backward (the direct tier)."""
+    extra_groups: int = 0
+    """Reference groups after the K domains (group ids K, K+1, ...): rows of the micro-batch whose
+    pieces enter the products (a reference's alignments and norm are Gram entries) but never the
+    training gradient. The direct tier only."""
 
     @property
     def products(self) -> bool:
@@ -279,6 +283,7 @@ class _MicroBatch:
             state.seqs += counts.to(state.seqs)
         self.probe, self.state, self.sequences = probe, state, seq.numel()
         self.domains = torch.nonzero(counts).flatten().tolist()
+        self.train_groups = sum(1 for d in self.domains if d < probe.K)
         self.seq_bounds = [0] + torch.cumsum(counts[self.domains], 0).tolist()
         self.device = probe.device
         self.domains_t = torch.tensor(self.domains, device=self.device)
@@ -469,9 +474,12 @@ class Probe:
         the parameters) and must be identical on every rank. ``groups`` replaces the number of domains
         for this step, for alignments only (per-sequence alignments: one group per sequence)."""
         refs = refs or []
-        K = self.K if groups is None else int(groups)
-        if K != self.K and spec.products:
+        K = (self.K if groups is None else int(groups)) + spec.extra_groups
+        if groups is not None and spec.products:
             raise ValueError("groups= other than the probe's domain count works for alignments only, not norms/Gram")
+        if spec.extra_groups and not self.direct_applies(spec):
+            raise ValueError("ProbeSpec.extra_groups (reference rows in the training micro-batch) needs the direct tier: "
+                             "norms/Gram, one micro-batch on one rank, within the exact budget")
         if len(refs) != spec.refs:
             raise ValueError(f"spec.refs={spec.refs} but {len(refs)} reference vectors were given")
         for r in refs:
@@ -502,8 +510,9 @@ class Probe:
         """Whether ``spec``'s exact norms/Gram are taken by the direct tier: one micro-batch on one
         data-parallel rank, no tensor parallelism, no parameter shared by two dense layers, and one
         layer's pieces of every domain (K x its largest parameter) within the exact budget."""
+        groups = self.K + spec.extra_groups
         return (spec.products and spec.sketch_dim == 0 and spec.micro_batches == 1 and self.dp_size == 1
-                and self._direct_ok and self.K * self._largest * 4 <= self.exact_budget_bytes)
+                and self._direct_ok and groups * self._largest * 4 <= self.exact_budget_bytes)
 
     @contextlib.contextmanager
     def micro_batch(self, seq_domains: torch.Tensor):

@@ -157,6 +157,10 @@ class Signals:
     def expand(self, names: tuple[str, ...]) -> tuple[str, ...]:
         return expand_references(names, self.data)
 
+    def _ref_count(self, req: Request) -> int:
+        """Sequences of each reference batch: the request's, or DoGE's b_T = max(4, B/(K + 1))."""
+        return req.ref_sequences or max(4, self.global_batch // (self.K + 1))
+
     def _preconditioner(self) -> list[torch.Tensor] | None:
         """1 / (sqrt(v̂) + eps) per parameter from AdamW's bias-corrected second moments, or None
         before the first optimizer step (identity curvature then)."""
@@ -179,8 +183,7 @@ class Signals:
         model = self.engine.model
         scale = self._preconditioner() if req.precondition else None
         for r, name in enumerate(names):
-            n = req.ref_sequences or max(4, self.global_batch // (self.K + 1))
-            batch = self._ref_batch(name, n, step, r).to(self.engine.device)
+            batch = self._ref_batch(name, self._ref_count(req), step, r).to(self.engine.device)
             grads = self.probe.reference_gradient(token_losses(model, batch).mean())
             norms.append(float(torch.sqrt(self.probe.squared_norm(grads))))  # TP shards summed, replicas once
             if scale is not None:
@@ -203,8 +206,17 @@ class Signals:
         if req.per_sample and (source != "probe_batch" or req.norms or req.gram or not req.align):
             raise ValueError("Request.per_sample needs source='probe_batch' and alignments only (no norms/Gram)")
         if req.any_gradient:
-            state["names"] = self.expand(req.align)
-            refs, state["ref_norms"] = self._reference_gradients(state["names"], req, step)
+            state["names"] = names = self.expand(req.align)
+            fused = ProbeSpec(norms=True, gram=True, micro_batches=self._micro_batches(req, source),
+                              extra_groups=len(names))
+            if self._fuses(req, source, fused):
+                # the references as rows of the training micro-batch: one forward/backward, their
+                # alignments and norms Gram entries (end); nothing gradient-sized is kept
+                n = self._ref_count(req)
+                state["extra"] = [self._ref_batch(name, n, step, r) for r, name in enumerate(names)]
+                self.probe.start(fused)
+                return state
+            refs, state["ref_norms"] = self._reference_gradients(names, req, step)
             spec = ProbeSpec(refs=len(refs), norms=req.norms or req.gram, gram=req.gram,
                              sketch_dim=self.probe_cfg.sketch_dim, seed=(self.seed * 1_000_003 + step) & 0x7FFFFFFF,
                              micro_batches=self._micro_batches(req, source))
@@ -213,6 +225,26 @@ class Signals:
             else:
                 self.probe.start(spec, refs or None)
         return state
+
+    def _fuses(self, req: Request, source: str, spec: ProbeSpec) -> bool:
+        """Whether this step's references ride in the training micro-batch: alignments with norms
+        (DoGE, DGA) measured in the training batch by the direct tier, on an engine that takes
+        reference rows; not with Adam-preconditioned references (D⁻¹r is no gradient of a batch)."""
+        return (source == "in_batch" and bool(req.align) and (req.norms or req.gram) and not req.precondition
+                and not req.per_sample and self.engine.fuses_reference_rows and self.probe.direct_applies(spec))
+
+    def with_reference_rows(self, state: dict | None, micro_batches: list) -> list:
+        """The step's micro-batches with the fused reference rows appended to the last one (group
+        K + r for reference r: after every domain, so the rows stay sorted)."""
+        if state is None or "extra" not in state:
+            return micro_batches
+        from .engines import MicroBatch
+
+        last = micro_batches[-1]
+        tokens = torch.cat([last.tokens, *state["extra"]])
+        groups = torch.cat([last.domains, *[torch.full((len(t),), self.K + r, dtype=last.domains.dtype)
+                                            for r, t in enumerate(state["extra"])]])
+        return [*micro_batches[:-1], MicroBatch(tokens, groups)]
 
     def _micro_batches(self, req: Request, source: str) -> int:
         """Probed micro-batches this step on this rank: the engine's accumulation steps, or the probe
@@ -282,7 +314,18 @@ class Signals:
     def end(self, state: dict, stats, step: int, loss_weights: np.ndarray, tokens_per_rank: int) -> None:
         """Fill the requested fields of ``stats`` (a DomainStats with global token counts)."""
         req = state["req"]
-        if req.any_gradient:
+        if req.any_gradient and "extra" in state:
+            counts = stats.tokens
+            ref_tokens = np.array([t.shape[0] * (t.shape[1] - 1) for t in state["extra"]], dtype=np.float64)
+            scale = np.concatenate([tokens_per_rank / np.where(counts > 0, loss_weights * counts, np.nan),
+                                    tokens_per_rank / ref_tokens])  # reference rows weigh 1 in the objective
+            gram = self.probe.finish(scale).gram
+            stats.align = gram[:self.K, self.K:]
+            stats.ref_norms = np.sqrt(np.diag(gram)[self.K:])
+            stats.norms = np.sqrt(np.diag(gram)[:self.K]) if req.norms else None
+            stats.gram = gram[:self.K, :self.K] if req.gram else None
+            stats.align_names = state["names"]
+        elif req.any_gradient:
             if state["source"] == "probe_batch":
                 scale = self._run_probe_batch(req, state, step)
             else:

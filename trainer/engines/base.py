@@ -18,6 +18,9 @@ import torch
 class MicroBatch:
     tokens: torch.Tensor  # [b, T+1] int64
     domains: torch.Tensor  # [b] int64, sorted so each domain's rows are contiguous
+    """Ids >= the number of domains mark reference rows a probe measures in the same backward
+    (``ProbeSpec.extra_groups``): they never enter the training loss, its gradient or the
+    per-domain loss accounting (engines with ``fuses_reference_rows``)."""
 
 
 class Engine(ABC):
@@ -25,6 +28,8 @@ class Engine(ABC):
     world_size: int
     device: torch.device
     model: torch.nn.Module  # the unwrapped module
+    fuses_reference_rows = False
+    """Whether forward_backward takes reference rows in its micro-batches (MicroBatch.domains)."""
 
     def _join(self, engine_cfg) -> None:
         """Join the process group (if launched under torchrun), set intra-op threads and pick the
@@ -55,15 +60,20 @@ class Engine(ABC):
         reduction's mean over ranks the mean over all tokens of the step) and the loss weights on
         the device."""
         zeros = lambda: torch.zeros(num_domains, dtype=torch.float64)  # noqa: E731
-        tokens_per_rank = sum(mb.domains.numel() * (mb.tokens.shape[1] - 1) for mb in micro_batches)
-        return zeros(), zeros(), tokens_per_rank, loss_weights.to(self.device, torch.float32)
+        tokens_per_rank = sum(int((mb.domains < num_domains).sum()) * (mb.tokens.shape[1] - 1) for mb in micro_batches)
+        groups = max([num_domains] + [int(mb.domains.max()) + 1 for mb in micro_batches])
+        # reference rows (ids >= K) weigh 1 in the objective: the probe rescales their pieces itself
+        lw = torch.ones(groups, dtype=torch.float32)
+        lw[:num_domains] = loss_weights.to(torch.float32)
+        return zeros(), zeros(), tokens_per_rank, lw.to(self.device)
 
     @staticmethod
     def _add_losses(sums: torch.Tensor, counts: torch.Tensor, domains: torch.Tensor, losses: torch.Tensor) -> None:
-        """Add a micro-batch's token losses [b, T] to the per-domain sums and counts."""
-        per_seq = losses.detach().double().sum(dim=1).cpu()
-        sums.index_add_(0, domains, per_seq)
-        counts.index_add_(0, domains, torch.full_like(per_seq, losses.shape[1]))
+        """Add a micro-batch's token losses [b, T] to the per-domain sums and counts (training rows only)."""
+        train = domains < sums.numel()
+        per_seq = losses.detach()[train.to(losses.device)].double().sum(dim=1).cpu()
+        sums.index_add_(0, domains[train], per_seq)
+        counts.index_add_(0, domains[train], torch.full_like(per_seq, losses.shape[1]))
 
     @abstractmethod
     def optimizer_step(self, lr: float) -> float:

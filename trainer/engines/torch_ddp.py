@@ -24,6 +24,7 @@ def adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 @register("torch")
 class TorchEngine(Engine):
+    fuses_reference_rows = True
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, train_cfg: TrainConfig):
         self._join(engine_cfg)
         self.train_cfg = train_cfg
@@ -45,7 +46,8 @@ class TorchEngine(Engine):
                 objective = (losses * lw[doms].unsqueeze(1)).sum() / tokens_per_rank
                 objective.backward()
             if on_losses is not None:
-                on_losses(tokens, mb.domains, losses.detach())
+                train = mb.domains < num_domains
+                on_losses(tokens[train.to(tokens.device)], mb.domains[train], losses.detach()[train.to(tokens.device)])
             self._add_losses(sums, counts, mb.domains, losses)
         return sums, counts
 

@@ -29,6 +29,9 @@ class Recording(Protocol):
 
     sequences: int
     """Rows b of the [b, T] micro-batch."""
+    train_groups: int
+    """How many of the present groups (the first ones, rows being sorted) are training domains;
+    the others are reference rows, whose pieces go to the probe but never into the gradient."""
 
     def slot(self, param: torch.Tensor | None):
         """An opaque key for a trainable parameter (None for a frozen or absent one)."""
@@ -81,14 +84,15 @@ def _vector_grad(rec: Recording, slot, rows: torch.Tensor) -> torch.Tensor:
     gain/bias): per-domain block sums go to the probe, their sum to autograd."""
     pieces = segment_sums(rows, rec.bounds(rows.shape[0]))
     rec.dense(slot, 0, pieces)
-    return pieces.sum(0)
+    return pieces[:rec.train_groups].sum(0)
 
 
 def _segmented_weight_grad(rec: Recording, slot, shape: torch.Size, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Σ_j dy_jᵀ x_j over domain blocks; the pieces are materialised a chunk of domains at a time so the
-    transient stays within the probe's budget, and each chunk is handed over before it is summed."""
+    """Σ_j dy_jᵀ x_j over the training domains' blocks; the pieces (reference rows' too) are
+    materialised a chunk of domains at a time so the transient stays within the probe's budget, and
+    each chunk is handed over before it is summed."""
     bounds = rec.bounds(x.shape[0])
-    k = len(bounds) - 1
+    k, train = len(bounds) - 1, rec.train_groups
     step = rec.chunk(shape.numel())
     total = None
     for lo in range(0, k, step):
@@ -98,9 +102,10 @@ def _segmented_weight_grad(rec: Recording, slot, shape: torch.Size, dy: torch.Te
             s, e = bounds[j], bounds[j + 1]
             torch.mm(dy[s:e].T, x[s:e], out=pieces[j - lo])
         rec.dense(slot, lo, pieces)
-        part = pieces.sum(0)
-        total = part if total is None else total.add_(part)
-    return total
+        if lo < train:
+            part = pieces[:train - lo].sum(0)
+            total = part if total is None else total.add_(part)
+    return total if total is not None else dy.new_zeros(shape)
 
 
 class _LinearFn(torch.autograd.Function):
@@ -147,9 +152,11 @@ class _EmbeddingFn(torch.autograd.Function):
         rows = dy.reshape(ids.numel(), -1)
         if not ctx.needs_input_grad[1]:
             return None, None, None
-        ctx.rec.rows(ctx.slot, ids, rows, ctx.rec.bounds(ids.numel()))
+        bounds = ctx.rec.bounds(ids.numel())
+        ctx.rec.rows(ctx.slot, ids, rows, bounds)
+        n = bounds[ctx.rec.train_groups]  # the training rows come first; reference rows stay out
         # The stock kernel: the table's gradient is bit-identical to an unprobed embedding's.
-        return None, torch.ops.aten.embedding_dense_backward(rows, ids, ctx.shape[0], -1, False), None
+        return None, torch.ops.aten.embedding_dense_backward(rows[:n], ids[:n], ctx.shape[0], -1, False), None
 
 
 class _AffineFn(torch.autograd.Function):
