@@ -16,7 +16,8 @@ from trainer.data.reference import reference_slice
 from trainer.loop import Loop
 from trainer.signals import evaluation_overlap, mix_counts
 
-SIX = {"counting": "counting", "abc": "abc", "words": "words", "noise": "noise", "more_words": "words", "digits": "counting"}
+SIX = {"counting": "counting", "abc": "abc", "words": "words", "noise": "noise", "more_words": "words",
+       "digits": "counting"}
 
 
 @pytest.fixture()

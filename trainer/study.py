@@ -172,8 +172,9 @@ def plan_proxies(out: Path, conditions: list[str], planted: Planted, n_random: i
     # official code sums over its target domains: 3 sequences per target), "doge_mix" toward the official
     # mix of every training domain, noise and duplicate included (heldout).
     if "doge" in wanted:
+        per_target = -(-2 * len(planted.domains) // len(planted.real))
         proxies.append(Proxy("doge", ["mixture=doge", "mixture.target=heldout:*", "mixture.mu=0.01",
-                                      f"mixture.ref_sequences={-(-2 * len(planted.domains) // len(planted.real))}", *base]))
+                                      f"mixture.ref_sequences={per_target}", *base]))
     if "doge_mix" in wanted:
         proxies.append(Proxy("doge_mix", ["mixture=doge", "mixture.target=heldout", "mixture.mu=0.01",
                                           f"mixture.ref_sequences={2 * len(planted.domains)}", *base]))
@@ -214,7 +215,8 @@ def run_proxies(out: Path, proxies: list[Proxy], jobs: int, env: dict) -> None:
         t0 = time.time()
         rc = _run_logged(_cli(["train", *p.overrides, f"hydra.run.dir={run}"]), out / "proxies" / f"{p.name}.log", env)
         ok = rc == 0 and _finished(run)
-        print(f"[study]   {p.name:<13} {'done' if ok else f'FAILED (exit {rc})'} in {time.time() - t0:.0f} s", flush=True)
+        status = "done" if ok else f"FAILED (exit {rc})"
+        print(f"[study]   {p.name:<13} {status} in {time.time() - t0:.0f} s", flush=True)
         if not ok:
             failed.append(p.name)
 
@@ -334,7 +336,8 @@ def gather(out: Path, runs) -> dict[str, Condition]:
         c.runs.append(r)
         seqs = load_sequences(r.path)
         if seqs is None:
-            raise StudyError(f"{r.path}: no {r.path / 'eval_sequences.npz'} (a run from before per-sequence evaluation?)")
+            raise StudyError(f"{r.path}: no {r.path / 'eval_sequences.npz'} "
+                             "(a run from before per-sequence evaluation?)")
         c.sequences[r.seed] = seqs
     for c in by.values():
         c.proxy_seconds = _proxy_seconds(out, c.name)
@@ -408,12 +411,14 @@ def render(analysis: Analysis) -> str:
                  _seconds(c.mean(lambda r: r.wall_seconds)), _seconds(c.proxy_seconds)]
         lines.append("| " + " | ".join(cells) + " |")
     seeds = sorted({r.seed for c in a.conditions.values() for r in c.runs}, key=str)
-    lines += ["", f"Macro = mean validation loss over the {len(a.planted.real)} real domains ({', '.join(a.planted.real)}); "
+    lines += ["", f"Macro = mean validation loss over the {len(a.planted.real)} real domains "
+              f"({', '.join(a.planted.real)}); "
               f"seeds {','.join(map(str, seeds))}. Δ = paired difference from uniform (same seeds, same evaluation "
               "sequences), SE over evaluation sequences and seeds (trainer/paired.py); ✓ = |Δ| ≥ 2 SE. Oracle gain = "
               "the share of the oracle's Δ a condition recovers. Noise weight = the exported mixture's total weight "
               f"on {', '.join(a.planted.noise) or 'the noise domains'}. Seconds: one main run's wall-clock (mean over "
-              "seeds), and the proxies the condition needed (wall-clock, jobs running side by side).", "", "Checks:", ""]
+              "seeds), and the proxies the condition needed (wall-clock, jobs running side by side).",
+              "", "Checks:", ""]
     lines += [f"- {text}" for text in checks(a)]
     return "\n".join(lines) + "\n"
 
@@ -432,8 +437,9 @@ def checks(a: Analysis) -> list[str]:
         rec = a.recovered(name)
         if rec is not None:
             d = a.vs_uniform[name]
+            met = rec >= 0.5 and d.mean < 0 and d.resolved()
             out.append(f"{name} recovers {100 * rec:.0f}% of the oracle's gain (Δ {_pm(d)} vs oracle "
-                       f"{_pm(a.vs_uniform['oracle'])}; target ≥ 50%, resolved) → {_verdict(rec >= 0.5 and d.mean < 0 and d.resolved())}")
+                       f"{_pm(a.vs_uniform['oracle'])}; target ≥ 50%, resolved) → {_verdict(met)}")
     baselines = [b for b in ("unimax", "temperature") if b in a.conditions]
     if baselines:
         winners = []
@@ -532,18 +538,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma list from {', '.join(CONDITIONS)}")
     parser.add_argument("--seeds", default=None, help="training seeds of the main runs (default: 1,2,3; --quick: 1)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, proxies and main runs (default: 2)")
-    parser.add_argument("--random", type=int, default=None, help="Dirichlet draws for random_best (default: 8; --quick: 4)")
+    parser.add_argument("--random", type=int, default=None,
+                        help="Dirichlet draws for random_best (default: 8; --quick: 4)")
     parser.add_argument("--random-steps", type=int, default=None,
                         help="steps of each random-draw proxy (default: 100; --quick: 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Dirichlet draws (default: 0)")
-    parser.add_argument("--data", default=None, help="a planted shard set (default: built from --source or the demo corpus)")
-    parser.add_argument("--source", default=None, help="shard set to build the planted set from (default: the demo corpus)")
+    parser.add_argument("--data", default=None,
+                        help="a planted shard set (default: built from --source or the demo corpus)")
+    parser.add_argument("--source", default=None,
+                        help="shard set to build the planted set from (default: the demo corpus)")
     parser.add_argument("--quick", action="store_true", help="every phase at lower resolution, about ten minutes")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. model.d_model=128)")
     args = parser.parse_args(argv)
     seeds = args.seeds or (QUICK["seeds"] if args.quick else "1,2,3")
     n_random = args.random if args.random is not None else (QUICK["random"] if args.quick else 8)
-    random_steps = args.random_steps if args.random_steps is not None else (QUICK["random_steps"] if args.quick else 100)
+    random_steps = args.random_steps
+    if random_steps is None:
+        random_steps = QUICK["random_steps"] if args.quick else 100
     try:
         study(Path(args.out), [c for c in args.conditions.split(",") if c], [int(s) for s in seeds.split(",")],
               args.jobs, n_random, random_steps, args.seed, args.overrides, data=args.data, source=args.source,
