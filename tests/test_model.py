@@ -39,3 +39,16 @@ def test_token_losses_and_causality():
     assert diff[:, :-1].max() == 0 and diff[:, -1].min() > 0
     with pytest.raises(ValueError, match="model.max_seq_len"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_frozen_token_losses_equal_token_losses():
+    from trainer.models import frozen_token_losses
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_layer=2, d_model=32, n_head=2, vocab_size=64, max_seq_len=16)).eval()
+    for shape in ((3, 9), (5, 13), (2, 5)):  # the buffer grows, then serves a smaller batch
+        x = torch.randint(0, 64, shape)
+        with torch.no_grad():
+            expected = token_losses(model, x)
+        got = frozen_token_losses(model, x)
+        assert got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-6, atol=1e-5)

@@ -309,6 +309,9 @@ class _MicroBatch:
         if slot is not None and slot.counted and self.state.direct is not None:
             self.state.direct.note_rows(slot, ids)
 
+    def workspace(self, k: int, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        return self.probe.workspace(k * shape.numel(), like).view(k, *shape)
+
     def _open_state(self) -> _StepState:
         """The step this micro-batch belongs to, refusing a backward that arrives after finish()."""
         if self.probe._state is not self.state:
@@ -419,7 +422,19 @@ class Probe:
         self._largest = max(_full_shape(p).numel() for p in self.params)
         self._state: _StepState | None = None
         self._exact_rows: torch.Tensor | None = None  # K x P, allocated on first use, kept between steps
+        self._workspace: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> the layers' buffer for dense pieces
         self._warned = False
+
+    def workspace(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """A flat buffer of at least ``numel`` entries for a layer's dense pieces, kept between layers
+        and steps. The pieces are consumed inside the layer's backward (copied, reduced or summed),
+        and a fresh allocation of that size every layer and step costs more in page faults than the
+        products taken from it (measured 0.17 s per 463 MB on CPU, 2-3% of a step)."""
+        key = (like.dtype, like.device)
+        buf = self._workspace.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._workspace[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel]
 
     def slot_of(self, param: torch.Tensor) -> _Slot:
         try:

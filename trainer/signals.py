@@ -31,7 +31,7 @@ from mixtures import Request
 from . import checkpoint, dist
 from .config import ConfigError, ModelConfig
 from .data.domains import DataBundle, SequenceView
-from .models import load_frozen, token_losses
+from .models import frozen_token_losses, load_frozen, token_losses
 from .probe import Probe, ProbeSpec
 
 _REF_STREAM, _PROBE_STREAM = 3, 4
@@ -265,7 +265,7 @@ class Signals:
 
         @torch.no_grad()
         def hook(tokens: torch.Tensor, domains: torch.Tensor, losses: torch.Tensor) -> None:
-            ref = token_losses(self.reference, tokens)
+            ref = frozen_token_losses(self.reference, tokens)
             excess = (losses.detach() - ref).clamp_min(0).double().sum(dim=1).cpu()
             self._excess[0].index_add_(0, domains.cpu(), excess)
             self._excess[1].index_add_(0, domains.cpu(), ref.double().sum(dim=1).cpu())

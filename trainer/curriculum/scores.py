@@ -104,7 +104,7 @@ def score_run(run: str | os.PathLike, early: str = "0.1", late: str = "1.0", bat
     from .. import checkpoint
     from ..config import load_config
     from ..data.domains import load_data
-    from ..models import load_frozen, token_losses
+    from ..models import frozen_token_losses, load_frozen
 
     run = Path(run)
     if not (run / "config.yaml").is_file():
@@ -148,8 +148,8 @@ def score_run(run: str | os.PathLike, early: str = "0.1", late: str = "1.0", bat
             for s in range(0, n, batch):
                 idx = np.arange(s, min(n, s + batch))
                 toks = torch.from_numpy(view.get(idx)).to(dev)
-                a = token_losses(models["early"], toks).double().mean(dim=1)
-                b = token_losses(models["late"], toks).double().mean(dim=1)
+                a = frozen_token_losses(models["early"], toks).double().mean(dim=1)
+                b = frozen_token_losses(models["late"], toks).double().mean(dim=1)
                 scores[s : s + idx.size] = (a - b).cpu().numpy().astype(np.float32)
                 bar.update(idx.size)
             np.save(tmp / f"{d}.npy", scores)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import ConfigError, ModelConfig
-from .gpt import GPT, token_losses
+from .gpt import GPT, frozen_token_losses, token_losses
 
 MODELS = {"gpt": GPT}
 
@@ -28,4 +28,4 @@ def load_frozen(cfg: ModelConfig, ckpt, device):
     return model
 
 
-__all__ = ["MODELS", "build_model", "load_frozen", "token_losses", "GPT"]
+__all__ = ["MODELS", "build_model", "load_frozen", "token_losses", "frozen_token_losses", "GPT"]

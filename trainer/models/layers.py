@@ -42,6 +42,10 @@ class Recording(Protocol):
     def chunk(self, numel: int) -> int:
         """How many domains' dense pieces of a ``numel``-sized parameter to materialise at once."""
 
+    def workspace(self, k: int, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised [k, *shape] buffer (dtype and device of ``like``) for one chunk of pieces,
+        valid until the layer's backward returns."""
+
     def note_rows(self, slot, ids: torch.Tensor) -> None:
         """An embedding lookup of table rows ``ids`` in the forward (tied weights' cross terms need them)."""
 
@@ -97,7 +101,7 @@ def _segmented_weight_grad(rec: Recording, slot, shape: torch.Size, dy: torch.Te
     total = None
     for lo in range(0, k, step):
         hi = min(k, lo + step)
-        pieces = dy.new_empty(hi - lo, *shape)
+        pieces = rec.workspace(hi - lo, shape, dy)
         for j in range(lo, hi):
             s, e = bounds[j], bounds[j + 1]
             torch.mm(dy[s:e].T, x[s:e], out=pieces[j - lo])
