@@ -141,7 +141,8 @@ class Loop:
             pools = without(pools, self.data.train_samples, self.data.reference)
         self.steers_on_eval = evaluation_overlap(expand_references(self.controller.references, self.data), self.data)
         if self.steers_on_eval:
-            _say(self.rank, "warning: the mixture steers on data that evaluation reports: " + "; ".join(self.steers_on_eval))
+            _say(self.rank, "warning: the mixture steers on data that evaluation reports: "
+                 + "; ".join(self.steers_on_eval))
         order, self.scores_meta = _curriculum_order(cfg, self.data, pools)
         self.sampler = DomainSampler(self.data.train_samples, cfg.data.steps_per_shard * self.global_batch,
                                      seed=t.seed, exhaustion=cfg.data.exhaustion, pools=pools, order=order)
@@ -381,8 +382,8 @@ class Loop:
     def signals(self):
         """Measurement beyond per-domain losses, built on first use (static runs never pay for it)."""
         if self._signals is None:
-            self._signals = Signals(self.engine, self.data, self.cfg.train.seed, self.cfg.probe, self.reference, self.global_batch,
-                                    self.cfg.train.grad_accum)
+            self._signals = Signals(self.engine, self.data, self.cfg.train.seed, self.cfg.probe, self.reference,
+                                    self.global_batch, self.cfg.train.grad_accum)
         return self._signals
 
     def _train_step(self, lr: float) -> tuple[dict, DomainStats]:
@@ -502,7 +503,8 @@ class Loop:
             self.tracker.log({"step": self.step, **self.evaluate()})
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['train/loss']:.3f}", tok_s=f"{rec['perf/tokens_per_sec'] or 0:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{rec['train/loss']:.3f}", tok_s=f"{rec['perf/tokens_per_sec'] or 0:.0f}",
+                            refresh=False)
         if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
             self._save()
         self._fault()
