@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import dist
+from . import dist, safe_load
 
 _NAME = re.compile(r"^step_(\d{8})$")
 DEEPSPEED_DIR = "deepspeed"  # = engines.deepspeed_engine.CHECKPOINT_SUBDIR
@@ -166,13 +166,14 @@ def _deepspeed_state(path: Path) -> dict:
                  if (tag_dir / n).is_file()), None)
     if name is None:
         raise FileNotFoundError(f"{path} is a DeepSpeed checkpoint without rank 0's model states in {tag_dir}")
-    files = torch.load(tag_dir / name, map_location="cpu", weights_only=False)
+    files = safe_load.load(tag_dir / name)
     state = dict(files.get(DEEPSPEED_CLIENT_KEY) or {})
     if not any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):  # ZeRO-0: the module holds the weights
         model = {k: v.float() for k, v in files["module"].items()}
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        safe_load.vet(ds_dir)  # zero_to_fp32 loads with weights_only=False
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
             model = dict(get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DEEPSPEED_TAG))
     state["engine"] = {"model": model}
@@ -198,9 +199,9 @@ def load(path: Path, rank: int, engine_state: bool = True) -> tuple[dict | None,
                              "resume it with engine=megatron and the same engine.tensor_parallel")
         state = None
     else:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        state = safe_load.load(path / "state.pt")
     rng_path = path / f"rng_rank{rank}.pt"
-    rng = torch.load(rng_path, weights_only=False) if rng_path.is_file() else None
+    rng = safe_load.load(rng_path) if rng_path.is_file() else None
     return state, meta, rng
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, safe_load
 from ..config import ConfigError, EngineConfig, ModelConfig, TrainConfig
 from ..models import token_losses
 from .base import Engine, MicroBatch, register
@@ -184,10 +184,10 @@ class MegatronEngine(Engine):
         path = _shard_file(directory, self.layout.tp_rank)
         if not path.is_file():
             raise FileNotFoundError(f"{directory} holds no megatron shard for TP rank {self.layout.tp_rank} ({path})")
-        shard = torch.load(path, map_location=self.device, weights_only=False)
+        shard = safe_load.load(path, map_location=self.device)
         if shard["tensor_parallel"] != self.layout.tp_size:
             raise checkpoint.CheckpointMismatch(
                 f"checkpoint {directory} was written with engine.tensor_parallel={shard['tensor_parallel']}, "
                 f"now engine.tensor_parallel={self.layout.tp_size}; resume with the same value")
         self.load_state_dict(shard)
-        return torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=False)
+        return safe_load.load(Path(directory) / "state.pt")
