@@ -152,7 +152,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Complete checkpoints kept (older ones are deleted)."""
     resume: str = "auto"
-    """'auto' (latest complete checkpoint of this run dir, if any), 'never', or a checkpoint path."""
+    """'auto' (the newest readable checkpoint of this run dir, if any; damaged ones are passed over
+    with a warning), 'never' (start from step 0; refused in a run dir that holds checkpoints),
+    'replace' (start from step 0, moving an earlier run's checkpoints and logs into
+    ``<run.dir>/replaced-<time>/``), or a checkpoint path."""
     fail_at_step: int = 0
     """Fault injection for restart tests: hard-exit right after this step (0 = off). Fires only in a
     job's first attempt (torchrun's TORCHELASTIC_RESTART_COUNT unset or 0), so a group restarted by

@@ -30,7 +30,7 @@ import yaml
 
 from mixtures import DomainStats, build_controller
 
-from . import checkpoint, dist
+from . import checkpoint, dist, rundir
 from .config import Config, ConfigError
 from .data.domains import DataBundle, check_vocab, load_data
 from .data.reference import reference_slice, uses_heldout, without
@@ -155,8 +155,21 @@ class Loop:
         self.ckpt_root = self.run_dir / "checkpoints"
         if t.fail_rank >= self.world:
             raise ConfigError(f"train.fail_rank={t.fail_rank} names no rank of this {self.world}-rank job")
-        resume_from = self._find_resume()
-        resume_state = self._check_resume(resume_from) if resume_from else None
+        self.lock = rundir.RunLock(self.run_dir) if self.rank == 0 else None
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: Config) -> None:
+        t = cfg.train
+        if dist.broadcast_object(self.run_dir.is_dir()):
+            self._take_lock()  # before reading checkpoints that another job might be writing
+        resume_from, loaded = self._find_resume()
+        resume_state = self._check_resume(resume_from, loaded) if resume_from else None
+        kept = checkpoint.run_id(resume_from) if resume_from else None  # None: a fresh run, or one from before run ids
+        self.run_id = dist.broadcast_object(kept or rundir.new_run_id())
         # Nothing is written before this point: bad input never touches an existing run.
         self.engine = build_engine(cfg)
         self.online = None
@@ -178,28 +191,65 @@ class Loop:
         if resume_state is not None:
             resume_state = (self._restore(*resume_state, resume_from), resume_state[1])
             _say(self.rank, f"resumed from {resume_from} at step {self.step}")
+        self._take_lock()
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if t.resume == "replace" and rundir.step_dirs(self.ckpt_root):
+                aside = rundir.set_aside(self.run_dir, self.ckpt_root)
+                _say(self.rank, f"train.resume=replace: the earlier run moved to {aside}")
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (self.run_dir / checkpoint.RUN_ID_FILE).write_text(self.run_id + "\n")
         positions = resume_state[0]["loop"]["tracker"] if resume_state and self.rank == 0 else None
         self.tracker = Tracker(self.run_dir, cfg.to_dict(), enabled=self.rank == 0, wandb_mode=cfg.run.wandb,
-                               project=cfg.run.wandb_project, resume_positions=positions)
+                               project=cfg.run.wandb_project, resume_positions=positions, run_id=self.run_id)
 
-    # ---- resume -------------------------------------------------------------------------------
-    def _find_resume(self) -> Path | None:
+    # ---- the run directory and resume -----------------------------------------------------------
+    def _take_lock(self) -> None:
+        """Collective: rank 0 takes the run dir's lock (creating the directory); every rank fails
+        alike when another job holds it."""
+        refused = None
+        if self.lock is not None and not self.lock.taken:
+            try:
+                warning = self.lock.acquire()
+                if warning:
+                    _say(self.rank, "warning: " + warning)
+            except rundir.RunDirBusy as e:
+                refused = str(e)
+        refused = dist.broadcast_object(refused)
+        if refused:
+            raise rundir.RunDirBusy(refused)
+
+    def close(self) -> None:
+        """Release the run directory (the job is over, or its launch was refused)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _find_resume(self) -> tuple[Path | None, tuple | None]:
+        """The checkpoint to continue from and what reading it gave (state, meta, rng)."""
         mode = self.cfg.train.resume
+        if mode == "replace":
+            return None, None
         if mode == "never":
-            return None
+            earlier = rundir.step_dirs(self.ckpt_root)
+            if earlier:
+                raise ConfigError(
+                    f"train.resume=never, but run.dir={str(self.run_dir)!r} holds checkpoints of an earlier run (newest "
+                    f"{earlier[-1].name}): continue it with train.resume=auto, start over with train.resume=replace "
+                    f"(moves them into {self.run_dir}/replaced-<time>/), or give this run another run.dir")
+            return None, None
         if mode == "auto":
-            return checkpoint.latest(self.ckpt_root)
+            path, loaded, warnings = rundir.resume_candidate(self.ckpt_root, self.rank)
+            for w in warnings:
+                _say(self.rank, "warning: " + w)
+            return path, loaded
         path = Path(mode)
-        if not (path / "meta.json").is_file():
-            raise ConfigError(f"train.resume={mode!r} is not a complete checkpoint directory")
-        return path
+        try:
+            return path, rundir.read(path, self.rank)
+        except rundir.DamagedCheckpoint as e:
+            raise ConfigError(f"train.resume={mode!r} is not a readable checkpoint: {e}") from None
 
-    def _check_resume(self, path: Path):
+    def _check_resume(self, path: Path, loaded: tuple):
         # An engine's own checkpoint (DeepSpeed) is loaded by the engine once built: state is None here.
-        state, meta, rng = checkpoint.load(path, self.rank, engine_state=False)
+        state, meta, rng = loaded
         checkpoint.check_engine_format(path, meta.get("engine"), checkpoint.engine_format(self.cfg.engine))
         diffs = checkpoint.diff_fingerprints(meta.get("fingerprint", {}), self.fingerprint)
         if diffs:
@@ -260,7 +310,7 @@ class Loop:
             if self.online is not None:
                 state["curriculum"] = self.online.state_dict()
                 state["loop"]["shard_recorded"] = None if self.plan is None else [np.asarray(r) for r in self.plan.recorded]
-        meta = {"fingerprint": self.fingerprint}
+        meta = {"fingerprint": self.fingerprint, "run_id": self.run_id}
         engine_save = None
         if engine_format is not None:  # the engine's own collective save (DeepSpeed) stores `state` too
             meta["engine"] = engine_format
@@ -521,7 +571,8 @@ class Loop:
         if self.history:
             self.history[-1]["end_step"] = self.step
         if self.rank == 0:
-            write_weights(self.run_dir / "weights.json", domains, avg, final, self.cfg.mixture["name"], self.step)
+            write_weights(self.run_dir / "weights.json", domains, avg, final, self.cfg.mixture["name"], self.step,
+                          run_id=self.run_id)
             if per_sequence:  # the final evaluation, sequence by sequence (paired comparisons across runs)
                 np.savez(self.run_dir / "eval_sequences.npz", **per_sequence)
             prefixes = [v.stream.prefix for v in self.data.train]
@@ -562,4 +613,8 @@ class Loop:
 
 
 def run(cfg: Config) -> RunResult:
-    return Loop(cfg).train()
+    loop = Loop(cfg)
+    try:
+        return loop.train()
+    finally:
+        loop.close()
