@@ -208,3 +208,21 @@ def test_no_readable_checkpoint_is_refused_not_restarted(tmp_path, data, finishe
     assert proc.returncode != 0
     assert "no readable checkpoint in" in proc.stderr and "train.resume=replace" in proc.stderr
     assert _listing(run) == before  # the logs were not cut back, nothing was written
+
+
+# ---- 8. a refusal is one clear line ------------------------------------------------------------------
+
+def test_refused_launch_prints_one_line_exits_2_and_leaves_nothing(tmp_path, data):
+    refused = mixtrain(["train", *TINY, f"data.path={data}", "train.lr=-1"], tmp_path)
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith("mixtrain: error: train.lr=-1") and line.endswith("must be > 0")
+    assert not (tmp_path / "runs").exists()  # no Hydra folder, no run directory
+    explicit = mixtrain(["train", *TINY, f"data.path={data}", f"run.dir={tmp_path / 'new'}", "mixture=doremi",
+                         f"mixture.reference={tmp_path / 'nowhere'}"], tmp_path)
+    assert explicit.returncode == 2 and len(explicit.stderr.strip().splitlines()) == 1, explicit.stderr
+    assert "mixture.reference=" in explicit.stderr and not (tmp_path / "new").exists()
+    full = subprocess.run([sys.executable, "-m", "trainer.cli", "train", *TINY, f"data.path={data}", "train.lr=-1"],
+                          cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "1"})
+    assert full.returncode != 0 and "Traceback" in full.stderr and "must be > 0" in full.stderr

@@ -48,6 +48,7 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir).resolve() / LOCK_NAME
         self.taken = False
+        self.created = False  # whether acquire() made the directory (a refused launch then removes it)
 
     def acquire(self) -> str | None:
         """Take the lock (creating the directory); returns a warning when a dead job's lock was taken over."""
@@ -56,6 +57,7 @@ class RunLock:
             self._held[key][1] += 1
             self.taken = True
             return None
+        self.created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
         try:
@@ -92,6 +94,8 @@ class RunLock:
             entry[0].truncate()  # a clean exit leaves no holder to report
             fcntl.flock(entry[0], fcntl.LOCK_UN)
             entry[0].close()
+            if self.created and [p.name for p in self.path.parent.iterdir()] == [LOCK_NAME]:
+                shutil.rmtree(self.path.parent)  # this launch made the folder and wrote nothing else
 
 
 def _read(path: Path) -> dict | None:

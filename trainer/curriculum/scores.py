@@ -283,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> Path:
     args = build_parser().parse_args(argv)
+    from ..refusal import refuse, refusals
+
     try:
         return score_run(args.run, args.early, args.late, args.batch, args.out, args.device, progress=not args.no_progress)
-    except ConfigError as e:
-        raise SystemExit(f"mixtrain score: {e}") from None
+    except refusals() as e:
+        refuse(e, "mixtrain score")
