@@ -226,3 +226,36 @@ def test_refused_launch_prints_one_line_exits_2_and_leaves_nothing(tmp_path, dat
                           cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "1"})
     assert full.returncode != 0 and "Traceback" in full.stderr and "must be > 0" in full.stderr
+
+
+# ---- 6. divergence is an error -----------------------------------------------------------------------
+
+def _all_finite(ckpt: Path) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in safe_load.load(ckpt / "state.pt")["engine"]["model"].values())
+
+
+def test_divergence_stops_the_run_and_writes_nothing_non_finite(tmp_path, data):
+    run = tmp_path / "run"
+    proc = mixtrain(["train", *TINY, f"data.path={data}", f"run.dir={run}", "train.lr=1e30", "train.min_lr=0",
+                     "train.checkpoint_every=1"], tmp_path)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("mixtrain: error: the run diverged at step 1: training loss not finite in ")
+    assert "train.on_nonfinite=abort" in line and f"the last good checkpoint is {run / 'checkpoints'}" in line
+    assert not (run / "weights.json").exists()
+    assert [p.name for p in checkpoint.complete_checkpoints(run / "checkpoints")] == ["step_00000001"]
+    assert _all_finite(run / "checkpoints" / "step_00000001")
+
+
+def test_skip_drops_non_finite_updates_then_aborts_after_too_many(tmp_path, data):
+    run = tmp_path / "run"
+    proc = mixtrain(["train", *TINY, f"data.path={data}", f"run.dir={run}", "train.lr=1e30", "train.min_lr=0",
+                     "train.checkpoint_every=1", "train.on_nonfinite=skip", "train.max_nonfinite=2"], tmp_path)
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    assert "step 1: training loss not finite" in out and "update skipped (1 in a row" in out
+    assert "update skipped (2 in a row" in out and "diverged at step 3" in out and "3 in a row > train.max_nonfinite=2" in out
+    ckpts = checkpoint.complete_checkpoints(run / "checkpoints")
+    assert ckpts and all(_all_finite(c) for c in ckpts)
+    refused = mixtrain(["train", *TINY, f"data.path={data}", "train.on_nonfinite=retry"], tmp_path)
+    assert refused.returncode == 2 and "train.on_nonfinite='retry'; allowed: abort, skip" in refused.stderr

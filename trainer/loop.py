@@ -184,6 +184,7 @@ class Loop:
 
             self.reference = load_reference_model(cfg.mixture["reference"], self.data, self.engine.device)
         self.step = 0
+        self.nonfinite_in_row = 0
         self.tokens_seen = np.zeros(self.K)
         self.history: list[dict] = []
         self.plan: ShardPlan | None = None
@@ -268,6 +269,7 @@ class Loop:
         self.controller.load_state_dict(state["controller"])
         loop = state["loop"]
         self.step = int(loop["step"])
+        self.nonfinite_in_row = int(loop.get("nonfinite_in_row", 0))
         self.tokens_seen = np.asarray(loop["tokens_seen"], dtype=np.float64)
         self.history = list(loop["history"])
         self.sampler.load_state_dict(loop["shard_start_state"])
@@ -300,6 +302,7 @@ class Loop:
                 "controller": self.controller.state_dict(),
                 "loop": {
                     "step": self.step,
+                    "nonfinite_in_row": self.nonfinite_in_row,
                     "tokens_seen": self.tokens_seen.tolist(),
                     "history": self.history,
                     "shard_start_state": SamplerState.to_dict(start),
@@ -457,8 +460,35 @@ class Loop:
         if measuring:
             t = self.cfg.train
             self.signals.end(state, stats, self.step, lw, t.micro_batch * t.grad_accum * self.cfg.data.seq_len)
-        gnorm = self.engine.optimizer_step(lr)
+        bad = [d for d, ok in zip(self.data.domains, np.isfinite(stats.loss) | ~present) if not ok]
+        if bad:  # never stepped: the parameters stay those of the last good step
+            self._nonfinite(f"training loss not finite in {', '.join(bad)}", can_skip=self.engine.skips_nonfinite)
+            self.engine.discard_gradients()
+            gnorm = float("nan")
+        else:
+            gnorm = self.engine.optimizer_step(lr)  # an engine that skips_nonfinite did not step on a NaN norm
+            if not np.isfinite(gnorm):
+                self._nonfinite(f"gradient norm {gnorm} with finite losses in every domain",
+                                can_skip=self.engine.skips_nonfinite)
+            else:
+                self.nonfinite_in_row = 0
         return self._step_record(sums, counts, lr, gnorm, stats, req, lw), stats
+
+    def _nonfinite(self, what: str, can_skip: bool) -> None:
+        """train.on_nonfinite: raise Diverged, or count a skipped step (and raise after too many)."""
+        t = self.cfg.train
+        self.nonfinite_in_row += 1
+        if t.on_nonfinite == "skip" and can_skip and self.nonfinite_in_row <= t.max_nonfinite:
+            _say(self.rank, f"warning: step {self.step}: {what}; update skipped "
+                            f"({self.nonfinite_in_row} in a row, train.max_nonfinite={t.max_nonfinite})")
+            return
+        last = checkpoint.latest(self.ckpt_root)
+        why = ("train.on_nonfinite=abort" if t.on_nonfinite == "abort" else
+               f"{self.nonfinite_in_row} in a row > train.max_nonfinite={t.max_nonfinite}" if can_skip else
+               f"engine={self.cfg.engine.name} has already stepped")
+        raise Diverged(f"the run diverged at step {self.step}: {what} ({why}); nothing of this step was saved, "
+                       f"the last good checkpoint is {last or 'none (no checkpoint was written yet)'}. "
+                       "Lower train.lr or raise train.warmup_steps, or set train.on_nonfinite=skip")
 
     def _step_record(self, sums, counts, lr, gnorm, stats: DomainStats, req, lw: np.ndarray) -> dict:
         present = counts > 0
@@ -610,6 +640,10 @@ class Loop:
         lines.append(f"weights: {self.run_dir / 'weights.json'} (exported = {self.controller.exported if self.controller.adaptive else 'fixed'}); "
                      f"reuse with: mixtrain train mixture=static mixture.weights_from={self.run_dir}")
         _say(0, f"done: {self.step} steps | run dir {self.run_dir}\n" + "\n".join(lines))
+
+
+class Diverged(RuntimeError):
+    """A non-finite step the run may not skip (train.on_nonfinite)."""
 
 
 def run(cfg: Config) -> RunResult:

@@ -18,14 +18,18 @@ def refusals() -> tuple[type[Exception], ...]:
     from .config import ConfigError
     from .data.indexed import ShardFormatError
     from .data.sampler import DataExhausted
+    from .loop import Diverged
     from .safe_load import UnsafeCheckpoint
 
-    return ConfigError, MixtureConfigError, CheckpointMismatch, UnsafeCheckpoint, ShardFormatError, DataExhausted
+    return (ConfigError, MixtureConfigError, CheckpointMismatch, UnsafeCheckpoint, ShardFormatError, DataExhausted,
+            Diverged)
 
 
 def refuse(error: Exception, prog: str = "mixtrain") -> None:
     """Exit 2 with the message alone, printed once (by rank 0 of a multi-rank job); HYDRA_FULL_ERROR=1
-    shows the traceback instead."""
+    shows the traceback instead. A diverged run (not the input's fault) exits 1."""
+    from .loop import Diverged
+
     if os.environ.get("RANK", "0") == "0":
         print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    raise SystemExit(1 if isinstance(error, Diverged) else 2)

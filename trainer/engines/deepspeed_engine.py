@@ -181,6 +181,8 @@ class _FullStateView:
 
 @register("deepspeed")
 class DeepSpeedEngine(Engine):
+    skips_nonfinite = False  # DeepSpeed reports the norm of the step it took (its fp32 path checks nothing)
+
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, train_cfg: TrainConfig):
         self._join(engine_cfg)
         if self.device.type == "cpu" and engine_cfg.precision == "fp16":

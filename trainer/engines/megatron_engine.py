@@ -136,16 +136,22 @@ class MegatronEngine(Engine):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         norm = self.grad_norm()
+        if not torch.isfinite(norm):
+            self.discard_gradients()
+            return float(norm)
         clip = self.train_cfg.grad_clip
         # torch.nn.utils.clip_grad_norm_'s rule, on the global norm
         coef = torch.clamp(clip / (norm + 1e-6), max=1.0).float() if clip > 0 else None
         for p in self._params:
             p.grad = p.main_grad if coef is None else p.main_grad.mul_(coef)
         self.optimizer.step()
+        self.discard_gradients()
+        return float(norm)
+
+    def discard_gradients(self) -> None:
         for p in self._params:
             p.grad = None  # else autograd would accumulate into main_grad and DDP's hook add it again
         self.ddp.zero_grad_buffer()
-        return float(norm)
 
     def state_dict(self) -> dict:
         """This rank's shards: the model (megatron's keys, local slices) and the AdamW state."""
