@@ -132,11 +132,13 @@ class DoGE(ExponentiatedMixture):
     def references(self) -> tuple[str, ...]:
         return (self.cfg.target,)
 
-    def scores(self, align: np.ndarray, norms: np.ndarray, ref_norms: np.ndarray, lr: float, present: np.ndarray) -> np.ndarray:
+    def scores(self, align: np.ndarray, norms: np.ndarray, ref_norms: np.ndarray, lr: float,
+               present: np.ndarray) -> np.ndarray:
         """s_i of the present domains (0 elsewhere): clipped alignment, summed over the targets
         (``align`` [K, T], ``ref_norms`` [T]), over the mean clipped norm."""
         clip = self.cfg.clip
-        per_target = clip_factors(norms[present], clip)[:, None] * clip_factors(ref_norms, clip)[None, :] * align[present]
+        per_target = (clip_factors(norms[present], clip)[:, None] * clip_factors(ref_norms, clip)[None, :]
+                      * align[present])
         alignment = per_target.sum(axis=1)
         normaliser = np.minimum(norms[present], clip).mean() + NORMALISER_EPS
         s = np.zeros(self.K)

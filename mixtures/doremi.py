@@ -62,7 +62,8 @@ class DoremiConfig:
         check_knob(is_number(self.reweight_eps) and 0 <= self.reweight_eps < 1, "reweight_eps", self.reweight_eps,
                    "must be in [0, 1)")
         check_knob(self.mode in ("proxy", "resample"), "mode", self.mode, 'must be "proxy" or "resample"')
-        check_knob(isinstance(self.average_initial, bool), "average_initial", self.average_initial, "must be true or false")
+        check_knob(isinstance(self.average_initial, bool), "average_initial", self.average_initial,
+                   "must be true or false")
 
 
 @register

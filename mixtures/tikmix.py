@@ -677,7 +677,8 @@ class TikmixD(Controller):
         if cfg.stage_tokens is None and self.run_tokens is None:
             raise MixtureConfigError("mixture.stage_tokens must be set: the run's token budget, which mixture.stages "
                                      "divides, is not known here")
-        self._stage_tokens = int(cfg.stage_tokens) if cfg.stage_tokens is not None else max(1, self.run_tokens // cfg.stages)
+        self._stage_tokens = (int(cfg.stage_tokens) if cfg.stage_tokens is not None
+                              else max(1, self.run_tokens // cfg.stages))
         self._prior = prior_weights(cfg.prior, self.K, self.domain_tokens, self.domains)
         self._weights = np.array(apply_floor(self._prior, cfg.floor))
         self._tokens_seen = 0

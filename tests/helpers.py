@@ -93,10 +93,10 @@ def run_torchrun(nproc: int, script: Path, *args: str, timeout: int = 300) -> su
 
 
 def losses_by_step(run_dir: Path) -> dict[int, dict]:
-    """step -> {key: value} for the deterministic keys of metrics.jsonl (no timings); the training
-    and evaluation records of one step are merged."""
+    """step -> {key: value} for the deterministic keys of metrics.jsonl (no timings, no run id); the
+    training and evaluation records of one step are merged."""
     out = {}
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        out.setdefault(rec["step"], {}).update({k: v for k, v in rec.items() if not k.startswith("perf/")})
+        out.setdefault(rec["step"], {}).update({k: v for k, v in rec.items() if not k.startswith("perf/") and k != "run_id"})
     return out

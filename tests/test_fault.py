@@ -76,7 +76,10 @@ def _assert_same_as_uninterrupted(run: Path, ref: Path) -> None:
     model, ref_model = _final_model(run), _final_model(ref)
     assert model.keys() == ref_model.keys()
     assert all(torch.equal(model[k], ref_model[k]) for k in model)
-    assert json.loads((run / "weights.json").read_text()) == json.loads((ref / "weights.json").read_text())
+    weights, ref_weights = (json.loads((d / "weights.json").read_text()) for d in (run, ref))
+    # one run across the crash: the resumed job kept the id its first attempt drew
+    assert {r["run_id"] for r in metrics} == {weights.pop("run_id")} != {ref_weights.pop("run_id")}
+    assert weights == ref_weights
     assert not list((run / "checkpoints").glob("*.tmp"))
 
 

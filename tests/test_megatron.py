@@ -16,7 +16,7 @@ import re
 import pytest
 
 from helpers import REPO, losses_by_step, make_shardset, run_torchrun, tiny_values
-from trainer import checkpoint
+from trainer import checkpoint, safe_load
 from trainer.config import ConfigError, EngineConfig, load_config
 
 pytest.importorskip("megatron.core")
@@ -114,11 +114,11 @@ def test_checkpoint_holds_every_tp_shard(runs):
     assert checkpoint.load_meta(path)["engine"] == {"name": "megatron", "tensor_parallel": 2}
     import torch
 
-    shards = [torch.load(path / "megatron" / f"tp_rank_{r:02d}.pt", weights_only=False) for r in range(2)]
+    shards = [safe_load.load(path / "megatron" / f"tp_rank_{r:02d}.pt") for r in range(2)]
     key = "embedding.word_embeddings.weight"
     assert shards[0]["model"][key].shape == shards[1]["model"][key].shape  # half of the padded vocabulary each
     assert not torch.equal(shards[0]["model"][key], shards[1]["model"][key])
-    one = torch.load(checkpoint.latest(runs["one"] / "checkpoints") / "megatron" / "tp_rank_00.pt", weights_only=False)
+    one = safe_load.load(checkpoint.latest(runs["one"] / "checkpoints") / "megatron" / "tp_rank_00.pt")
     full = one["model"][key]
     assert shards[0]["model"][key].shape[0] * 2 == full.shape[0]
     assert shards[0]["optimizer"]["state"] and shards[1]["optimizer"]["state"]  # AdamW moments of each shard

@@ -158,5 +158,6 @@ def test_fused_reference_rows_equal_a_separate_reference_pass(loop):
     np.testing.assert_allclose(fused.norms, separate.norms, rtol=1e-5)
     np.testing.assert_allclose(fused.ref_norms, separate.ref_norms, rtol=1e-5)
     scale = np.outer(separate.norms, separate.ref_norms)
-    assert np.nanmax(np.abs(fused.align - separate.align)) / np.nanmax(scale) <= 1e-5  # NaN: a domain absent from the batch
+    # NaN: a domain absent from the batch
+    assert np.nanmax(np.abs(fused.align - separate.align)) / np.nanmax(scale) <= 1e-5
     assert fused.align_names == separate.align_names == ("heldout",)

@@ -89,7 +89,8 @@ def test_unimax_by_hand():
     # N=1, B=3000: the 100-token domain takes its 100; 2900 / 2 = 1450 > 1000, so the 1000-token domain is
     # capped too and the largest takes the remaining 1900.
     c = build_controller("unimax", DOMAINS, {"epochs": 1, "budget_tokens": 3000}, domain_tokens=sizes)
-    assert np.allclose(c.allocation, [1900, 100, 1000]) and np.allclose(c.weights, [1900 / 3000, 100 / 3000, 1000 / 3000])
+    assert np.allclose(c.allocation, [1900, 100, 1000])
+    assert np.allclose(c.weights, [1900 / 3000, 100 / 3000, 1000 / 3000])
     # N=2: caps 200 / 2000; 200 is taken, then 2800 / 2 = 1400 is under 2000, so the rest split evenly.
     c2 = build_controller("unimax", DOMAINS, {"epochs": 2, "budget_tokens": 3000}, domain_tokens=sizes)
     assert np.allclose(c2.allocation, [1400, 200, 1400]) and np.allclose(c2.weights, np.array([1400, 200, 1400]) / 3000)
@@ -171,6 +172,7 @@ def test_unimax_run_uses_its_own_budget(tmp_path):
     result = Loop(cfg).train()
     assert result.step == 4 and np.allclose(result.final_weights, expected)
     saved = json.loads((tmp_path / "run" / "weights.json").read_text())
-    assert saved["controller"] == "unimax" and list(saved["train_domain_weights"]) == load_data(cfg.data, quiet=True).domains
+    assert saved["controller"] == "unimax"
+    assert list(saved["train_domain_weights"]) == load_data(cfg.data, quiet=True).domains
     for key in ("train_domain_weights", "final_domain_weights"):
         assert np.allclose(list(saved[key].values()), expected, atol=1e-9), key

@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from . import dist
+from . import dist, safe_load
 
 _NAME = re.compile(r"^step_(\d{8})$")
+RUN_ID_FILE = "run_id.txt"  # in the run directory: which run's checkpoints are its own
 DEEPSPEED_DIR = "deepspeed"  # = engines.deepspeed_engine.CHECKPOINT_SUBDIR
 DEEPSPEED_TAG = "model"  # = engines.deepspeed_engine.CHECKPOINT_TAG
 DEEPSPEED_CLIENT_KEY = "mixtrain"  # = engines.deepspeed_engine.CLIENT_KEY
@@ -97,7 +98,8 @@ def check_engine_format(path: Path, saved: dict | None, current: dict | None) ->
 
 
 def save(ckpt_root: Path, step: int, state: dict, meta: dict, keep: int, engine_save=None, before_commit=None) -> Path:
-    """Collective: every rank calls it. Rank 0 writes the state; each rank writes its RNG.
+    """Collective: every rank calls it. Rank 0 writes the state; each rank writes its RNG. Pruning
+    to the newest ``keep`` touches only checkpoints of this run (``meta["run_id"]``).
     ``engine_save(tmp_dir)``, when given, is called on every rank instead of writing ``state.pt``
     (an engine's own collective checkpoint, e.g. DeepSpeed's, which stores ``state`` itself).
     ``before_commit(tmp_dir)`` is called on every rank once its files are written, before the
@@ -125,21 +127,43 @@ def save(ckpt_root: Path, step: int, state: dict, meta: dict, keep: int, engine_
         os.replace(tmp, final)
         _fsync_dir(ckpt_root)
         _write_json(ckpt_root / "latest.json", {"step": step, "path": final.name})
-        for old in complete_checkpoints(ckpt_root)[:-keep]:
+        for old in complete_checkpoints(ckpt_root, of_run=meta.get("run_id"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
 
-def complete_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (``*.tmp`` and directories without meta.json are not)."""
+def is_step_dir(path: Path) -> bool:
+    """A checkpoint under its final name (``*.tmp`` is an unfinished save)."""
+    return bool(_NAME.match(path.name))
+
+
+def run_id(path: Path) -> str | None:
+    """The id of the run that wrote a checkpoint (None: written before run ids, or unreadable)."""
+    try:
+        return json.loads((Path(path) / "meta.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def owner(ckpt_root: Path) -> str | None:
+    """The id of the run its run directory holds (``<run.dir>/run_id.txt``; None before run ids)."""
+    path = Path(ckpt_root).parent / RUN_ID_FILE
+    return path.read_text().strip() or None if path.is_file() else None
+
+
+def complete_checkpoints(ckpt_root: Path, of_run: str | None = "owner") -> list[Path]:
+    """Complete checkpoints of one run, oldest first (``*.tmp`` and directories without meta.json
+    are not): by default the run its run directory holds (else the newest checkpoint's run), else
+    the run with that id (None: every run's)."""
     if not ckpt_root.is_dir():
         return []
-    found = []
-    for p in ckpt_root.iterdir():
-        if _NAME.match(p.name) and (p / "meta.json").is_file() and ((p / "state.pt").is_file() or (p / DEEPSPEED_DIR).is_dir()):
-            found.append(p)
-    return sorted(found, key=lambda p: p.name)
+    found = sorted((p for p in ckpt_root.iterdir() if is_step_dir(p) and (p / "meta.json").is_file()
+                    and ((p / "state.pt").is_file() or (p / DEEPSPEED_DIR).is_dir())), key=lambda p: p.name)
+    if of_run is None or not found:
+        return found
+    wanted = (owner(ckpt_root) or run_id(found[-1])) if of_run == "owner" else of_run
+    return [p for p in found if run_id(p) == wanted]
 
 
 def latest(ckpt_root: Path) -> Path | None:
@@ -166,13 +190,14 @@ def _deepspeed_state(path: Path) -> dict:
                  if (tag_dir / n).is_file()), None)
     if name is None:
         raise FileNotFoundError(f"{path} is a DeepSpeed checkpoint without rank 0's model states in {tag_dir}")
-    files = torch.load(tag_dir / name, map_location="cpu", weights_only=False)
+    files = safe_load.load(tag_dir / name)
     state = dict(files.get(DEEPSPEED_CLIENT_KEY) or {})
     if not any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):  # ZeRO-0: the module holds the weights
         model = {k: v.float() for k, v in files["module"].items()}
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        safe_load.vet(ds_dir)  # zero_to_fp32 loads with weights_only=False
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
             model = dict(get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DEEPSPEED_TAG))
     state["engine"] = {"model": model}
@@ -198,9 +223,9 @@ def load(path: Path, rank: int, engine_state: bool = True) -> tuple[dict | None,
                              "resume it with engine=megatron and the same engine.tensor_parallel")
         state = None
     else:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        state = safe_load.load(path / "state.pt")
     rng_path = path / f"rng_rank{rank}.pt"
-    rng = torch.load(rng_path, weights_only=False) if rng_path.is_file() else None
+    rng = safe_load.load(rng_path) if rng_path.is_file() else None
     return state, meta, rng
 
 

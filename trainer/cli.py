@@ -46,6 +46,7 @@ def _train_app(overrides: list[str]) -> None:
     from . import dist
     from .config import load_config
     from .loop import run
+    from .refusal import refuse, refusals
 
     if not CONF_DIR.is_dir():
         raise SystemExit(f"mixtrain: config folder {CONF_DIR} not found (install with `pip install -e .` from the repository)")
@@ -66,13 +67,33 @@ def _train_app(overrides: list[str]) -> None:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def app(cfg) -> None:
-        values = OmegaConf.to_container(cfg, resolve=True)
-        if not values.get("run", {}).get("dir"):
-            values.setdefault("run", {})["dir"] = HydraConfig.get().runtime.output_dir
-        run(load_config(values))
+        output_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            values = OmegaConf.to_container(cfg, resolve=True)
+            if not values.get("run", {}).get("dir"):
+                values.setdefault("run", {})["dir"] = str(output_dir)
+            run(load_config(values))
+        except refusals() as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            _forget_launch(output_dir)
+            refuse(e)
 
     sys.argv = ["mixtrain train", *overrides]
     app()
+
+
+def _forget_launch(output_dir: Path) -> None:
+    """A refused launch leaves nothing: Hydra's fresh output folder (only ``.hydra``) is removed."""
+    import shutil
+
+    from . import rundir
+
+    if output_dir.is_dir() and {p.name for p in output_dir.iterdir()} <= {".hydra", rundir.LOCK_NAME}:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        parent = output_dir.parent
+        if parent.name == "runs" and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
 
 
 def _data_parser() -> argparse.ArgumentParser:

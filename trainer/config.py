@@ -152,7 +152,18 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Complete checkpoints kept (older ones are deleted)."""
     resume: str = "auto"
-    """'auto' (latest complete checkpoint of this run dir, if any), 'never', or a checkpoint path."""
+    """'auto' (the newest readable checkpoint of this run dir, if any; damaged ones are passed over
+    with a warning), 'never' (start from step 0; refused in a run dir that holds checkpoints),
+    'replace' (start from step 0, moving an earlier run's checkpoints and logs into
+    ``<run.dir>/replaced-<time>/``), or a checkpoint path."""
+    on_nonfinite: str = "abort"
+    """A step whose training loss or gradient norm is not finite: 'abort' stops the run (exit 1,
+    naming the step and domains; the last checkpoint stays the last good one, nothing non-finite is
+    written), 'skip' drops that step's update and goes on, aborting after train.max_nonfinite such
+    steps in a row. engine=deepspeed learns the norm only after its step, so there a non-finite
+    norm always aborts."""
+    max_nonfinite: int = 5
+    """train.on_nonfinite=skip: consecutive non-finite steps tolerated before the run aborts."""
     fail_at_step: int = 0
     """Fault injection for restart tests: hard-exit right after this step (0 = off). Fires only in a
     job's first attempt (torchrun's TORCHELASTIC_RESTART_COUNT unset or 0), so a group restarted by
@@ -183,6 +194,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{knob} must be >= 0")
         if self.log_every <= 0 or self.keep_checkpoints <= 0:
             raise ConfigError("train.log_every and train.keep_checkpoints must be positive")
+        if self.on_nonfinite not in ("abort", "skip"):
+            raise ConfigError(f"train.on_nonfinite={self.on_nonfinite!r}; allowed: abort, skip")
+        if self.max_nonfinite <= 0:
+            raise ConfigError(f"train.max_nonfinite={self.max_nonfinite} must be positive")
         if self.fail_rank < -1:
             raise ConfigError(f"train.fail_rank={self.fail_rank} must be -1 (every rank) or a rank >= 0")
         # a fault that can never fire would let a restart test pass without testing anything

@@ -30,7 +30,7 @@ import yaml
 
 from mixtures import DomainStats, build_controller
 
-from . import checkpoint, dist
+from . import checkpoint, dist, rundir
 from .config import Config, ConfigError
 from .data.domains import DataBundle, check_vocab, load_data
 from .data.reference import reference_slice, uses_heldout, without
@@ -141,7 +141,8 @@ class Loop:
             pools = without(pools, self.data.train_samples, self.data.reference)
         self.steers_on_eval = evaluation_overlap(expand_references(self.controller.references, self.data), self.data)
         if self.steers_on_eval:
-            _say(self.rank, "warning: the mixture steers on data that evaluation reports: " + "; ".join(self.steers_on_eval))
+            _say(self.rank, "warning: the mixture steers on data that evaluation reports: "
+                 + "; ".join(self.steers_on_eval))
         order, self.scores_meta = _curriculum_order(cfg, self.data, pools)
         self.sampler = DomainSampler(self.data.train_samples, cfg.data.steps_per_shard * self.global_batch,
                                      seed=t.seed, exhaustion=cfg.data.exhaustion, pools=pools, order=order)
@@ -154,8 +155,21 @@ class Loop:
         self.ckpt_root = self.run_dir / "checkpoints"
         if t.fail_rank >= self.world:
             raise ConfigError(f"train.fail_rank={t.fail_rank} names no rank of this {self.world}-rank job")
-        resume_from = self._find_resume()
-        resume_state = self._check_resume(resume_from) if resume_from else None
+        self.lock = rundir.RunLock(self.run_dir) if self.rank == 0 else None
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: Config) -> None:
+        t = cfg.train
+        if dist.broadcast_object(self.run_dir.is_dir()):
+            self._take_lock()  # before reading checkpoints that another job might be writing
+        resume_from, loaded = self._find_resume()
+        resume_state = self._check_resume(resume_from, loaded) if resume_from else None
+        kept = checkpoint.run_id(resume_from) if resume_from else None  # None: a fresh run, or one from before run ids
+        self.run_id = dist.broadcast_object(kept or rundir.new_run_id())
         # Nothing is written before this point: bad input never touches an existing run.
         self.engine = build_engine(cfg)
         self.online = None
@@ -170,6 +184,7 @@ class Loop:
 
             self.reference = load_reference_model(cfg.mixture["reference"], self.data, self.engine.device)
         self.step = 0
+        self.nonfinite_in_row = 0
         self.tokens_seen = np.zeros(self.K)
         self.history: list[dict] = []
         self.plan: ShardPlan | None = None
@@ -177,28 +192,65 @@ class Loop:
         if resume_state is not None:
             resume_state = (self._restore(*resume_state, resume_from), resume_state[1])
             _say(self.rank, f"resumed from {resume_from} at step {self.step}")
+        self._take_lock()
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if t.resume == "replace" and rundir.step_dirs(self.ckpt_root):
+                aside = rundir.set_aside(self.run_dir, self.ckpt_root)
+                _say(self.rank, f"train.resume=replace: the earlier run moved to {aside}")
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (self.run_dir / checkpoint.RUN_ID_FILE).write_text(self.run_id + "\n")
         positions = resume_state[0]["loop"]["tracker"] if resume_state and self.rank == 0 else None
         self.tracker = Tracker(self.run_dir, cfg.to_dict(), enabled=self.rank == 0, wandb_mode=cfg.run.wandb,
-                               project=cfg.run.wandb_project, resume_positions=positions)
+                               project=cfg.run.wandb_project, resume_positions=positions, run_id=self.run_id)
 
-    # ---- resume -------------------------------------------------------------------------------
-    def _find_resume(self) -> Path | None:
+    # ---- the run directory and resume -----------------------------------------------------------
+    def _take_lock(self) -> None:
+        """Collective: rank 0 takes the run dir's lock (creating the directory); every rank fails
+        alike when another job holds it."""
+        refused = None
+        if self.lock is not None and not self.lock.taken:
+            try:
+                warning = self.lock.acquire()
+                if warning:
+                    _say(self.rank, "warning: " + warning)
+            except rundir.RunDirBusy as e:
+                refused = str(e)
+        refused = dist.broadcast_object(refused)
+        if refused:
+            raise rundir.RunDirBusy(refused)
+
+    def close(self) -> None:
+        """Release the run directory (the job is over, or its launch was refused)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _find_resume(self) -> tuple[Path | None, tuple | None]:
+        """The checkpoint to continue from and what reading it gave (state, meta, rng)."""
         mode = self.cfg.train.resume
+        if mode == "replace":
+            return None, None
         if mode == "never":
-            return None
+            earlier = rundir.step_dirs(self.ckpt_root)
+            if earlier:
+                raise ConfigError(
+                    f"train.resume=never, but run.dir={str(self.run_dir)!r} holds checkpoints of an earlier run (newest "
+                    f"{earlier[-1].name}): continue it with train.resume=auto, start over with train.resume=replace "
+                    f"(moves them into {self.run_dir}/replaced-<time>/), or give this run another run.dir")
+            return None, None
         if mode == "auto":
-            return checkpoint.latest(self.ckpt_root)
+            path, loaded, warnings = rundir.resume_candidate(self.ckpt_root, self.rank)
+            for w in warnings:
+                _say(self.rank, "warning: " + w)
+            return path, loaded
         path = Path(mode)
-        if not (path / "meta.json").is_file():
-            raise ConfigError(f"train.resume={mode!r} is not a complete checkpoint directory")
-        return path
+        try:
+            return path, rundir.read(path, self.rank)
+        except rundir.DamagedCheckpoint as e:
+            raise ConfigError(f"train.resume={mode!r} is not a readable checkpoint: {e}") from None
 
-    def _check_resume(self, path: Path):
+    def _check_resume(self, path: Path, loaded: tuple):
         # An engine's own checkpoint (DeepSpeed) is loaded by the engine once built: state is None here.
-        state, meta, rng = checkpoint.load(path, self.rank, engine_state=False)
+        state, meta, rng = loaded
         checkpoint.check_engine_format(path, meta.get("engine"), checkpoint.engine_format(self.cfg.engine))
         diffs = checkpoint.diff_fingerprints(meta.get("fingerprint", {}), self.fingerprint)
         if diffs:
@@ -217,6 +269,7 @@ class Loop:
         self.controller.load_state_dict(state["controller"])
         loop = state["loop"]
         self.step = int(loop["step"])
+        self.nonfinite_in_row = int(loop.get("nonfinite_in_row", 0))
         self.tokens_seen = np.asarray(loop["tokens_seen"], dtype=np.float64)
         self.history = list(loop["history"])
         self.sampler.load_state_dict(loop["shard_start_state"])
@@ -249,6 +302,7 @@ class Loop:
                 "controller": self.controller.state_dict(),
                 "loop": {
                     "step": self.step,
+                    "nonfinite_in_row": self.nonfinite_in_row,
                     "tokens_seen": self.tokens_seen.tolist(),
                     "history": self.history,
                     "shard_start_state": SamplerState.to_dict(start),
@@ -259,7 +313,7 @@ class Loop:
             if self.online is not None:
                 state["curriculum"] = self.online.state_dict()
                 state["loop"]["shard_recorded"] = None if self.plan is None else [np.asarray(r) for r in self.plan.recorded]
-        meta = {"fingerprint": self.fingerprint}
+        meta = {"fingerprint": self.fingerprint, "run_id": self.run_id}
         engine_save = None
         if engine_format is not None:  # the engine's own collective save (DeepSpeed) stores `state` too
             meta["engine"] = engine_format
@@ -381,8 +435,8 @@ class Loop:
     def signals(self):
         """Measurement beyond per-domain losses, built on first use (static runs never pay for it)."""
         if self._signals is None:
-            self._signals = Signals(self.engine, self.data, self.cfg.train.seed, self.cfg.probe, self.reference, self.global_batch,
-                                    self.cfg.train.grad_accum)
+            self._signals = Signals(self.engine, self.data, self.cfg.train.seed, self.cfg.probe, self.reference,
+                                    self.global_batch, self.cfg.train.grad_accum)
         return self._signals
 
     def _train_step(self, lr: float) -> tuple[dict, DomainStats]:
@@ -406,8 +460,35 @@ class Loop:
         if measuring:
             t = self.cfg.train
             self.signals.end(state, stats, self.step, lw, t.micro_batch * t.grad_accum * self.cfg.data.seq_len)
-        gnorm = self.engine.optimizer_step(lr)
+        bad = [d for d, ok in zip(self.data.domains, np.isfinite(stats.loss) | ~present) if not ok]
+        if bad:  # never stepped: the parameters stay those of the last good step
+            self._nonfinite(f"training loss not finite in {', '.join(bad)}", can_skip=self.engine.skips_nonfinite)
+            self.engine.discard_gradients()
+            gnorm = float("nan")
+        else:
+            gnorm = self.engine.optimizer_step(lr)  # an engine that skips_nonfinite did not step on a NaN norm
+            if not np.isfinite(gnorm):
+                self._nonfinite(f"gradient norm {gnorm} with finite losses in every domain",
+                                can_skip=self.engine.skips_nonfinite)
+            else:
+                self.nonfinite_in_row = 0
         return self._step_record(sums, counts, lr, gnorm, stats, req, lw), stats
+
+    def _nonfinite(self, what: str, can_skip: bool) -> None:
+        """train.on_nonfinite: raise Diverged, or count a skipped step (and raise after too many)."""
+        t = self.cfg.train
+        self.nonfinite_in_row += 1
+        if t.on_nonfinite == "skip" and can_skip and self.nonfinite_in_row <= t.max_nonfinite:
+            _say(self.rank, f"warning: step {self.step}: {what}; update skipped "
+                            f"({self.nonfinite_in_row} in a row, train.max_nonfinite={t.max_nonfinite})")
+            return
+        last = checkpoint.latest(self.ckpt_root)
+        why = ("train.on_nonfinite=abort" if t.on_nonfinite == "abort" else
+               f"{self.nonfinite_in_row} in a row > train.max_nonfinite={t.max_nonfinite}" if can_skip else
+               f"engine={self.cfg.engine.name} has already stepped")
+        raise Diverged(f"the run diverged at step {self.step}: {what} ({why}); nothing of this step was saved, "
+                       f"the last good checkpoint is {last or 'none (no checkpoint was written yet)'}. "
+                       "Lower train.lr or raise train.warmup_steps, or set train.on_nonfinite=skip")
 
     def _step_record(self, sums, counts, lr, gnorm, stats: DomainStats, req, lw: np.ndarray) -> dict:
         present = counts > 0
@@ -502,7 +583,8 @@ class Loop:
             self.tracker.log({"step": self.step, **self.evaluate()})
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['train/loss']:.3f}", tok_s=f"{rec['perf/tokens_per_sec'] or 0:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{rec['train/loss']:.3f}", tok_s=f"{rec['perf/tokens_per_sec'] or 0:.0f}",
+                            refresh=False)
         if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
             self._save()
         self._fault()
@@ -519,7 +601,8 @@ class Loop:
         if self.history:
             self.history[-1]["end_step"] = self.step
         if self.rank == 0:
-            write_weights(self.run_dir / "weights.json", domains, avg, final, self.cfg.mixture["name"], self.step)
+            write_weights(self.run_dir / "weights.json", domains, avg, final, self.cfg.mixture["name"], self.step,
+                          run_id=self.run_id)
             if per_sequence:  # the final evaluation, sequence by sequence (paired comparisons across runs)
                 np.savez(self.run_dir / "eval_sequences.npz", **per_sequence)
             prefixes = [v.stream.prefix for v in self.data.train]
@@ -559,5 +642,13 @@ class Loop:
         _say(0, f"done: {self.step} steps | run dir {self.run_dir}\n" + "\n".join(lines))
 
 
+class Diverged(RuntimeError):
+    """A non-finite step the run may not skip (train.on_nonfinite)."""
+
+
 def run(cfg: Config) -> RunResult:
-    return Loop(cfg).train()
+    loop = Loop(cfg)
+    try:
+        return loop.train()
+    finally:
+        loop.close()

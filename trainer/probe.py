@@ -167,7 +167,8 @@ class _Direct:
         on_rows = None if rows is None else flat.view(flat.shape[0], -1, slot.width)[:, rows]
         self._add(slot, index, _products(flat, flat), on_rows)
 
-    def sparse(self, slot: _Slot, index: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, bounds: list[int]) -> None:
+    def sparse(self, slot: _Slot, index: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
+               bounds: list[int]) -> None:
         rows = self.rows[slot.index]
         at = torch.searchsorted(rows, ids)
         compact = values.new_zeros(len(bounds) - 1, rows.numel(), slot.width)
@@ -277,8 +278,8 @@ class _MicroBatch:
         counts = torch.bincount(seq, minlength=state.K)
         state.micro_batches += 1
         if state.direct is not None and state.micro_batches > 1:
-            raise RuntimeError("a second probed micro-batch in a step started with ProbeSpec.micro_batches=1: the direct "
-                               "norms/Gram of the first are already taken")
+            raise RuntimeError("a second probed micro-batch in a step started with ProbeSpec.micro_batches=1: "
+                               "the direct norms/Gram of the first are already taken")
         if probe.counts_sequences:
             state.seqs += counts.to(state.seqs)
         self.probe, self.state, self.sequences = probe, state, seq.numel()
@@ -493,8 +494,8 @@ class Probe:
         if groups is not None and spec.products:
             raise ValueError("groups= other than the probe's domain count works for alignments only, not norms/Gram")
         if spec.extra_groups and not self.direct_applies(spec):
-            raise ValueError("ProbeSpec.extra_groups (reference rows in the training micro-batch) needs the direct tier: "
-                             "norms/Gram, one micro-batch on one rank, within the exact budget")
+            raise ValueError("ProbeSpec.extra_groups (reference rows in the training micro-batch) needs the direct "
+                             "tier: norms/Gram, one micro-batch on one rank, within the exact budget")
         if len(refs) != spec.refs:
             raise ValueError(f"spec.refs={spec.refs} but {len(refs)} reference vectors were given")
         for r in refs:

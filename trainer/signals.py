@@ -109,8 +109,8 @@ def load_reference_model(run_dir: str, data: DataBundle, device: torch.device) -
 
 
 class Signals:
-    def __init__(self, engine, data: DataBundle, seed: int, probe_cfg, reference: torch.nn.Module | None, global_batch: int,
-                 grad_accum: int = 1):
+    def __init__(self, engine, data: DataBundle, seed: int, probe_cfg, reference: torch.nn.Module | None,
+                 global_batch: int, grad_accum: int = 1):
         self.engine = engine
         self.global_batch = global_batch
         self.grad_accum = grad_accum

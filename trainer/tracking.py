@@ -27,8 +27,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, cfg_dict: dict, *, enabled: bool, wandb_mode: str, project: str, resume_positions: dict | None):
+    def __init__(self, run_dir: Path, cfg_dict: dict, *, enabled: bool, wandb_mode: str, project: str,
+                 resume_positions: dict | None, run_id: str | None = None):
         self.enabled = enabled
+        self.run_id = run_id  # in every metrics record: a log never mixes two runs unnoticed
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.weights_path = self.run_dir / "weights.jsonl"
@@ -62,7 +64,7 @@ class Tracker:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.write(json.dumps({**record, "run_id": self.run_id} if self.run_id else record) + "\n")
         self._metrics.flush()
         if self._wandb is not None:
             self._wandb.log({"trainer/global_step": record["step"], **{k: v for k, v in record.items() if k != "step"}})

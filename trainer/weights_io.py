@@ -49,13 +49,15 @@ def read_weights(path: str | Path) -> dict[str, float]:
     return _from_mapping(obj, str(path))
 
 
-def write_weights(path: Path, domains: list[str], average, final, controller: str, steps: int) -> None:
+def write_weights(path: Path, domains: list[str], average, final, controller: str, steps: int,
+                  run_id: str | None = None) -> None:
     """DoReMi-compatible: ``train_domain_weights`` is what a main run should use (the average)."""
     obj = {
         "train_domain_weights": {d: float(w) for d, w in zip(domains, average)},
         "final_domain_weights": {d: float(w) for d, w in zip(domains, final)},
         "controller": controller,
         "steps": steps,
+        **({"run_id": run_id} if run_id else {}),
     }
     path.write_text(json.dumps(obj, indent=2) + "\n")
 

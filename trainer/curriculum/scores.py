@@ -241,9 +241,10 @@ def load_scores(path: str, data, seq_len: int, holdout_fraction: float) -> tuple
     p, meta = resolve_scores(path, data, seq_len)
     proxy = meta.get("proxy", {})
     if proxy.get("subset") != "holdout":
-        raise ConfigError(f"curriculum.scores={path!r} come from a proxy trained with data.subset={proxy.get('subset')!r}, i.e. on "
-                          "the main run's own samples, so they would rank samples the proxy memorised; train the proxy on the "
-                          "holdout (mixtrain train +experiment=curriculum_proxy sets data.subset=holdout) and score that run")
+        raise ConfigError(f"curriculum.scores={path!r} come from a proxy trained with "
+                          f"data.subset={proxy.get('subset')!r}, i.e. on the main run's own samples, so they would "
+                          "rank samples the proxy memorised; train the proxy on the holdout (mixtrain train "
+                          "+experiment=curriculum_proxy sets data.subset=holdout) and score that run")
     if proxy.get("holdout_fraction") != holdout_fraction:
         raise ConfigError(f"data.holdout_fraction={holdout_fraction}, but the proxy behind curriculum.scores={path!r} trained on "
                           f"a holdout of {proxy.get('holdout_fraction')}: the main run would train on the proxy's samples; "
@@ -282,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> Path:
     args = build_parser().parse_args(argv)
+    from ..refusal import refuse, refusals
+
     try:
         return score_run(args.run, args.early, args.late, args.batch, args.out, args.device, progress=not args.no_progress)
-    except ConfigError as e:
-        raise SystemExit(f"mixtrain score: {e}") from None
+    except refusals() as e:
+        refuse(e, "mixtrain score")

@@ -112,7 +112,8 @@ def decode_split(split: shardset.Split, tok: Tokenizer) -> tuple[list[str], int]
 
 
 def _shard_sizes(ss: shardset.ShardSet) -> dict:
-    """File sizes of every split the source lists: cheap evidence that its shards are the ones its manifest describes."""
+    """File sizes of every split the source lists: cheap evidence that its shards are the ones its manifest
+    describes."""
     out = {}
     for group, entries in (("domains", ss.domains), ("targets", ss.targets)):
         for name, splits in entries.items():
@@ -151,7 +152,8 @@ def train_bpe(texts: list[str], vocab_size: int):
 
 
 def encode_capped(texts: list[str], tok: Tokenizer, cap: int | None) -> list[np.ndarray]:
-    """Encode documents in order, EOD appended, until the next one would pass ``cap`` tokens (the first is always kept)."""
+    """Encode documents in order, EOD appended, until the next one would pass ``cap`` tokens (the first is always
+    kept)."""
     out: list[np.ndarray] = []
     total = 0
     for start in range(0, len(texts), _ENCODE_BATCH):
@@ -282,7 +284,8 @@ def _build_into(root: Path, ss: shardset.ShardSet, src_meta: dict, recipe: dict,
             texts[name][s], n = decode_split(sp, src_tok)
             if s == "train":
                 src_tokens[name] = n
-    targets_text = {t: {s: decode_split(sp, src_tok)[0] for s, sp in splits.items()} for t, splits in ss.targets.items()}
+    targets_text = {t: {s: decode_split(sp, src_tok)[0] for s, sp in splits.items()}
+                    for t, splits in ss.targets.items()}
     if recipe["target_valid_fraction"] is not None:
         targets_text = {t: resplit_examples(splits, recipe["target_valid_fraction"], salt=f"planted/{seed}/targets/{t}")
                         for t, splits in targets_text.items()}
@@ -332,10 +335,12 @@ def _build_into(root: Path, ss: shardset.ShardSet, src_meta: dict, recipe: dict,
     for k, name in enumerate(noise, start=1):
         rng = np.random.default_rng([seed, k])
         docs = noise_documents(counts, recipe["noise_tokens"], recipe["noise_doc_tokens"], tok.eod, tok.dtype, rng)
-        domains[name] = {"kind": "noise", "seed": [seed, k], "splits": {"train": _write(root, f"{name}/train", docs, tok)}}
+        domains[name] = {"kind": "noise", "seed": [seed, k],
+                         "splits": {"train": _write(root, f"{name}/train", docs, tok)}}
     if noise:
         _log(quiet, f"[noise] {len(noise)} domains of {domains[noise[0]]['splits']['train']['tokens']:,} tokens "
-                    f"from the unigram distribution of {int(counts.sum()):,} tokens over {int(np.count_nonzero(counts))} ids")
+                    f"from the unigram distribution of {int(counts.sum()):,} tokens over "
+                    f"{int(np.count_nonzero(counts))} ids")
 
     targets = {}
     for t, splits in targets_text.items():

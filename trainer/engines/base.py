@@ -30,6 +30,9 @@ class Engine(ABC):
     model: torch.nn.Module  # the unwrapped module
     fuses_reference_rows = False
     """Whether forward_backward takes reference rows in its micro-batches (MicroBatch.domains)."""
+    skips_nonfinite = True
+    """Whether optimizer_step leaves the parameters alone when the gradient norm is not finite (it
+    checks the norm before stepping); an engine that learns the norm only after its step sets False."""
 
     def _join(self, engine_cfg) -> None:
         """Join the process group (if launched under torchrun), set intra-op threads and pick the
@@ -77,7 +80,13 @@ class Engine(ABC):
 
     @abstractmethod
     def optimizer_step(self, lr: float) -> float:
-        """Clip, step, zero gradients; returns the global gradient norm before clipping."""
+        """Clip, step, zero gradients; returns the global gradient norm before clipping. With a
+        non-finite norm an engine that ``skips_nonfinite`` only zeroes the gradients."""
+
+    def discard_gradients(self) -> None:
+        """Drop the accumulated gradients without stepping (a skipped step whose loss is not finite);
+        only engines that ``skips_nonfinite`` are asked to."""
+        raise NotImplementedError(f"{type(self).__name__} cannot drop a step's gradients")
 
     @abstractmethod
     def state_dict(self) -> dict:

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, dist
+from .. import checkpoint, dist, safe_load
 from ..config import ConfigError, EngineConfig, ModelConfig, TrainConfig, check_ds_config
 from ..models import build_model, token_losses
 from .base import Engine, MicroBatch, register
@@ -181,6 +181,8 @@ class _FullStateView:
 
 @register("deepspeed")
 class DeepSpeedEngine(Engine):
+    skips_nonfinite = False  # DeepSpeed reports the norm of the step it took (its fp32 path checks nothing)
+
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, train_cfg: TrainConfig):
         self._join(engine_cfg)
         if self.device.type == "cpu" and engine_cfg.precision == "fp16":
@@ -375,6 +377,7 @@ class DeepSpeedEngine(Engine):
         """Collective: model, optimizer and ZeRO partitions from ``directory``; returns the loop's
         state saved with it (rank 0's client_state, broadcast: under ZeRO-3 every rank reads its own
         model-states file and only rank 0's carries the loop's state)."""
+        safe_load.vet(Path(directory) / CHECKPOINT_SUBDIR)  # DeepSpeed loads with weights_only=False
         path, client = self.ds.load_checkpoint(str(Path(directory) / CHECKPOINT_SUBDIR), tag=CHECKPOINT_TAG,
                                                load_module_strict=True, load_optimizer_states=True,
                                                load_lr_scheduler_states=False)

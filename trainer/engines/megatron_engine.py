@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, safe_load
 from ..config import ConfigError, EngineConfig, ModelConfig, TrainConfig
 from ..models import token_losses
 from .base import Engine, MicroBatch, register
@@ -136,16 +136,22 @@ class MegatronEngine(Engine):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         norm = self.grad_norm()
+        if not torch.isfinite(norm):
+            self.discard_gradients()
+            return float(norm)
         clip = self.train_cfg.grad_clip
         # torch.nn.utils.clip_grad_norm_'s rule, on the global norm
         coef = torch.clamp(clip / (norm + 1e-6), max=1.0).float() if clip > 0 else None
         for p in self._params:
             p.grad = p.main_grad if coef is None else p.main_grad.mul_(coef)
         self.optimizer.step()
+        self.discard_gradients()
+        return float(norm)
+
+    def discard_gradients(self) -> None:
         for p in self._params:
             p.grad = None  # else autograd would accumulate into main_grad and DDP's hook add it again
         self.ddp.zero_grad_buffer()
-        return float(norm)
 
     def state_dict(self) -> dict:
         """This rank's shards: the model (megatron's keys, local slices) and the AdamW state."""
@@ -184,10 +190,10 @@ class MegatronEngine(Engine):
         path = _shard_file(directory, self.layout.tp_rank)
         if not path.is_file():
             raise FileNotFoundError(f"{directory} holds no megatron shard for TP rank {self.layout.tp_rank} ({path})")
-        shard = torch.load(path, map_location=self.device, weights_only=False)
+        shard = safe_load.load(path, map_location=self.device)
         if shard["tensor_parallel"] != self.layout.tp_size:
             raise checkpoint.CheckpointMismatch(
                 f"checkpoint {directory} was written with engine.tensor_parallel={shard['tensor_parallel']}, "
                 f"now engine.tensor_parallel={self.layout.tp_size}; resume with the same value")
         self.load_state_dict(shard)
-        return torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=False)
+        return safe_load.load(Path(directory) / "state.pt")
