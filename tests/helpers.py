@@ -98,5 +98,6 @@ def losses_by_step(run_dir: Path) -> dict[int, dict]:
     out = {}
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        out.setdefault(rec["step"], {}).update({k: v for k, v in rec.items() if not k.startswith("perf/") and k != "run_id"})
+        kept = {k: v for k, v in rec.items() if not k.startswith("perf/") and k != "run_id"}
+        out.setdefault(rec["step"], {}).update(kept)
     return out

@@ -21,6 +21,7 @@ must match.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -43,6 +44,10 @@ MEGATRON_DIR = "megatron"  # = engines.megatron_engine.CHECKPOINT_SUBDIR: one sh
 
 class CheckpointMismatch(ValueError):
     """A checkpoint written under a different configuration."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A save that could not complete (the disk is full, …); the previous checkpoint stays the latest."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -107,6 +112,21 @@ def save(ckpt_root: Path, step: int, state: dict, meta: dict, keep: int, engine_
     rank = dist.env_world()[0] if dist.active() else 0
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f"step_{step:08d}.tmp"
+    previous = latest(ckpt_root)
+    try:
+        return _save(ckpt_root, rank, final, tmp, step, state, meta, keep, engine_save, before_commit)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(ckpt_root).free < (1 << 20)
+        if not full and not isinstance(e, OSError):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # what this save wrote; the previous checkpoint is untouched
+        what = "no space left on device" if full else f"{type(e).__name__}: {e}"
+        raise CheckpointWriteError(f"{what} while writing checkpoint {final}; the previous checkpoint "
+                                   f"{previous or '(none)'} is kept: free space under {ckpt_root} and resume") from e
+
+
+def _save(ckpt_root: Path, rank: int, final: Path, tmp: Path, step: int, state, meta, keep, engine_save,
+          before_commit) -> Path:
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)  # debris of an earlier interrupted save

@@ -48,6 +48,15 @@ def _train_app(overrides: list[str]) -> None:
     from .loop import run
     from .refusal import refuse, refusals
 
+    for o in overrides:  # Hydra makes runs/<run.name>-<time> before the config is validated
+        if o.startswith("run.name=") and "${" not in o:
+            from .config import ConfigError, RunConfig
+            from .refusal import refuse
+
+            try:
+                RunConfig(name=o.split("=", 1)[1]).validate()
+            except ConfigError as e:
+                refuse(e)
     if not CONF_DIR.is_dir():
         raise SystemExit(f"mixtrain: config folder {CONF_DIR} not found (install with `pip install -e .` from the repository)")
     rank, world, _ = dist.env_world()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,6 +191,10 @@ class TrainConfig:
             raise ConfigError(f"train.betas={self.betas} must be two numbers in [0, 1)")
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip={self.grad_clip} must be >= 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay={self.weight_decay} must be >= 0")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"train.seed={self.seed} must be in [0, 2**32)")
         for knob in ("eval_every", "checkpoint_every", "fail_at_step"):
             if getattr(self, knob) < 0:
                 raise ConfigError(f"train.{knob} must be >= 0")
@@ -371,19 +377,43 @@ class RunConfig:
     """Run name (the run directory's default last component)."""
     dir: str | None = None
     """Run directory; set by Hydra to its output dir (runs/<name>), rank 0's choice wins under torchrun."""
-    wandb: str = "offline"
-    """wandb mode: offline (default, sync later with `wandb sync`), online or disabled."""
-    wandb_project: str = "mixtrain"
-    """wandb project."""
+    wandb: str | None = None
+    """wandb mode: offline (sync later with `wandb sync`), online or disabled; null = the
+    environment's WANDB_MODE, else offline."""
+    wandb_project: str | None = None
+    """wandb project; null = the environment's WANDB_PROJECT, else 'mixtrain'."""
+    wandb_entity: str | None = None
+    """wandb entity (team or user); null = the environment's WANDB_ENTITY, else wandb's default."""
+    wandb_group: str | None = None
+    """wandb group (e.g. one per sweep or study); null = the environment's WANDB_RUN_GROUP, else none."""
+    wandb_tags: list | None = None
+    """wandb tags; null = the environment's WANDB_TAGS (comma-separated), else none."""
     plots: bool = True
     """Write PNG plots at the end of the run."""
     progress: bool = True
     """Show a progress bar on rank 0."""
 
     def validate(self):
-        if self.wandb not in ("offline", "online", "disabled"):
-            raise ConfigError(f"run.wandb={self.wandb!r}; allowed: offline, online, disabled")
+        if self.wandb_mode not in WANDB_MODES:
+            where = "run.wandb" if self.wandb is not None else "the environment's WANDB_MODE"
+            raise ConfigError(f"{where}={self.wandb_mode!r}; allowed: {', '.join(WANDB_MODES)}")
+        if self.wandb_tags is not None and not all(isinstance(t, str) and t for t in self.wandb_tags):
+            raise ConfigError(f"run.wandb_tags={self.wandb_tags!r} must be a list of non-empty strings")
+        # the name becomes runs/<name>-<time>: one folder name, never a path out of runs/
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=,-]*", self.name) or ".." in self.name:
+            raise ConfigError(f"run.name={self.name!r} must be one folder name: letters, digits and ._+=,- "
+                              "(not starting with one of those, no '..'); put a path in run.dir instead")
 
+
+    @property
+    def wandb_mode(self) -> str:
+        if self.wandb is not None:
+            return self.wandb
+        mode = os.environ.get("WANDB_MODE") or "offline"
+        return {"dryrun": "offline", "run": "online"}.get(mode, mode)  # wandb's older names
+
+
+WANDB_MODES = ("offline", "online", "disabled")
 
 CURRICULA = ("none", "irreducible", "irreducible_online")
 
@@ -510,14 +540,51 @@ def _build(cls, values: Any, prefix: str):
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ConfigError(f"unknown knob(s) {', '.join(f'{prefix}.{u}' for u in unknown)}; allowed: {', '.join(sorted(names))}")
-    kwargs = {}
-    for k, v in values.items():
-        if k == "betas" and isinstance(v, list):
-            v = tuple(v)
-        kwargs[k] = v
+    kwargs = {k: typed(f"{prefix}.{k}", names[k].type, v) for k, v in values.items()}
     obj = cls(**kwargs)
     obj.validate()
     return obj
+
+
+_KINDS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string",
+          "dict": "a mapping", "list": "a list", "tuple": "a list", "None": "null"}
+
+
+def typed(knob: str, annotation: str, value: Any) -> Any:
+    """``value`` as the field's annotated type (``int``, ``float | None``, …), or a ConfigError
+    naming the knob and what it accepts. An integral float is an int (YAML's 1e6) and a number
+    written as a string is a float (YAML 1.1 reads 1e-3 as a string); nothing else is converted:
+    7.5 steps, a boolean for a number, NaN or infinity are refused."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    for kind in kinds:
+        if kind == "None" and value is None:
+            return None
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if isinstance(value, bool):
+            continue
+        if kind == "int":
+            if isinstance(value, int):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        elif kind == "float":
+            number = value
+            if isinstance(value, str):
+                try:
+                    number = float(value)
+                except ValueError:
+                    continue
+            if isinstance(number, (int, float)) and math.isfinite(number):
+                return float(number)
+        elif kind == "str" and isinstance(value, str):
+            return value
+        elif kind == "dict" and isinstance(value, dict):
+            return value
+        elif kind in ("list", "tuple") and isinstance(value, (list, tuple)):
+            return tuple(value) if kind == "tuple" else list(value)
+    allowed = " or ".join(_KINDS.get(k, k) for k in kinds)
+    raise ConfigError(f"{knob}={value!r} must be {allowed}")
 
 
 def load_config(values: dict) -> Config:

@@ -32,7 +32,7 @@ from mixtures import DomainStats, build_controller
 
 from . import checkpoint, dist, rundir
 from .config import Config, ConfigError
-from .data.domains import DataBundle, check_vocab, load_data
+from .data.domains import DataBundle, check_vocab, load_data, shard_fingerprint
 from .data.reference import reference_slice, uses_heldout, without
 from .data.sampler import DataExhausted, DomainSampler, SampleOrder, ShardPlan
 from .engines import MicroBatch, build_engine
@@ -71,7 +71,7 @@ def _resolve_model(cfg: Config, data: DataBundle) -> Config:
     model = cfg.model
     if model.vocab_size is None:
         model = dataclasses.replace(model, vocab_size=int(math.ceil(data.vocab_size / 64) * 64))
-    check_vocab(data, model.vocab_size, scan=cfg.data.source == "prefixes")
+    check_vocab(data, model.vocab_size)
     if cfg.data.seq_len > model.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context model.max_seq_len={model.max_seq_len}")
     return dataclasses.replace(cfg, model=model)
@@ -145,9 +145,10 @@ class Loop:
                  + "; ".join(self.steers_on_eval))
         order, self.scores_meta = _curriculum_order(cfg, self.data, pools)
         self.sampler = DomainSampler(self.data.train_samples, cfg.data.steps_per_shard * self.global_batch,
-                                     seed=t.seed, exhaustion=cfg.data.exhaustion, pools=pools, order=order)
+                                     seed=t.seed, exhaustion=cfg.data.exhaustion, pools=pools, order=order,
+                                     names=self.data.domains)
         self.fingerprint = {**cfg.fingerprint(), "world_size": self.world, "domains": self.data.domains,
-                            "tokenizer": self.data.tokenizer}
+                            "tokenizer": self.data.tokenizer, "shards": shard_fingerprint(self.data)}
         if self.data.reference is not None:
             self.fingerprint["data"]["reference_fraction"] = cfg.data.reference_fraction
         if self.scores_meta is not None:  # the scores' content, not just their path, must match on resume
@@ -200,8 +201,8 @@ class Loop:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             (self.run_dir / checkpoint.RUN_ID_FILE).write_text(self.run_id + "\n")
         positions = resume_state[0]["loop"]["tracker"] if resume_state and self.rank == 0 else None
-        self.tracker = Tracker(self.run_dir, cfg.to_dict(), enabled=self.rank == 0, wandb_mode=cfg.run.wandb,
-                               project=cfg.run.wandb_project, resume_positions=positions, run_id=self.run_id)
+        self.tracker = Tracker(self.run_dir, cfg.to_dict(), enabled=self.rank == 0, wandb=cfg.run,
+                               resume_positions=positions, run_id=self.run_id)
 
     # ---- the run directory and resume -----------------------------------------------------------
     def _take_lock(self) -> None:
@@ -233,9 +234,10 @@ class Loop:
             earlier = rundir.step_dirs(self.ckpt_root)
             if earlier:
                 raise ConfigError(
-                    f"train.resume=never, but run.dir={str(self.run_dir)!r} holds checkpoints of an earlier run (newest "
-                    f"{earlier[-1].name}): continue it with train.resume=auto, start over with train.resume=replace "
-                    f"(moves them into {self.run_dir}/replaced-<time>/), or give this run another run.dir")
+                    f"train.resume=never, but run.dir={str(self.run_dir)!r} holds checkpoints of an earlier run "
+                    f"(newest {earlier[-1].name}): continue it with train.resume=auto, start over with "
+                    f"train.resume=replace (moves them into {self.run_dir}/replaced-<time>/), or give this run "
+                    "another run.dir")
             return None, None
         if mode == "auto":
             path, loaded, warnings = rundir.resume_candidate(self.ckpt_root, self.rank)
@@ -252,7 +254,9 @@ class Loop:
         # An engine's own checkpoint (DeepSpeed) is loaded by the engine once built: state is None here.
         state, meta, rng = loaded
         checkpoint.check_engine_format(path, meta.get("engine"), checkpoint.engine_format(self.cfg.engine))
-        diffs = checkpoint.diff_fingerprints(meta.get("fingerprint", {}), self.fingerprint)
+        saved = meta.get("fingerprint", {})
+        now = self.fingerprint if "shards" in saved else {k: v for k, v in self.fingerprint.items() if k != "shards"}
+        diffs = checkpoint.diff_fingerprints(saved, now)  # "shards": the data itself changed (re-ingested, …)
         if diffs:
             raise checkpoint.CheckpointMismatch(
                 f"checkpoint {path} was written with a different configuration; differing knobs:\n  " + "\n  ".join(diffs)
@@ -603,6 +607,7 @@ class Loop:
         if self.rank == 0:
             write_weights(self.run_dir / "weights.json", domains, avg, final, self.cfg.mixture["name"], self.step,
                           run_id=self.run_id)
+            self.tracker.log_artifact(self.run_dir / "weights.json", f"weights-{self.run_id}", "mixture")
             if per_sequence:  # the final evaluation, sequence by sequence (paired comparisons across runs)
                 np.savez(self.run_dir / "eval_sequences.npz", **per_sequence)
             prefixes = [v.stream.prefix for v in self.data.train]

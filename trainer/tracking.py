@@ -27,8 +27,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, cfg_dict: dict, *, enabled: bool, wandb_mode: str, project: str,
-                 resume_positions: dict | None, run_id: str | None = None):
+    def __init__(self, run_dir: Path, cfg_dict: dict, *, enabled: bool, wandb, resume_positions: dict | None,
+                 run_id: str | None = None):
+        """``wandb``: the run config's wandb knobs (RunConfig); each unset one is left to wandb,
+        which reads its environment variables (WANDB_PROJECT, WANDB_ENTITY, …)."""
         self.enabled = enabled
         self.run_id = run_id  # in every metrics record: a log never mixes two runs unnoticed
         self.run_dir = Path(run_dir)
@@ -45,10 +47,10 @@ class Tracker:
             _truncate(self.weights_path, resume_positions["weights"])
         self._metrics = open(self.metrics_path, "a")
         self._weights = open(self.weights_path, "a")
-        if wandb_mode != "disabled":
-            self._init_wandb(cfg_dict, wandb_mode, project)
+        if wandb.wandb_mode != "disabled":
+            self._init_wandb(cfg_dict, wandb)
 
-    def _init_wandb(self, cfg_dict: dict, mode: str, project: str) -> None:
+    def _init_wandb(self, cfg_dict: dict, knobs) -> None:
         import wandb
 
         id_file = self.run_dir / "wandb_id.txt"
@@ -56,7 +58,9 @@ class Tracker:
         id_file.write_text(run_id)
         # silent: wandb's own banner and history table would bury the run summary; close() says
         # where the run is and how to upload it.
-        self._wandb = wandb.init(project=project, id=run_id, resume="allow", mode=mode, dir=str(self.run_dir),
+        self._wandb = wandb.init(project=knobs.wandb_project or os.environ.get("WANDB_PROJECT") or "mixtrain",
+                                 entity=knobs.wandb_entity, group=knobs.wandb_group, tags=knobs.wandb_tags,
+                                 id=run_id, resume="allow", mode=knobs.wandb_mode, dir=str(self.run_dir),
                                  config=cfg_dict, name=self.run_dir.name, settings=wandb.Settings(silent=True))
         self._wandb.define_metric("trainer/global_step")
         self._wandb.define_metric("*", step_metric="trainer/global_step")
@@ -80,6 +84,16 @@ class Tracker:
             return
         self._weights.write(json.dumps(record) + "\n")
         self._weights.flush()
+
+    def log_artifact(self, path: Path, name: str, kind: str) -> None:
+        """A file of the run (weights.json) as a wandb artifact: versioned, and reusable by name."""
+        if self._wandb is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(name, type=kind)
+        artifact.add_file(str(path))
+        self._wandb.log_artifact(artifact)
 
     def summary(self, values: dict) -> None:
         if self._wandb is not None:

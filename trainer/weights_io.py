@@ -9,23 +9,35 @@ plain ``{domain: weight}`` JSON or YAML, RegMix YAML (``train: {domain: weight}`
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .config import ConfigError
+
+
+def _weights(pairs, source: str) -> dict[str, float]:
+    """{domain: weight}, each weight a finite number >= 0 (a boolean is not a weight)."""
+    out = {}
+    for k, v in pairs:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"mixture.weights_from={source!r}: the weight of {k!r} is {v!r}; "
+                              "each weight must be a finite number >= 0")
+        out[str(k)] = float(v)
+    return out
 
 
 def _from_mapping(obj, source: str) -> dict[str, float]:
     if isinstance(obj, dict):
         for key in ("train_domain_weights", "train"):
             if isinstance(obj.get(key), dict):
-                return {str(k): float(v) for k, v in obj[key].items()}
+                return _weights(obj[key].items(), source)
         if "train_domains" in obj and "train_dw" in obj:  # DoGE
             names = [s.strip() for s in str(obj["train_domains"]).split(",") if s.strip()]
-            if len(names) != len(obj["train_dw"]):
+            if not isinstance(obj["train_dw"], list) or len(names) != len(obj["train_dw"]):
                 raise ConfigError(f"mixture.weights_from={source!r}: train_domains and train_dw differ in length")
-            return dict(zip(names, map(float, obj["train_dw"])))
+            return _weights(zip(names, obj["train_dw"]), source)
         if obj and all(isinstance(v, (int, float)) for v in obj.values()):
-            return {str(k): float(v) for k, v in obj.items()}
+            return _weights(obj.items(), source)
     raise ConfigError(f"mixture.weights_from={source!r}: no domain weights found (expected weights.json, "
                       "a {domain: weight} map, train_domain_weights, RegMix 'train:' or DoGE train_domains/train_dw)")
 

@@ -85,6 +85,8 @@ def _pick_checkpoint(ckpts: list[Path], spec: str, steps: int, which: str) -> Pa
                                   f"every 10%) or pass a step")
             return by_step[step]
         step = int(spec)
+    except ConfigError:
+        raise  # a ValueError too: the reason above, not the generic one below
     except ValueError:
         raise ConfigError(f"--{which} {spec!r}: give a checkpoint step (e.g. 20) or a fraction of the proxy's steps (e.g. 0.1)") from None
     if step not in by_step:

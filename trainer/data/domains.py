@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +59,16 @@ class DataBundle:
     @property
     def vocab_size(self) -> int:
         return int(self.tokenizer["vocab_size"])
+
+    def views(self):
+        """(``domain/split`` or ``target:name/split``, view) for every split a run reads."""
+        for d, v in zip(self.domains, self.train):
+            yield f"{d}/train", v
+        for d, v in self.valid.items():
+            yield f"{d}/valid", v
+        for t, splits in self.targets.items():
+            for s, v in splits.items():
+                yield f"target:{t}/{s}", v
 
     @property
     def train_tokens(self) -> np.ndarray:
@@ -119,7 +131,7 @@ def _select(names: list[str], wanted, knob: str) -> list[str]:
 def load_data(cfg: DataConfig, *, quiet: bool = False) -> DataBundle:
     """Open every domain named by the config (building the demo corpus first if it is missing)."""
     if cfg.source == "prefixes":
-        splits = {d: {s: (p, None) for s, p in v.items()} for d, v in _prefix_splits(cfg).items()}
+        splits = {d: {s: (p, None, None) for s, p in v.items()} for d, v in _prefix_splits(cfg).items()}
         tokenizer = get_tokenizer(cfg.tokenizer).identity()
         target_splits: dict = {}
         root = ""
@@ -127,8 +139,10 @@ def load_data(cfg: DataConfig, *, quiet: bool = False) -> DataBundle:
         ss = _shardset(cfg, quiet)
         # A manifest's token count bounds its split: ingest may carve a valid split off the end
         # of an existing Megatron prefix and use the front of it, in place, for training.
-        splits = {d: {s: (sp.prefix, sp.tokens or None) for s, sp in v.items()} for d, v in ss.domains.items()}
-        target_splits = {t: {s: (sp.prefix, sp.tokens or None) for s, sp in v.items()} for t, v in ss.targets.items()}
+        splits = {d: {s: (sp.prefix, sp.tokens or None, sp.max_token) for s, sp in v.items()}
+                  for d, v in ss.domains.items()}
+        target_splits = {t: {s: (sp.prefix, sp.tokens or None, sp.max_token) for s, sp in v.items()}
+                         for t, v in ss.targets.items()}
         tokenizer = ss.tokenizer
         root = str(ss.root)
     names = _select(list(splits), cfg.domains, "data.domains")
@@ -151,13 +165,39 @@ def load_data(cfg: DataConfig, *, quiet: bool = False) -> DataBundle:
     return DataBundle(domains=names, train=train, valid=valid, targets=targets, tokenizer=tokenizer, root=root)
 
 
-def check_vocab(bundle: DataBundle, model_vocab: int, *, scan: bool) -> None:
-    """Refuse data whose token ids do not fit the model's embedding (named knob: model.vocab_size)."""
+def check_vocab(bundle: DataBundle, model_vocab: int) -> None:
+    """Refuse data whose token ids do not fit the model's embedding (named knob: model.vocab_size),
+    before step 0: every split a run reads, by the largest id its manifest recorded, else scanned
+    once (bare prefixes, older manifests)."""
     if bundle.vocab_size > model_vocab:
         raise ConfigError(f"model.vocab_size={model_vocab} is smaller than the data tokenizer's vocabulary "
                           f"{bundle.vocab_size} ({bundle.tokenizer.get('name')}); raise it or set it to null")
-    if scan:  # bare prefixes carry no tokenizer record: check the ids themselves
-        for d, v in zip(bundle.domains, bundle.train):
-            top = v.stream.max_token()
-            if top >= model_vocab:
-                raise ConfigError(f"domain {d!r} holds token id {top} >= model.vocab_size={model_vocab}")
+    for name, view in bundle.views():
+        top = view.stream.max_token()
+        if top >= bundle.vocab_size:
+            raise ConfigError(f"data: {name} ({view.stream.prefix}) holds token id {top}, beyond the "
+                              f"{bundle.vocab_size} ids of its tokenizer {bundle.tokenizer.get('name')} "
+                              f"(model.vocab_size={model_vocab}): it was tokenized with another vocabulary; "
+                              "re-ingest it, or declare the tokenizer it was made with (data.tokenizer)")
+
+
+_EDGE = 256 << 10
+
+
+def shard_fingerprint(bundle: DataBundle) -> dict[str, str]:
+    """Per split a run reads, the sizes of its .bin/.idx and a hash of their first and last 256 KiB:
+    cheap, and enough to tell re-ingested or replaced data from what a checkpoint was trained on."""
+    out = {}
+    for name, view in bundle.views():
+        h = hashlib.blake2b(digest_size=8)
+        sizes = []
+        for path in (view.stream.prefix + ".bin", view.stream.prefix + ".idx"):
+            size = os.path.getsize(path)
+            sizes.append(size)
+            with open(path, "rb") as f:
+                h.update(f.read(_EDGE))
+                if size > 2 * _EDGE:
+                    f.seek(size - _EDGE)
+                    h.update(f.read())
+        out[name] = f"{sizes[0]}+{sizes[1]} bytes, {h.hexdigest()}"
+    return out

@@ -38,7 +38,8 @@ def write_indexed(prefix: str | os.PathLike, documents: Iterable[np.ndarray], dt
     """Write documents (1-D integer arrays, each already ending with EOD) as one Megatron prefix.
 
     Written under a temporary name and renamed, so an interrupted write never leaves a prefix that
-    looks complete. Returns ``{"documents": n, "tokens": t}``.
+    looks complete. Returns ``{"documents": n, "tokens": t, "max_token": largest id}`` (-1 if empty),
+    which a manifest records so a load checks the ids against the model without a scan.
     """
     with warnings.catch_warnings():  # megatron announces missing Transformer Engine/Apex on import
         warnings.simplefilter("ignore")
@@ -50,6 +51,7 @@ def write_indexed(prefix: str | os.PathLike, documents: Iterable[np.ndarray], dt
     tmp = f"{prefix}.tmp{os.getpid()}"
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
     n_docs = n_tokens = 0
+    top = -1
     info = np.iinfo(dtype)
     for doc in documents:
         doc = np.asarray(doc)
@@ -60,10 +62,11 @@ def write_indexed(prefix: str | os.PathLike, documents: Iterable[np.ndarray], dt
         builder.add_document(doc.astype(dtype, copy=False), [int(doc.size)])
         n_docs += 1
         n_tokens += int(doc.size)
+        top = max(top, int(doc.max()))
     builder.finalize(tmp + ".idx")
     os.replace(tmp + ".bin", prefix + ".bin")
     os.replace(tmp + ".idx", prefix + ".idx")
-    return {"documents": n_docs, "tokens": n_tokens}
+    return {"documents": n_docs, "tokens": n_tokens, "max_token": top}
 
 
 @dataclass
@@ -72,7 +75,10 @@ class IndexedTokens:
 
     prefix: str
     max_tokens: int | None = None
-    """Use only the first max_tokens tokens (a split carved from the front of a larger prefix)."""
+    """Use only the first max_tokens tokens (a split carved from the front of a larger prefix); more
+    than the .bin holds is refused (a truncated file)."""
+    recorded_max: int | None = None
+    """The largest token id as the manifest recorded it at build time (None: scan for it)."""
 
     def __post_init__(self):
         self.prefix = str(self.prefix)
@@ -95,8 +101,16 @@ class IndexedTokens:
         if bin_bytes % self.dtype.itemsize:
             raise ShardFormatError(f"{self.prefix}.bin size is not a multiple of {self.dtype.itemsize}")
         self.num_tokens = bin_bytes // self.dtype.itemsize
+        described = int(self.sequence_lengths.sum(dtype=np.int64))
+        if described != self.num_tokens:
+            raise ShardFormatError(f"{self.prefix}.bin holds {self.num_tokens:,} tokens but its .idx describes "
+                                   f"{described:,}: the pair is damaged or mismatched (truncated, or one file "
+                                   "replaced); rebuild or re-ingest it")
         if self.max_tokens is not None:
-            self.num_tokens = min(self.num_tokens, int(self.max_tokens))
+            if int(self.max_tokens) > self.num_tokens:
+                raise ShardFormatError(f"{self.prefix}.bin holds {self.num_tokens:,} tokens, fewer than the "
+                                       f"{int(self.max_tokens):,} its manifest records: truncated; rebuild it")
+            self.num_tokens = int(self.max_tokens)
 
     @cached_property
     def tokens(self) -> np.ndarray:
@@ -109,7 +123,10 @@ class IndexedTokens:
         return np.fromfile(self.prefix + ".idx", dtype=np.int32, count=self.sequence_count, offset=self._offset)
 
     def max_token(self) -> int:
-        """Largest token id, scanned in blocks (used once, to check against the model's vocabulary)."""
+        """Largest token id: the manifest's record, else scanned in blocks (once, against the model's
+        vocabulary)."""
+        if self.recorded_max is not None:
+            return int(self.recorded_max)
         best = -1
         for s in range(0, self.num_tokens, 1 << 24):
             best = max(best, int(self.tokens[s : s + (1 << 24)].max()))

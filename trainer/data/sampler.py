@@ -139,9 +139,11 @@ class ShardPlan:
 class DomainSampler:
     """``sizes``: samples per domain (ignored when ``pools`` is given: the pool lengths are the
     sizes). ``pools``: optional per-domain sorted sample indices to draw from. ``order``: optional
-    ``SampleOrder`` replacing the per-epoch permutation inside each domain."""
+    ``SampleOrder`` replacing the per-epoch permutation inside each domain. ``names``: the domains'
+    names, for messages (default: their indices)."""
 
-    def __init__(self, sizes, shard_size: int, seed: int, exhaustion: str = "cycle", pools=None, order: SampleOrder | None = None):
+    def __init__(self, sizes, shard_size: int, seed: int, exhaustion: str = "cycle", pools=None,
+                 order: SampleOrder | None = None, names: list[str] | None = None):
         if exhaustion not in POLICIES:
             raise ValueError(f"data.exhaustion={exhaustion!r}; allowed: {', '.join(POLICIES)}")
         self.pools = None if pools is None else [np.asarray(p, dtype=np.int64) for p in pools]
@@ -152,6 +154,7 @@ class DomainSampler:
         self.seed = int(seed)
         self.exhaustion = exhaustion
         self.order = order
+        self.names = [str(n) for n in names] if names is not None else [str(k) for k in range(self.K)]
         self.state = SamplerState(cursors=[Cursor() for _ in self.sizes], consumed=self._fresh_consumed())
 
     def _fresh_consumed(self) -> list[np.ndarray] | None:
@@ -174,8 +177,9 @@ class DomainSampler:
         if self.exhaustion == "stop":
             over = np.flatnonzero(counts > remaining)
             if over.size:
-                raise DataExhausted(f"domain {int(over[0])} has {int(remaining[over[0]])} samples left in its first epoch "
-                                    f"but the next shard needs {int(counts[over[0]])} (data.exhaustion=stop)")
+                k = int(over[0])
+                raise DataExhausted(f"domain {self.names[k]!r} has {int(remaining[k])} samples left in its first "
+                                    f"epoch but the next shard needs {int(counts[k])} (data.exhaustion=stop)")
             return counts
         # renormalize: cap exhausted domains, hand their share to the others by weight, repeat.
         if remaining.sum() < S:

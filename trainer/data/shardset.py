@@ -37,6 +37,7 @@ class Split:
     prefix: str  # absolute
     documents: int = 0
     tokens: int = 0
+    max_token: int | None = None  # largest id, recorded at build/ingest (None in older manifests)
 
 
 @dataclass
@@ -59,7 +60,9 @@ class ShardSet:
             raise ValueError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
 
         def split(d):
-            return Split(prefix=str(root / d["prefix"]), documents=int(d.get("documents", 0)), tokens=int(d.get("tokens", 0)))
+            top = d.get("max_token")
+            return Split(prefix=str(root / d["prefix"]), documents=int(d.get("documents", 0)),
+                         tokens=int(d.get("tokens", 0)), max_token=None if top is None else int(top))
 
         # The manifest is written with sorted keys; "domain_order", when given, is the intended order.
         order = [d for d in meta.get("domain_order", []) if d in meta["domains"]]
