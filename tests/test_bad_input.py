@@ -89,7 +89,8 @@ def test_vocab_checked_on_bare_prefixes(finished_run, tmp_path):
     import numpy as np
 
     write_indexed(tmp_path / "big", [np.arange(400, dtype=np.uint16) % 300], dtype=np.uint16)
-    _expect(finished_run, ConfigError, r"holds token id 299 >= model\.vocab_size=280",
+    _expect(finished_run, ConfigError,
+            r"holds token id 299, beyond the 257 ids of its tokenizer .*model\.vocab_size=280",
             **{"data.source": "prefixes", "data.path": None, "data.tokenizer": "bytes", "model.vocab_size": 280,
                "data.prefixes": {"big": str(tmp_path / "big")}})
 
@@ -118,7 +119,7 @@ def test_bad_knob_values_name_the_knob():
 def test_resume_from_incomplete_checkpoint_is_refused(finished_run, tmp_path):
     bogus = tmp_path / "step_00000002"
     bogus.mkdir()
-    _expect(finished_run, ConfigError, r"train\.resume=.*not a complete checkpoint", **{"train.resume": str(bogus)})
+    _expect(finished_run, ConfigError, r"train\.resume=.*is not a readable checkpoint: no meta\.json", **{"train.resume": str(bogus)})
 
 
 def test_interrupted_checkpoint_is_never_latest(finished_run, tmp_path):

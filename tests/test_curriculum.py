@@ -325,6 +325,7 @@ def _resume_case(tmp_path, data, curriculum, nproc=1):
     return ref_log, ranks[0][0]["history"]
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes
 def test_static_curriculum_trains_and_resumes_bit_exactly(proxy, tmp_path):
     log, history = _resume_case(tmp_path, proxy["data"], {"name": "irreducible", "scores": str(proxy["run"])})
     shards = [h["curriculum"] for h in history if "curriculum" in h]
@@ -335,6 +336,7 @@ def test_static_curriculum_trains_and_resumes_bit_exactly(proxy, tmp_path):
     assert log[0]["curriculum/fraction"] == 0.25
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes
 def test_online_curriculum_trains_and_resumes_bit_exactly(proxy, tmp_path):
     log, history = _resume_case(tmp_path, proxy["data"], {"name": "irreducible_online", "proxy_model": {"d_model": 32},
                                                           "proxy_lr": 3e-3, "score_batch": 8})

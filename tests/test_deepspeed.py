@@ -132,6 +132,7 @@ def _crash_and_resume(runs, name: str, engine: dict, mixture=None, ref_dir=None)
     _check_resumed(run_dir, ref_dir or runs[name], resumed, at=10)  # mid-shard: shard 2 covers steps 8-11
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes
 def test_resume_zero3_is_exact(runs):
     """ZeRO-3 (whole parameters, DGA with the probe): partitioned gradients and optimizer states."""
     _crash_and_resume(runs, "zero3", {"name": "deepspeed", **ZERO[3]})

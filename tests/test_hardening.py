@@ -305,6 +305,7 @@ def test_integral_floats_and_numeric_strings_are_taken(tmp_path, data):
 
 
 def test_bad_knobs_through_the_cli_and_booleans_in_a_weights_file(tmp_path, data):
+    (tmp_path / "cwd").mkdir()
     escape = mixtrain(["train", *TINY, f"data.path={data}", "run.name=../../escaped"], tmp_path / "cwd")
     assert escape.returncode == 2 and "run.name='../../escaped' must be one folder name" in escape.stderr
     assert not list(tmp_path.rglob("escaped*"))  # Hydra made no folder anywhere
@@ -330,6 +331,7 @@ def _tracker(tmp_path, monkeypatch, env: dict, **knobs):
         monkeypatch.setenv(k, v)
     run = RunConfig(**knobs)
     run.validate()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     return Tracker(tmp_path, {}, enabled=True, wandb=run, resume_positions=None, run_id="abc123")
 
 

@@ -17,7 +17,7 @@ def test_megatron_reads_what_we_write(tmp_path):
     rng = np.random.default_rng(0)
     docs = [np.append(rng.integers(0, 50256, size=int(n)), 50256).astype(np.uint16) for n in rng.integers(1, 300, size=25)]
     info = write_indexed(tmp_path / "code" / "train", docs, dtype=np.uint16)
-    assert info == {"documents": 25, "tokens": sum(d.size for d in docs)}
+    assert info == {"documents": 25, "tokens": sum(d.size for d in docs), "max_token": max(int(d.max()) for d in docs)}
     ds = IndexedDataset(str(tmp_path / "code" / "train"))
     assert len(ds) == 25
     for i, d in enumerate(docs):

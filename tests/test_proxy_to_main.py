@@ -49,6 +49,7 @@ def _check_main_run(run_dir, exported: np.ndarray, domains, steps: int) -> None:
         assert [r["counts"][d] for d in domains] == largest_remainder(target, SHARD).tolist()
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes
 @pytest.mark.timeout(120)
 def test_search_then_main_run_on_the_exported_weights(tmp_path):
     data = make_shardset(tmp_path / "data")

@@ -454,6 +454,7 @@ def random_probe_measurement(seed: int, per_domain: int = 8):
     return align, sample_align, sample_domain, tokens
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes
 def test_tikmix_m_never_ends_below_its_start_on_the_noise_free_influence():
     # The influence a mixture w delivers is sum_i P̂_i of the exact S·w: the labels measure it
     # with resampling noise. Before the search was kept in the box its surrogate knew, it ended

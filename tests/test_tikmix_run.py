@@ -28,6 +28,7 @@ def _values(data, run_dir, mixture, **extra):
                                          "mixture": MIXTURES[mixture], **extra})
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes
 @pytest.mark.parametrize("mixture", sorted(MIXTURES))
 def test_tikmix_run_updates_by_stage_and_resumes_bit_exactly(tmp_path, mixture):
     data = make_shardset(tmp_path / "data")
