@@ -25,7 +25,7 @@ def _values(data, run_dir, nproc, **extra):
         "train.grad_accum": 2, "data.steps_per_shard": 4, "mixture": {"name": "test_loss_softmax", "tau": 0.5}, **extra})
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [pytest.param(1, marks=pytest.mark.slow), 2])  # 2 ranks covers 1 in the default suite
 def test_resume_after_crash_is_bit_exact(tmp_path, nproc):
     data = make_shardset(tmp_path / "data")
     ref = _launch(nproc, _values(data, tmp_path / "ref", nproc), tmp_path / "ref.json")
