@@ -99,7 +99,7 @@ def check_engine_format(path: Path, saved: dict | None, current: dict | None) ->
     diffs = [f"engine.{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
              for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     raise CheckpointMismatch(f"checkpoint {path} was written by another engine layout; differing knobs:\n  " + "\n  ".join(diffs)
-                             + "\nresume with the same engine knobs, or use train.resume=never (or another run.dir) to start fresh")
+                             + "\nresume with the same engine knobs, or use train.resume=replace (moves the old run aside) or another run.dir to start fresh")
 
 
 def save(ckpt_root: Path, step: int, state: dict, meta: dict, keep: int, engine_save=None, before_commit=None) -> Path:

@@ -260,7 +260,7 @@ class Loop:
         if diffs:
             raise checkpoint.CheckpointMismatch(
                 f"checkpoint {path} was written with a different configuration; differing knobs:\n  " + "\n  ".join(diffs)
-                + "\nuse train.resume=never (or another run.dir) to start fresh")
+                + "\nuse train.resume=replace (moves the old run aside) or another run.dir to start fresh")
         return state, rng
 
     def _restore(self, state: dict | None, rng, path: Path) -> dict:
