@@ -119,7 +119,9 @@ def check_weights(weights, domains: list[str], knob: str) -> np.ndarray:
             raise MixtureConfigError(f"{knob} names unknown domains {unknown}; the domains are {domains}")
         missing = [d for d in domains if d not in weights]
         if missing:
-            raise MixtureConfigError(f"{knob} gives no weight for domains {missing}; give every domain a weight (0 is allowed)")
+            raise MixtureConfigError(
+                f"{knob} gives no weight for domains {missing}; give every domain a weight (0 is allowed)"
+            )
         weights = [weights[d] for d in domains]
     try:
         w = np.asarray(weights, dtype=np.float64)
@@ -149,8 +151,9 @@ class Controller(ABC):
     name: ClassVar[str]
     Config: ClassVar[type]
 
-    def __init__(self, domains: list[str], cfg: Any, *, domain_tokens: np.ndarray | None = None,
-                 run_tokens: int | None = None):
+    def __init__(
+        self, domains: list[str], cfg: Any, *, domain_tokens: np.ndarray | None = None, run_tokens: int | None = None
+    ):
         """``domain_tokens``: training tokens per domain (temperature, UniMax, natural priors);
         ``run_tokens``: the run's whole training-token budget (steps x global batch x seq_len)."""
         self.domains = list(domains)
@@ -241,7 +244,9 @@ def config_from_dict(config_cls: type, values: dict, prefix: str = "mixture"):
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise MixtureConfigError(f"unknown knob(s) {', '.join(prefix + '.' + u for u in unknown)}; allowed: {', '.join(sorted(names))}")
+        raise MixtureConfigError(
+            f"unknown knob(s) {', '.join(prefix + '.' + u for u in unknown)}; allowed: {', '.join(sorted(names))}"
+        )
     cfg = config_cls(**values)
     validate = getattr(cfg, "validate", None)
     if validate:
@@ -251,7 +256,9 @@ def config_from_dict(config_cls: type, values: dict, prefix: str = "mixture"):
 
 def build_controller(name: str, domains: list[str], values: dict, *, domain_tokens=None, run_tokens=None) -> Controller:
     if name not in REGISTRY:
-        raise MixtureConfigError(f"mixture.name={name!r} is not a registered controller; allowed: {', '.join(sorted(REGISTRY))}")
+        raise MixtureConfigError(
+            f"mixture.name={name!r} is not a registered controller; allowed: {', '.join(sorted(REGISTRY))}"
+        )
     cls = REGISTRY[name]
     cfg = config_from_dict(cls.Config, values)
     return cls(domains, cfg, domain_tokens=domain_tokens, run_tokens=run_tokens)

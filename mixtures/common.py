@@ -68,8 +68,9 @@ def clip_factors(norms: np.ndarray, max_norm: float) -> np.ndarray:
     return max_norm / np.maximum(norms, max_norm)
 
 
-def present_domains(stats: DomainStats, rows: list[np.ndarray], *, probed: bool = False,
-                    scalars: tuple[np.ndarray, ...] = ()) -> np.ndarray | None:
+def present_domains(
+    stats: DomainStats, rows: list[np.ndarray], *, probed: bool = False, scalars: tuple[np.ndarray, ...] = ()
+) -> np.ndarray | None:
     """Which domains take part in an update, or None when the step must be skipped.
 
     ``rows`` are the per-domain statistics the controller needs (each [K] or [K, R]); ``scalars``
@@ -85,9 +86,12 @@ def present_domains(stats: DomainStats, rows: list[np.ndarray], *, probed: bool 
         present = ~np.all(np.concatenate([np.isnan(r) for r in flat], axis=1), axis=1)
     else:
         present = in_batch
-    finite = (math.isfinite(stats.lr) and np.all(np.isfinite(np.asarray(stats.loss)[in_batch]))
-              and all(np.all(np.isfinite(r[present])) for r in flat)
-              and all(np.all(np.isfinite(v)) for v in scalars))
+    finite = (
+        math.isfinite(stats.lr)
+        and np.all(np.isfinite(np.asarray(stats.loss)[in_batch]))
+        and all(np.all(np.isfinite(r[present])) for r in flat)
+        and all(np.all(np.isfinite(v)) for v in scalars)
+    )
     return present if finite else None
 
 
@@ -116,11 +120,17 @@ def is_number(value) -> bool:
 def check_reference(value, knob: str, *, allow_heldout: bool) -> None:
     """A reference gradient name as Request.align spells it: "target:<name>" (or, with
     ``allow_heldout``, "heldout", "heldout:<domain>" and "heldout:*")."""
-    ok = isinstance(value, str) and (value.startswith("target:") and len(value) > len("target:")
-                                     or allow_heldout and (value == "heldout" or value.startswith("heldout:")
-                                                           and len(value) > len("heldout:")))
-    rule = ('must be "heldout", "heldout:<domain>", "heldout:*" or "target:<name>"' if allow_heldout
-            else 'must be "target:<name>"')
+    ok = isinstance(value, str) and (
+        value.startswith("target:")
+        and len(value) > len("target:")
+        or allow_heldout
+        and (value == "heldout" or value.startswith("heldout:") and len(value) > len("heldout:"))
+    )
+    rule = (
+        'must be "heldout", "heldout:<domain>", "heldout:*" or "target:<name>"'
+        if allow_heldout
+        else 'must be "target:<name>"'
+    )
     check_knob(ok, knob, value, rule)
 
 

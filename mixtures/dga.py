@@ -37,8 +37,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import MixtureConfigError, Request, check_weights, register
-from .common import (LearnedMixture, check_knob, check_reference, clip_factors, is_number, mirror_step,
-                     present_domains, require, safe_log)
+from .common import (
+    LearnedMixture,
+    check_knob,
+    check_reference,
+    clip_factors,
+    is_number,
+    mirror_step,
+    present_domains,
+    require,
+    safe_log,
+)
 
 SOURCES = ("auto", "probe_batch", "in_batch")
 
@@ -79,19 +88,29 @@ class DgaConfig:
 
     def validate(self) -> None:
         check_reference(self.target, "target", allow_heldout=False)
-        check_knob(isinstance(self.update_every, int) and self.update_every >= 1, "update_every", self.update_every,
-                   "must be an integer >= 1")
+        check_knob(
+            isinstance(self.update_every, int) and self.update_every >= 1,
+            "update_every",
+            self.update_every,
+            "must be an integer >= 1",
+        )
         check_knob(is_number(self.mu) and self.mu > 0, "mu", self.mu, "must be > 0")
         check_knob(isinstance(self.lr_coupling, bool), "lr_coupling", self.lr_coupling, "must be true or false")
-        check_knob(is_number(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0")
+        check_knob(
+            is_number(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0"
+        )
         check_knob(is_number(self.ema) and 0 <= self.ema < 1, "ema", self.ema, "must be in [0, 1)")
         check_knob(is_number(self.floor) and 0 <= self.floor <= 1, "floor", self.floor, "must be in [0, 1]")
         check_knob(self.source in SOURCES, "source", self.source, f"must be one of {list(SOURCES)}")
         for knob in ("probe_sequences", "target_sequences"):
             value = getattr(self, knob)
             check_knob(isinstance(value, int) and value > 0, knob, value, "must be a positive integer")
-        check_knob(self.basis is None or isinstance(self.basis, (list, dict)) and len(self.basis) > 0, "basis", self.basis,
-                   "must be a non-empty list of per-domain weight lists or a map name -> {domain: weight}")
+        check_knob(
+            self.basis is None or isinstance(self.basis, (list, dict)) and len(self.basis) > 0,
+            "basis",
+            self.basis,
+            "must be a non-empty list of per-domain weight lists or a map name -> {domain: weight}",
+        )
 
 
 def basis_matrix(basis, domains: list[str]) -> np.ndarray:
@@ -115,7 +134,9 @@ class DGA(LearnedMixture):
         self.basis = basis_matrix(cfg.basis, self.domains)
         if cfg.basis is not None and np.any(self.basis.sum(axis=0) == 0):
             unused = [d for d, m in zip(self.domains, self.basis.sum(axis=0)) if m == 0]
-            raise MixtureConfigError(f"mixture.basis gives no weight to domains {unused} in any distribution; they could never be sampled")
+            raise MixtureConfigError(
+                f"mixture.basis gives no weight to domains {unused} in any distribution; they could never be sampled"
+            )
         self._w = np.full(len(self.basis), 1.0 / len(self.basis))
         self._publish()
 
@@ -134,8 +155,13 @@ class DGA(LearnedMixture):
         if not self.updates_at(step):
             return Request()
         cfg = self.cfg
-        return Request(align=(cfg.target,), norms=True, source=cfg.source, probe_sequences=cfg.probe_sequences,
-                       ref_sequences=cfg.target_sequences)
+        return Request(
+            align=(cfg.target,),
+            norms=True,
+            source=cfg.source,
+            probe_sequences=cfg.probe_sequences,
+            ref_sequences=cfg.target_sequences,
+        )
 
     def basis_alignment(self, a: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(a_{P_j}, which bases are present): each basis restricted to the present domains.
@@ -153,8 +179,9 @@ class DGA(LearnedMixture):
         if not self.updates_at(stats.step):
             return
         align, norms, ref_norms = require(stats, self.name, "align", "norms", "ref_norms")
-        present = present_domains(stats, [align[:, 0], norms], probed=self.cfg.source != "in_batch",
-                                  scalars=(ref_norms[0],))
+        present = present_domains(
+            stats, [align[:, 0], norms], probed=self.cfg.source != "in_batch", scalars=(ref_norms[0],)
+        )
         if present is None or not present.any():
             return
         clip = self.cfg.max_grad_norm

@@ -38,8 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import Request, register
-from .common import (ExponentiatedMixture, check_knob, check_reference, clip_factors, is_number, present_domains,
-                     require)
+from .common import ExponentiatedMixture, check_knob, check_reference, clip_factors, is_number, present_domains, require
 
 UNIVERSAL_MU, OOD_MU = 0.01, 0.05
 UNIVERSAL_CLIP, OOD_CLIP = 5.0, 1.0
@@ -102,18 +101,42 @@ class DogeConfig:
 
     def validate(self) -> None:
         check_reference(self.target, "target", allow_heldout=True)
-        check_knob(self.mu is None or is_number(self.mu) and self.mu > 0, "mu", self.mu, "must be > 0 (or null for the default)")
-        check_knob(self.max_grad_norm is None or is_number(self.max_grad_norm) and self.max_grad_norm > 0,
-                   "max_grad_norm", self.max_grad_norm, "must be > 0 (or null for the default)")
+        check_knob(
+            self.mu is None or is_number(self.mu) and self.mu > 0,
+            "mu",
+            self.mu,
+            "must be > 0 (or null for the default)",
+        )
+        check_knob(
+            self.max_grad_norm is None or is_number(self.max_grad_norm) and self.max_grad_norm > 0,
+            "max_grad_norm",
+            self.max_grad_norm,
+            "must be > 0 (or null for the default)",
+        )
         check_knob(is_number(self.dw_min), "dw_min", self.dw_min, "must be a finite number")
-        check_knob(is_number(self.dw_max) and self.dw_max >= self.dw_min, "dw_max", self.dw_max,
-                   f"must be a finite number >= mixture.dw_min={self.dw_min}")
-        check_knob(is_number(self.reweight_eps) and 0 <= self.reweight_eps < 1, "reweight_eps", self.reweight_eps, "must be in [0, 1)")
+        check_knob(
+            is_number(self.dw_max) and self.dw_max >= self.dw_min,
+            "dw_max",
+            self.dw_max,
+            f"must be a finite number >= mixture.dw_min={self.dw_min}",
+        )
+        check_knob(
+            is_number(self.reweight_eps) and 0 <= self.reweight_eps < 1,
+            "reweight_eps",
+            self.reweight_eps,
+            "must be in [0, 1)",
+        )
         check_knob(self.mode in ("proxy", "resample"), "mode", self.mode, 'must be "proxy" or "resample"')
-        check_knob(isinstance(self.burn_in, int) and self.burn_in >= 0, "burn_in", self.burn_in, "must be an integer >= 0")
+        check_knob(
+            isinstance(self.burn_in, int) and self.burn_in >= 0, "burn_in", self.burn_in, "must be an integer >= 0"
+        )
         check_knob(is_number(self.floor) and 0 <= self.floor <= 1, "floor", self.floor, "must be in [0, 1]")
-        check_knob(self.ref_sequences is None or (isinstance(self.ref_sequences, int) and self.ref_sequences > 0), "ref_sequences", self.ref_sequences,
-                   "must be a positive integer")
+        check_knob(
+            self.ref_sequences is None or (isinstance(self.ref_sequences, int) and self.ref_sequences > 0),
+            "ref_sequences",
+            self.ref_sequences,
+            "must be a positive integer",
+        )
 
 
 @register
@@ -122,8 +145,7 @@ class DoGE(ExponentiatedMixture):
     Config = DogeConfig
 
     def __init__(self, domains, cfg: DogeConfig, **context):
-        super().__init__(domains, cfg, **context, proxy=cfg.mode == "proxy",
-                         floor=cfg.floor, burn_in=cfg.burn_in)
+        super().__init__(domains, cfg, **context, proxy=cfg.mode == "proxy", floor=cfg.floor, burn_in=cfg.burn_in)
 
     def request(self, step: int) -> Request:
         return Request(align=(self.cfg.target,), norms=True, ref_sequences=self.cfg.ref_sequences)
@@ -132,13 +154,15 @@ class DoGE(ExponentiatedMixture):
     def references(self) -> tuple[str, ...]:
         return (self.cfg.target,)
 
-    def scores(self, align: np.ndarray, norms: np.ndarray, ref_norms: np.ndarray, lr: float,
-               present: np.ndarray) -> np.ndarray:
+    def scores(
+        self, align: np.ndarray, norms: np.ndarray, ref_norms: np.ndarray, lr: float, present: np.ndarray
+    ) -> np.ndarray:
         """s_i of the present domains (0 elsewhere): clipped alignment, summed over the targets
         (``align`` [K, T], ``ref_norms`` [T]), over the mean clipped norm."""
         clip = self.cfg.clip
-        per_target = (clip_factors(norms[present], clip)[:, None] * clip_factors(ref_norms, clip)[None, :]
-                      * align[present])
+        per_target = (
+            clip_factors(norms[present], clip)[:, None] * clip_factors(ref_norms, clip)[None, :] * align[present]
+        )
         alignment = per_target.sum(axis=1)
         normaliser = np.minimum(norms[present], clip).mean() + NORMALISER_EPS
         s = np.zeros(self.K)

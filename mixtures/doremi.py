@@ -56,14 +56,25 @@ class DoremiConfig:
     average); false = the paper's (1/T) Σ_{t=1}^T α_t."""
 
     def validate(self) -> None:
-        check_knob(isinstance(self.reference, str) and self.reference.strip() != "", "reference", self.reference,
-                   "must name the run directory of the reference model")
-        check_knob(is_number(self.reweight_eta) and self.reweight_eta > 0, "reweight_eta", self.reweight_eta, "must be > 0")
-        check_knob(is_number(self.reweight_eps) and 0 <= self.reweight_eps < 1, "reweight_eps", self.reweight_eps,
-                   "must be in [0, 1)")
+        check_knob(
+            isinstance(self.reference, str) and self.reference.strip() != "",
+            "reference",
+            self.reference,
+            "must name the run directory of the reference model",
+        )
+        check_knob(
+            is_number(self.reweight_eta) and self.reweight_eta > 0, "reweight_eta", self.reweight_eta, "must be > 0"
+        )
+        check_knob(
+            is_number(self.reweight_eps) and 0 <= self.reweight_eps < 1,
+            "reweight_eps",
+            self.reweight_eps,
+            "must be in [0, 1)",
+        )
         check_knob(self.mode in ("proxy", "resample"), "mode", self.mode, 'must be "proxy" or "resample"')
-        check_knob(isinstance(self.average_initial, bool), "average_initial", self.average_initial,
-                   "must be true or false")
+        check_knob(
+            isinstance(self.average_initial, bool), "average_initial", self.average_initial, "must be true or false"
+        )
 
 
 @register

@@ -43,8 +43,12 @@ class OdmConfig:
 
     def validate(self) -> None:
         check_knob(is_number(self.gamma) and 0 <= self.gamma < 1, "gamma", self.gamma, "must be in [0, 1)")
-        check_knob(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", self.warmup_steps,
-                   "must be an integer >= 0")
+        check_knob(
+            isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+            "warmup_steps",
+            self.warmup_steps,
+            "must be an integer >= 0",
+        )
 
 
 def exploration(t: int, k: int) -> float:

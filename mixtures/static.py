@@ -110,9 +110,12 @@ class UnimaxConfig:
 
     def validate(self) -> None:
         check_knob(is_number(self.epochs) and self.epochs > 0, "epochs", self.epochs, "must be > 0 and finite")
-        check_knob(self.budget_tokens is None or is_number(self.budget_tokens) and self.budget_tokens > 0,
-                   "budget_tokens", self.budget_tokens,
-                   "must be a token count > 0 and finite (or null for the run's own)")
+        check_knob(
+            self.budget_tokens is None or is_number(self.budget_tokens) and self.budget_tokens > 0,
+            "budget_tokens",
+            self.budget_tokens,
+            "must be a token count > 0 and finite (or null for the run's own)",
+        )
 
 
 def unimax_allocation(sizes: np.ndarray, budget: float, epochs: float) -> np.ndarray:
@@ -150,22 +153,27 @@ class Unimax(_Fixed):
             raise MixtureConfigError("mixture=unimax needs the domains' token counts (none were given)")
         sizes = self.domain_tokens
         if sizes.shape != (self.K,):
-            raise MixtureConfigError(f"mixture=unimax got {sizes.size} token counts for {self.K} domains "
-                                     f"{self.domains}")
+            raise MixtureConfigError(
+                f"mixture=unimax got {sizes.size} token counts for {self.K} domains {self.domains}"
+            )
         if not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):
             raise MixtureConfigError(f"mixture=unimax: every domain needs a positive token count, got {sizes.tolist()}")
         budget = cfg.budget_tokens if cfg.budget_tokens is not None else self.run_tokens
         if budget is None:
-            raise MixtureConfigError("mixture=unimax needs a token budget: set mixture.budget_tokens "
-                                     "(no run budget is known here)")
+            raise MixtureConfigError(
+                "mixture=unimax needs a token budget: set mixture.budget_tokens (no run budget is known here)"
+            )
         self.budget = float(budget)
         self.allocation = unimax_allocation(sizes, self.budget, cfg.epochs)
         total = self.allocation.sum()
         # Below the budget only when every domain is capped; the relative shares are still the caps.
         if total < self.budget * (1 - 1e-9):
-            warnings.warn(f"mixture=unimax: the budget of {self.budget:.0f} tokens exceeds "
-                          f"mixture.epochs={cfg.epochs} x "
-                          f"all {sizes.sum():.0f} training tokens; every domain is capped, so the weights are the "
-                          f"natural proportions (each domain sees {self.budget / sizes.sum():.3g} epochs)",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"mixture=unimax: the budget of {self.budget:.0f} tokens exceeds "
+                f"mixture.epochs={cfg.epochs} x "
+                f"all {sizes.sum():.0f} training tokens; every domain is capped, so the weights are the "
+                f"natural proportions (each domain sees {self.budget / sizes.sum():.3g} epochs)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._weights = self.allocation / total

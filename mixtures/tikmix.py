@@ -158,6 +158,7 @@ PRIORS = ("uniform", "natural")
 
 # ---------------------------------------------------------------- objective (TiKMiX-D)
 
+
 def task_normalisers(S: np.ndarray) -> np.ndarray:
     """1 / (max_j |S_ij| + 1e-8) per task i (row of S): P̂_i = P_i times this."""
     S = np.asarray(S, dtype=np.float64)
@@ -234,15 +235,23 @@ def pareto_collapsed(S: np.ndarray, w_prior: np.ndarray, tol: float = COLLAPSE_T
     for j in range(K):
         c = np.zeros(K)
         c[j] = -1.0
-        res = linprog(c, A_ub=-S_hat, b_ub=-(S_hat @ w_prior), A_eq=np.ones((1, K)), b_eq=[1.0],
-                      bounds=[(0.0, 1.0)] * K, method="highs")
+        res = linprog(
+            c,
+            A_ub=-S_hat,
+            b_ub=-(S_hat @ w_prior),
+            A_eq=np.ones((1, K)),
+            b_eq=[1.0],
+            bounds=[(0.0, 1.0)] * K,
+            method="highs",
+        )
         if res.status != 0 or res.x[j] - w_prior[j] > tol:
             return False
     return True
 
 
-def solve_tikmix_d(S, w_prior, *, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
-                   pareto: bool = True) -> tuple[np.ndarray, dict]:
+def solve_tikmix_d(
+    S, w_prior, *, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0, pareto: bool = True
+) -> tuple[np.ndarray, dict]:
     """TiKMiX-D: the mixture minimising ``tikmix_objective`` over the simplex.
 
     ``S`` is the n×K influence matrix (tasks × domains, benefit orientation), ``w_prior`` the
@@ -265,8 +274,10 @@ def solve_tikmix_d(S, w_prior, *, alpha: float = 1.0, beta: float = 1.0, gamma: 
     S = np.asarray(S, dtype=np.float64)
     w_prior = np.asarray(w_prior, dtype=np.float64)
     if S.ndim != 2 or w_prior.shape != (S.shape[1],):
-        raise ValueError("solve_tikmix_d: S must be tasks x domains and w_prior one weight per domain, "
-                         f"got {S.shape} and {w_prior.shape}")
+        raise ValueError(
+            "solve_tikmix_d: S must be tasks x domains and w_prior one weight per domain, "
+            f"got {S.shape} and {w_prior.shape}"
+        )
     if not (np.all(np.isfinite(S)) and np.all(np.isfinite(w_prior))):
         raise ValueError("solve_tikmix_d: S and w_prior must be finite")
     K = S.shape[1]
@@ -282,8 +293,15 @@ def solve_tikmix_d(S, w_prior, *, alpha: float = 1.0, beta: float = 1.0, gamma: 
 
         def run(delta, start):
             fun, jac = _smoothed_objective(S_hat, alpha, beta, gamma, delta)
-            res = minimize(fun, start, jac=jac, method="SLSQP", bounds=[(0.0, 1.0)] * K, constraints=constraints,
-                           options={"ftol": SLSQP_FTOL, "maxiter": SLSQP_MAXITER})
+            res = minimize(
+                fun,
+                start,
+                jac=jac,
+                method="SLSQP",
+                bounds=[(0.0, 1.0)] * K,
+                constraints=constraints,
+                options={"ftol": SLSQP_FTOL, "maxiter": SLSQP_MAXITER},
+            )
             return res, _to_simplex(res.x)
 
         x = np.full(K, 1.0 / K)
@@ -307,8 +325,10 @@ def solve_tikmix_d(S, w_prior, *, alpha: float = 1.0, beta: float = 1.0, gamma: 
         w = np.ones(1)
     elif pareto:
         if pareto_collapsed(S, w_prior):
-            reason = ("the Pareto constraint S·w >= S·w_prior admits only the previous mixture "
-                      "(every change lowers some task's influence)")
+            reason = (
+                "the Pareto constraint S·w >= S·w_prior admits only the previous mixture "
+                "(every change lowers some task's influence)"
+            )
         else:
             res, x = slsqp(True)
             shortfall = math.inf if x is None else float(np.max(floor_rhs - S_hat @ x, initial=0.0))
@@ -326,19 +346,26 @@ def solve_tikmix_d(S, w_prior, *, alpha: float = 1.0, beta: float = 1.0, gamma: 
         if w is None:
             w = w_prior.copy()
             info["success"] = False
-            info["message"] = (info["message"] + "; " if info["message"] else "") + \
-                f"SLSQP gave no usable mixture ({res.message}); keeping the previous mixture"
+            info["message"] = (
+                info["message"] + "; " if info["message"] else ""
+            ) + f"SLSQP gave no usable mixture ({res.message}); keeping the previous mixture"
         elif not res.success:
-            info["message"] = (info["message"] + "; " if info["message"] else "") + f"SLSQP: {res.message} (answer kept)"
+            info["message"] = (
+                info["message"] + "; " if info["message"] else ""
+            ) + f"SLSQP: {res.message} (answer kept)"
     uniform = np.full(K, 1.0 / K)
-    info.update(objective=tikmix_objective(w, S, alpha, beta, gamma),
-                objective_uniform=tikmix_objective(uniform, S, alpha, beta, gamma),
-                objective_prior=tikmix_objective(w_prior, S, alpha, beta, gamma),
-                influence=float(np.sum(S_hat @ w)), violation=float(np.max(floor_rhs - S_hat @ w, initial=0.0)))
+    info.update(
+        objective=tikmix_objective(w, S, alpha, beta, gamma),
+        objective_uniform=tikmix_objective(uniform, S, alpha, beta, gamma),
+        objective_prior=tikmix_objective(w_prior, S, alpha, beta, gamma),
+        influence=float(np.sum(S_hat @ w)),
+        violation=float(np.max(floor_rhs - S_hat @ w, initial=0.0)),
+    )
     return w, info
 
 
 # ---------------------------------------------------------------- candidates, labels, surrogate, search (TiKMiX-M)
+
 
 def latin_hypercube(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """n points in [0, 1)^k, one per stratum [s/n, (s+1)/n) in every coordinate (strata shuffled
@@ -377,8 +404,9 @@ def shrink_into_box(x: np.ndarray, centre: np.ndarray, lower: np.ndarray, upper:
     return centre + t[:, None] * d
 
 
-def box_candidates(lower, upper, centre, n: int, rng: np.random.Generator,
-                   max_batches: int = CANDIDATE_BATCHES) -> tuple[np.ndarray, int]:
+def box_candidates(
+    lower, upper, centre, n: int, rng: np.random.Generator, max_batches: int = CANDIDATE_BATCHES
+) -> tuple[np.ndarray, int]:
     """n mixtures in the box [lower, upper] on the simplex (TiKMiX-M's Algorithm 1, step 1).
 
     Repeats: n Latin-hypercube points mapped to [lower, upper], normalised to sum 1, kept if still
@@ -422,8 +450,13 @@ def fit_surrogate(X: np.ndarray, y: np.ndarray, rng: np.random.Generator, seed: 
     params = {**SURROGATE_PARAMS, "seed": int(seed)}
     train_set = lgb.Dataset(X[train], z[train], params={"verbose": -1})
     valid_set = lgb.Dataset(X[valid], z[valid], reference=train_set)
-    booster = lgb.train(params, train_set, num_boost_round=SURROGATE_ROUNDS, valid_sets=[valid_set],
-                        callbacks=[lgb.early_stopping(SURROGATE_EARLY_STOP, verbose=False)])
+    booster = lgb.train(
+        params,
+        train_set,
+        num_boost_round=SURROGATE_ROUNDS,
+        valid_sets=[valid_set],
+        callbacks=[lgb.early_stopping(SURROGATE_EARLY_STOP, verbose=False)],
+    )
     rounds = int(booster.best_iteration) or booster.current_iteration()
 
     def predict(W: np.ndarray) -> np.ndarray:
@@ -432,8 +465,18 @@ def fit_surrogate(X: np.ndarray, y: np.ndarray, rng: np.random.Generator, seed: 
     return predict, {"rounds": rounds, "train_rows": int(train.size), "valid_rows": int(valid.size)}
 
 
-def dirichlet_search(predict: Callable, w_start, lower, upper, rng: np.random.Generator, *, rounds: int = 5,
-                     draws: int = 10_000, top_k: int = 100, concentration=(50.0, 1000.0)) -> tuple[np.ndarray, dict]:
+def dirichlet_search(
+    predict: Callable,
+    w_start,
+    lower,
+    upper,
+    rng: np.random.Generator,
+    *,
+    rounds: int = 5,
+    draws: int = 10_000,
+    top_k: int = 100,
+    concentration=(50.0, 1000.0),
+) -> tuple[np.ndarray, dict]:
     """Annealed Dirichlet search of a surrogate inside the box (TiKMiX-M's Algorithm 1, step 4).
 
     For α_t in geomspace(concentration[0], concentration[1], rounds): draw ``draws`` mixtures ~
@@ -460,9 +503,21 @@ def dirichlet_search(predict: Callable, w_start, lower, upper, rng: np.random.Ge
     return w, {"trajectory": trajectory}
 
 
-def search_tikmix_m(label_fn: Callable, influence_fn: Callable, w_orig, w_start, rng: np.random.Generator, *,
-                    n_labels: int = 256, box=(0.5, 2.0), rounds: int = 5, draws: int = 10_000, top_k: int = 100,
-                    concentration=(50.0, 1000.0), seed: int = 42) -> tuple[np.ndarray, dict]:
+def search_tikmix_m(
+    label_fn: Callable,
+    influence_fn: Callable,
+    w_orig,
+    w_start,
+    rng: np.random.Generator,
+    *,
+    n_labels: int = 256,
+    box=(0.5, 2.0),
+    rounds: int = 5,
+    draws: int = 10_000,
+    top_k: int = 100,
+    concentration=(50.0, 1000.0),
+    seed: int = 42,
+) -> tuple[np.ndarray, dict]:
     """TiKMiX-M: candidates in the box → labels → surrogate → Dirichlet search in the box → guard.
 
     ``label_fn`` maps candidate mixtures [N, K] to their measured aggregate influence y [N]
@@ -486,13 +541,23 @@ def search_tikmix_m(label_fn: Callable, influence_fn: Callable, w_orig, w_start,
     labels = np.asarray(label_fn(candidates), dtype=np.float64)
     if labels.shape != (n_labels,) or not np.all(np.isfinite(labels)):
         raise ValueError(f"search_tikmix_m: label_fn must give {n_labels} finite labels, got shape {labels.shape}")
-    info = {"candidates": candidates, "labels": labels, "lower": lower, "upper": upper, "candidates_shrunk": shrunk,
-            "rounds": 0, "trajectory": [], "flat_labels": bool(np.ptp(labels) == 0), "kept_start": True}
+    info = {
+        "candidates": candidates,
+        "labels": labels,
+        "lower": lower,
+        "upper": upper,
+        "candidates_shrunk": shrunk,
+        "rounds": 0,
+        "trajectory": [],
+        "flat_labels": bool(np.ptp(labels) == 0),
+        "kept_start": True,
+    }
     if info["flat_labels"]:
         return w_start.copy(), info
     predict, fit = fit_surrogate(candidates, labels, rng, seed)
-    w, search = dirichlet_search(predict, w_start, lower, upper, rng, rounds=rounds, draws=draws, top_k=top_k,
-                                 concentration=concentration)
+    w, search = dirichlet_search(
+        predict, w_start, lower, upper, rng, rounds=rounds, draws=draws, top_k=top_k, concentration=concentration
+    )
     info.update(rounds=fit["rounds"], trajectory=search["trajectory"])
     found, start = np.asarray(influence_fn(np.stack([w, w_start])), dtype=np.float64)
     if found > start:
@@ -537,9 +602,14 @@ def mixed_sample_label(w, sample_align, sample_domain, S, mix_sequences: int, rn
 
 # ---------------------------------------------------------------- controllers
 
+
 def check_int(value, knob: str, minimum: int) -> None:
-    check_knob(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, knob, value,
-               f"must be an integer >= {minimum}")
+    check_knob(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        knob,
+        value,
+        f"must be an integer >= {minimum}",
+    )
 
 
 def check_pair(value, knob: str) -> tuple[float, float]:
@@ -550,10 +620,17 @@ def check_pair(value, knob: str) -> tuple[float, float]:
 
 
 def check_task(value) -> None:
-    ok = isinstance(value, str) and (value == "heldout" or any(
-        value.startswith(p) and len(value) > len(p) for p in ("target:", "heldout:", "valid:")))
-    check_knob(ok, "tasks", value, 'entries must be "target:<name>", "heldout:<domain>", "valid:<domain>", "target:*", '
-               '"heldout:*", "valid:*" or "heldout"')
+    ok = isinstance(value, str) and (
+        value == "heldout"
+        or any(value.startswith(p) and len(value) > len(p) for p in ("target:", "heldout:", "valid:"))
+    )
+    check_knob(
+        ok,
+        "tasks",
+        value,
+        'entries must be "target:<name>", "heldout:<domain>", "valid:<domain>", "target:*", '
+        '"heldout:*", "valid:*" or "heldout"',
+    )
 
 
 @dataclass
@@ -596,12 +673,22 @@ class TikmixDConfig:
 
     def validate(self) -> None:
         check_int(self.stages, "stages", 1)
-        check_knob(self.stage_tokens is None or is_number(self.stage_tokens) and self.stage_tokens >= 1
-                   and float(self.stage_tokens).is_integer(), "stage_tokens", self.stage_tokens,
-                   "must be a whole number of tokens >= 1 (or null: the run's tokens / mixture.stages)")
+        check_knob(
+            self.stage_tokens is None
+            or is_number(self.stage_tokens)
+            and self.stage_tokens >= 1
+            and float(self.stage_tokens).is_integer(),
+            "stage_tokens",
+            self.stage_tokens,
+            "must be a whole number of tokens >= 1 (or null: the run's tokens / mixture.stages)",
+        )
         check_int(self.sequences_per_domain, "sequences_per_domain", 1)
-        check_knob(isinstance(self.tasks, (list, tuple)) and len(self.tasks) > 0, "tasks", self.tasks,
-                   "must be a non-empty list of validation task names")
+        check_knob(
+            isinstance(self.tasks, (list, tuple)) and len(self.tasks) > 0,
+            "tasks",
+            self.tasks,
+            "must be a non-empty list of validation task names",
+        )
         for task in self.tasks:
             check_task(task)
         check_knob(len(set(self.tasks)) == len(self.tasks), "tasks", self.tasks, "lists a task twice")
@@ -651,8 +738,12 @@ class TikmixMConfig(TikmixDConfig):
         check_knob(self.top_k <= self.draws, "top_k", self.top_k, f"must be <= mixture.draws={self.draws}")
         first, last = check_pair(self.concentration, "concentration")
         check_knob(first > 0 and last > 0, "concentration", self.concentration, "must be two numbers > 0")
-        check_knob(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32,
-                   "seed", self.seed, "must be an integer in [0, 2**32)")
+        check_knob(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32,
+            "seed",
+            self.seed,
+            "must be an integer in [0, 2**32)",
+        )
 
 
 def prior_weights(prior: str, K: int, domain_tokens: np.ndarray | None, domains: list[str]) -> np.ndarray:
@@ -675,10 +766,13 @@ class TikmixD(Controller):
     def __init__(self, domains, cfg: TikmixDConfig, **context):
         super().__init__(domains, cfg, **context)
         if cfg.stage_tokens is None and self.run_tokens is None:
-            raise MixtureConfigError("mixture.stage_tokens must be set: the run's token budget, which mixture.stages "
-                                     "divides, is not known here")
-        self._stage_tokens = (int(cfg.stage_tokens) if cfg.stage_tokens is not None
-                              else max(1, self.run_tokens // cfg.stages))
+            raise MixtureConfigError(
+                "mixture.stage_tokens must be set: the run's token budget, which mixture.stages "
+                "divides, is not known here"
+            )
+        self._stage_tokens = (
+            int(cfg.stage_tokens) if cfg.stage_tokens is not None else max(1, self.run_tokens // cfg.stages)
+        )
         self._prior = prior_weights(cfg.prior, self.K, self.domain_tokens, self.domains)
         self._weights = np.array(apply_floor(self._prior, cfg.floor))
         self._tokens_seen = 0
@@ -708,8 +802,13 @@ class TikmixD(Controller):
         if not self.pending:
             return Request()
         cfg = self.cfg
-        return Request(align=tuple(cfg.tasks), source="probe_batch", probe_sequences=cfg.sequences_per_domain,
-                       precondition=cfg.precondition, per_sample=self.per_sample)
+        return Request(
+            align=tuple(cfg.tasks),
+            source="probe_batch",
+            probe_sequences=cfg.sequences_per_domain,
+            precondition=cfg.precondition,
+            per_sample=self.per_sample,
+        )
 
     exported = "last stage's solution"
 
@@ -727,7 +826,9 @@ class TikmixD(Controller):
             return None
         align = np.asarray(stats.align, dtype=np.float64)
         if align.ndim != 2 or align.shape[0] != self.K:
-            raise ValueError(f"{self.name}: step {stats.step} gives align of shape {align.shape}, expected ({self.K}, tasks)")
+            raise ValueError(
+                f"{self.name}: step {stats.step} gives align of shape {align.shape}, expected ({self.K}, tasks)"
+            )
         if not (np.all(np.isfinite(align)) and stats.finite()):
             return None
         return align.T
@@ -741,8 +842,10 @@ class TikmixD(Controller):
             return
         S = self._measurement(stats)
         if S is None:
-            self.last_message = (f"stage {self._stage + 1}: the measurement at step {stats.step} is not finite; "
-                                 "weights unchanged, measuring again at the next step")
+            self.last_message = (
+                f"stage {self._stage + 1}: the measurement at step {stats.step} is not finite; "
+                "weights unchanged, measuring again at the next step"
+            )
             return
         stage = self._stage + 1
         w, metrics, message = self._solve(S, stats, stage)
@@ -759,15 +862,25 @@ class TikmixD(Controller):
         cfg = self.cfg
         w, info = solve_tikmix_d(S, self._weights, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, pareto=cfg.pareto)
         self.last_info = info
-        metrics = {"pareto_relaxed": float(info["pareto_relaxed"]), "objective": info["objective"],
-                   "objective_uniform": info["objective_uniform"], "objective_prior": info["objective_prior"],
-                   "influence": info["influence"]}
+        metrics = {
+            "pareto_relaxed": float(info["pareto_relaxed"]),
+            "objective": info["objective"],
+            "objective_uniform": info["objective_uniform"],
+            "objective_prior": info["objective_prior"],
+            "influence": info["influence"],
+        }
         return w, metrics, info["message"]
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "prior": self._prior.copy(), "tokens_seen": self._tokens_seen,
-                "next_boundary": self._next_boundary, "stage": self._stage,
-                "metrics": [[k, v] for k, v in self._metrics.items()], "message": self.last_message}
+        return {
+            **super().state_dict(),
+            "prior": self._prior.copy(),
+            "tokens_seen": self._tokens_seen,
+            "next_boundary": self._next_boundary,
+            "stage": self._stage,
+            "metrics": [[k, v] for k, v in self._metrics.items()],
+            "message": self.last_message,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -800,11 +913,15 @@ class TikmixM(TikmixD):
             return None
         for name in ("sample_align", "sample_domain"):
             if getattr(stats, name) is None:
-                raise ValueError(f"{self.name}: step {stats.step} has no DomainStats.{name}, which its Request asked for")
+                raise ValueError(
+                    f"{self.name}: step {stats.step} has no DomainStats.{name}, which its Request asked for"
+                )
         sample_align, sample_domain = np.asarray(stats.sample_align, dtype=np.float64), np.asarray(stats.sample_domain)
         if sample_align.ndim != 2 or sample_align.shape != (sample_domain.size, S.shape[0]):
-            raise ValueError(f"{self.name}: step {stats.step} gives sample_align {sample_align.shape} for "
-                             f"{sample_domain.size} probe sequences and {S.shape[0]} tasks")
+            raise ValueError(
+                f"{self.name}: step {stats.step} gives sample_align {sample_align.shape} for "
+                f"{sample_domain.size} probe sequences and {S.shape[0]} tasks"
+            )
         if not np.all(np.isfinite(sample_align)):
             return None
         return S
@@ -818,29 +935,51 @@ class TikmixM(TikmixD):
         mix = self.mix_sequences
 
         def label_fn(candidates: np.ndarray) -> np.ndarray:
-            return np.array([mixed_sample_label(w, sample_align, sample_domain, S, mix,
-                                                np.random.default_rng([cfg.seed, stage, 2, c + 1]))
-                             for c, w in enumerate(candidates)])
+            return np.array(
+                [
+                    mixed_sample_label(
+                        w, sample_align, sample_domain, S, mix, np.random.default_rng([cfg.seed, stage, 2, c + 1])
+                    )
+                    for c, w in enumerate(candidates)
+                ]
+            )
 
         def influence_fn(candidates: np.ndarray) -> np.ndarray:
             """Σ_i P̂_i of S·w: S's columns are the per-domain means of the rows the labels resample."""
             return np.sum(normalised_performance(S, candidates), axis=-1)
 
         rng = np.random.default_rng([cfg.seed, stage, 1])
-        w, info = search_tikmix_m(label_fn, influence_fn, self._weights, w_d, rng, n_labels=cfg.n_labels,
-                                  box=tuple(cfg.box), rounds=cfg.rounds, draws=cfg.draws, top_k=cfg.top_k,
-                                  concentration=tuple(cfg.concentration), seed=cfg.seed)
+        w, info = search_tikmix_m(
+            label_fn,
+            influence_fn,
+            self._weights,
+            w_d,
+            rng,
+            n_labels=cfg.n_labels,
+            box=tuple(cfg.box),
+            rounds=cfg.rounds,
+            draws=cfg.draws,
+            top_k=cfg.top_k,
+            concentration=tuple(cfg.concentration),
+            seed=cfg.seed,
+        )
         self.last_info = {**info, "tikmix_d": info_d, "w_start": w_d}
-        metrics = {"pareto_relaxed": metrics_d["pareto_relaxed"],
-                   "objective": tikmix_objective(w, S, cfg.alpha, cfg.beta, cfg.gamma),
-                   "objective_start": metrics_d["objective"], "objective_uniform": metrics_d["objective_uniform"],
-                   "objective_prior": metrics_d["objective_prior"],
-                   "influence": float(np.sum(normalised_performance(S, w))), "influence_start": metrics_d["influence"],
-                   "surrogate_rounds": float(info["rounds"]), "candidates_shrunk": float(info["candidates_shrunk"]),
-                   "kept_start": float(info["kept_start"])}
+        metrics = {
+            "pareto_relaxed": metrics_d["pareto_relaxed"],
+            "objective": tikmix_objective(w, S, cfg.alpha, cfg.beta, cfg.gamma),
+            "objective_start": metrics_d["objective"],
+            "objective_uniform": metrics_d["objective_uniform"],
+            "objective_prior": metrics_d["objective_prior"],
+            "influence": float(np.sum(normalised_performance(S, w))),
+            "influence_start": metrics_d["influence"],
+            "surrogate_rounds": float(info["rounds"]),
+            "candidates_shrunk": float(info["candidates_shrunk"]),
+            "kept_start": float(info["kept_start"]),
+        }
         if info["flat_labels"]:
             message = (message + "; " if message else "") + "every label is equal: kept the TiKMiX-D solution"
         elif info["kept_start"]:
-            message = (message + "; " if message else "") + \
-                "the search did not beat the TiKMiX-D solution on the noise-free influence: kept it"
+            message = (
+                message + "; " if message else ""
+            ) + "the search did not beat the TiKMiX-D solution on the noise-free influence: kept it"
         return w, metrics, message

@@ -37,7 +37,13 @@ def synthetic_text(kind: str, n_docs: int, rng: np.random.Generator) -> list[str
     return docs
 
 
-def make_shardset(root: Path, kinds: dict[str, str] | None = None, n_docs: int = 40, targets: dict[str, str] | None = None, seed: int = 0) -> Path:
+def make_shardset(
+    root: Path,
+    kinds: dict[str, str] | None = None,
+    n_docs: int = 40,
+    targets: dict[str, str] | None = None,
+    seed: int = 0,
+) -> Path:
     """A shard set with the bytes tokenizer: domain name -> text kind."""
     kinds = kinds or {"counting": "counting", "abc": "abc", "words": "words", "noise": "noise"}
     targets = targets if targets is not None else {"wordy": "words"}
@@ -51,13 +57,28 @@ def make_shardset(root: Path, kinds: dict[str, str] | None = None, n_docs: int =
         info = write_indexed(root / prefix, docs, dtype=tok.dtype)
         return {"prefix": prefix, **info}
 
-    domains = {name: {"splits": {"train": write(f"{name}/train", synthetic_text(k, n_docs, rng)),
-                                 "valid": write(f"{name}/valid", synthetic_text(k, 4, rng))}}
-               for name, k in kinds.items()}
-    tgts = {name: {"splits": {"train": write(f"targets/{name}/train", synthetic_text(k, 4, rng)),
-                              "valid": write(f"targets/{name}/valid", synthetic_text(k, 4, rng))}}
-            for name, k in targets.items()}
-    write_manifest(root, {"tokenizer": tok.identity(), "recipe_hash": "synthetic", "domains": domains, "targets": tgts, "missing": {}})
+    domains = {
+        name: {
+            "splits": {
+                "train": write(f"{name}/train", synthetic_text(k, n_docs, rng)),
+                "valid": write(f"{name}/valid", synthetic_text(k, 4, rng)),
+            }
+        }
+        for name, k in kinds.items()
+    }
+    tgts = {
+        name: {
+            "splits": {
+                "train": write(f"targets/{name}/train", synthetic_text(k, 4, rng)),
+                "valid": write(f"targets/{name}/valid", synthetic_text(k, 4, rng)),
+            }
+        }
+        for name, k in targets.items()
+    }
+    write_manifest(
+        root,
+        {"tokenizer": tok.identity(), "recipe_hash": "synthetic", "domains": domains, "targets": tgts, "missing": {}},
+    )
     return root
 
 
@@ -65,8 +86,23 @@ def tiny_values(data_path: Path, run_dir: Path, **overrides) -> dict:
     """A plain config dict for a fast run on a synthetic shard set; dotted overrides allowed."""
     values = {
         "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64},
-        "data": {"source": "path", "path": str(data_path), "tokenizer": "bytes", "seq_len": 32, "steps_per_shard": 3, "eval_sequences": 4},
-        "train": {"steps": 8, "micro_batch": 4, "grad_accum": 1, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "eval_every": 4},
+        "data": {
+            "source": "path",
+            "path": str(data_path),
+            "tokenizer": "bytes",
+            "seq_len": 32,
+            "steps_per_shard": 3,
+            "eval_sequences": 4,
+        },
+        "train": {
+            "steps": 8,
+            "micro_batch": 4,
+            "grad_accum": 1,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 2,
+            "eval_every": 4,
+        },
         "engine": {"threads": 1},
         "run": {"dir": str(run_dir), "wandb": "disabled", "plots": False, "progress": False},
         "mixture": {"name": "uniform"},
@@ -87,7 +123,15 @@ def tiny_config(data_path: Path, run_dir: Path, **overrides):
 def run_torchrun(nproc: int, script: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``script`` under torchrun with gloo on CPU; raises with the output on failure."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(script),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     return proc
 

@@ -6,16 +6,20 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from helpers import make_shardset, tiny_config, tiny_values
+
+from mixtures import MixtureConfigError
 from trainer.checkpoint import CheckpointMismatch
 from trainer.config import ConfigError, load_config
 from trainer.loop import run
-from mixtures import MixtureConfigError
 
 
 def _tree_digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -41,27 +45,47 @@ def test_missing_data_path(finished_run, tmp_path):
 
 
 def test_missing_megatron_prefix(finished_run, tmp_path):
-    _expect(finished_run, ConfigError, r"data\.prefixes\.web\.train",
-            **{"data.source": "prefixes", "data.path": None, "data.prefixes": {"web": str(tmp_path / "web")}})
+    _expect(
+        finished_run,
+        ConfigError,
+        r"data\.prefixes\.web\.train",
+        **{"data.source": "prefixes", "data.path": None, "data.prefixes": {"web": str(tmp_path / "web")}},
+    )
 
 
 def test_empty_domain(finished_run, tmp_path):
-    from trainer.data.indexed import write_indexed
     import numpy as np
 
+    from trainer.data.indexed import write_indexed
+
     write_indexed(tmp_path / "tiny", [np.array([1, 2, 256], dtype=np.uint16)], dtype=np.uint16)
-    _expect(finished_run, ConfigError, r"domain 'tiny' is empty",
-            **{"data.source": "prefixes", "data.path": None, "data.tokenizer": "bytes", "data.prefixes": {"tiny": str(tmp_path / "tiny")}})
+    _expect(
+        finished_run,
+        ConfigError,
+        r"domain 'tiny' is empty",
+        **{
+            "data.source": "prefixes",
+            "data.path": None,
+            "data.tokenizer": "bytes",
+            "data.prefixes": {"tiny": str(tmp_path / "tiny")},
+        },
+    )
 
 
-@pytest.mark.parametrize("weights,match", [
-    ({"abc": -0.1, "counting": 0.5, "noise": 0.3, "words": 0.3}, r"mixture\.weights contains negative"),
-    ({"abc": float("nan"), "counting": 0.5, "noise": 0.3, "words": 0.3}, r"mixture\.weights contains NaN"),
-    ([0.5, 0.5], r"mixture\.weights has 2 entries but there are 4 domains"),
-    ({"abc": 0.5, "counting": 0.5, "noise": 0.0, "words": 0.0, "latin": 0.1}, r"mixture\.weights names unknown domains \['latin'\]"),
-    ({"abc": 1.0}, r"mixture\.weights gives no weight for domains"),
-    ({"abc": 0.0, "counting": 0.0, "noise": 0.0, "words": 0.0}, r"mixture\.weights sums to zero"),
-])
+@pytest.mark.parametrize(
+    "weights,match",
+    [
+        ({"abc": -0.1, "counting": 0.5, "noise": 0.3, "words": 0.3}, r"mixture\.weights contains negative"),
+        ({"abc": float("nan"), "counting": 0.5, "noise": 0.3, "words": 0.3}, r"mixture\.weights contains NaN"),
+        ([0.5, 0.5], r"mixture\.weights has 2 entries but there are 4 domains"),
+        (
+            {"abc": 0.5, "counting": 0.5, "noise": 0.0, "words": 0.0, "latin": 0.1},
+            r"mixture\.weights names unknown domains \['latin'\]",
+        ),
+        ({"abc": 1.0}, r"mixture\.weights gives no weight for domains"),
+        ({"abc": 0.0, "counting": 0.0, "noise": 0.0, "words": 0.0}, r"mixture\.weights sums to zero"),
+    ],
+)
 def test_bad_static_weights(finished_run, weights, match):
     _expect(finished_run, MixtureConfigError, match, mixture={"name": "static", "weights": weights})
 
@@ -80,23 +104,41 @@ def test_unknown_knob(finished_run):
 
 
 def test_vocab_larger_than_model(finished_run):
-    _expect(finished_run, ConfigError, r"model\.vocab_size=100 is smaller than the data tokenizer's vocabulary 257",
-            **{"model.vocab_size": 100})
+    _expect(
+        finished_run,
+        ConfigError,
+        r"model\.vocab_size=100 is smaller than the data tokenizer's vocabulary 257",
+        **{"model.vocab_size": 100},
+    )
 
 
 def test_vocab_checked_on_bare_prefixes(finished_run, tmp_path):
-    from trainer.data.indexed import write_indexed
     import numpy as np
 
+    from trainer.data.indexed import write_indexed
+
     write_indexed(tmp_path / "big", [np.arange(400, dtype=np.uint16) % 300], dtype=np.uint16)
-    _expect(finished_run, ConfigError,
-            r"holds token id 299, beyond the 257 ids of its tokenizer .*model\.vocab_size=280",
-            **{"data.source": "prefixes", "data.path": None, "data.tokenizer": "bytes", "model.vocab_size": 280,
-               "data.prefixes": {"big": str(tmp_path / "big")}})
+    _expect(
+        finished_run,
+        ConfigError,
+        r"holds token id 299, beyond the 257 ids of its tokenizer .*model\.vocab_size=280",
+        **{
+            "data.source": "prefixes",
+            "data.path": None,
+            "data.tokenizer": "bytes",
+            "model.vocab_size": 280,
+            "data.prefixes": {"big": str(tmp_path / "big")},
+        },
+    )
 
 
 def test_sequence_longer_than_context(finished_run):
-    _expect(finished_run, ConfigError, r"data\.seq_len=128 exceeds the model's context model\.max_seq_len=64", **{"data.seq_len": 128})
+    _expect(
+        finished_run,
+        ConfigError,
+        r"data\.seq_len=128 exceeds the model's context model\.max_seq_len=64",
+        **{"data.seq_len": 128},
+    )
 
 
 def test_checkpoint_from_different_config(finished_run):
@@ -104,14 +146,23 @@ def test_checkpoint_from_different_config(finished_run):
 
 
 def test_weights_from_missing_file(finished_run, tmp_path):
-    _expect(finished_run, ConfigError, r"mixture\.weights_from=.*no such file",
-            mixture={"name": "static", "weights_from": str(tmp_path / "none.json")})
+    _expect(
+        finished_run,
+        ConfigError,
+        r"mixture\.weights_from=.*no such file",
+        mixture={"name": "static", "weights_from": str(tmp_path / "none.json")},
+    )
 
 
 def test_bad_knob_values_name_the_knob():
-    for overrides, match in [({"train.steps": 0}, r"train\.steps=0"), ({"model.n_head": 3}, r"model\.n_head=3 must divide"),
-                             ({"data.exhaustion": "wrap"}, r"data\.exhaustion='wrap'"), ({"engine.backend": "mpi"}, r"engine\.backend='mpi'"),
-                             ({"train.min_lr": 1.0}, r"train\.min_lr=1\.0"), ({"run.wandb": "cloud"}, r"run\.wandb='cloud'")]:
+    for overrides, match in [
+        ({"train.steps": 0}, r"train\.steps=0"),
+        ({"model.n_head": 3}, r"model\.n_head=3 must divide"),
+        ({"data.exhaustion": "wrap"}, r"data\.exhaustion='wrap'"),
+        ({"engine.backend": "mpi"}, r"engine\.backend='mpi'"),
+        ({"train.min_lr": 1.0}, r"train\.min_lr=1\.0"),
+        ({"run.wandb": "cloud"}, r"run\.wandb='cloud'"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             load_config(tiny_values(Path("/nonexistent"), Path("/nonexistent"), **overrides))
 
@@ -119,7 +170,12 @@ def test_bad_knob_values_name_the_knob():
 def test_resume_from_incomplete_checkpoint_is_refused(finished_run, tmp_path):
     bogus = tmp_path / "step_00000002"
     bogus.mkdir()
-    _expect(finished_run, ConfigError, r"train\.resume=.*is not a readable checkpoint: no meta\.json", **{"train.resume": str(bogus)})
+    _expect(
+        finished_run,
+        ConfigError,
+        r"train\.resume=.*is not a readable checkpoint: no meta\.json",
+        **{"train.resume": str(bogus)},
+    )
 
 
 def test_interrupted_checkpoint_is_never_latest(finished_run, tmp_path):

@@ -11,17 +11,35 @@ import sys
 import numpy as np
 import pytest
 import yaml
-
 from helpers import REPO, make_shardset, tiny_config
+
 from trainer.compare import CompareError, compare, main
 from trainer.loop import Loop
 from trainer.tracking import read_jsonl
 
-TINY = ["data=shards", "data.tokenizer=bytes", "data.seq_len=32", "data.steps_per_shard=3", "data.eval_sequences=4",
-        "model.d_model=32", "model.max_seq_len=64", "train.steps=6", "train.micro_batch=4", "train.warmup_steps=1",
-        "train.eval_every=3", "engine.threads=1", "run.progress=false", "run.wandb=disabled", "run.plots=false"]
-LABELS = ["mixture=uniform train.seed=0", "mixture=uniform train.seed=1",
-          "mixture=temperature train.seed=0", "mixture=temperature train.seed=1"]
+TINY = [
+    "data=shards",
+    "data.tokenizer=bytes",
+    "data.seq_len=32",
+    "data.steps_per_shard=3",
+    "data.eval_sequences=4",
+    "model.d_model=32",
+    "model.max_seq_len=64",
+    "train.steps=6",
+    "train.micro_batch=4",
+    "train.warmup_steps=1",
+    "train.eval_every=3",
+    "engine.threads=1",
+    "run.progress=false",
+    "run.wandb=disabled",
+    "run.plots=false",
+]
+LABELS = [
+    "mixture=uniform train.seed=0",
+    "mixture=uniform train.seed=1",
+    "mixture=temperature train.seed=0",
+    "mixture=temperature train.seed=1",
+]
 DOMAINS = ["abc", "counting", "noise", "words"]
 
 
@@ -30,9 +48,25 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     data = make_shardset(root / "data")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "train", "-m", *TINY, f"data.path={data}",
-                           "mixture=uniform,temperature", "train.seed=0,1", "hydra.sweep.dir=sweep"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.cli",
+            "train",
+            "-m",
+            *TINY,
+            f"data.path={data}",
+            "mixture=uniform,temperature",
+            "train.seed=0,1",
+            "hydra.sweep.dir=sweep",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     Loop(tiny_config(data, root / "doge", **{"train.steps": 6, "mixture": {"name": "doge", "mu": 0.05}})).train()
     return root
@@ -57,8 +91,19 @@ def test_table_plots_and_seed_groups(runs, tmp_path, capsys):
     assert (out / "compare.md").read_text() == printed
     header, rows = _table(printed)
     order = "/".join(DOMAINS)
-    assert header == ["run", "step", *DOMAINS, "avg", "eval/loss", "worst", "target/wordy", f"tokens ({order})",
-                      f"weights ({order})", "train s", "wall s"]
+    assert header == [
+        "run",
+        "step",
+        *DOMAINS,
+        "avg",
+        "eval/loss",
+        "worst",
+        "target/wordy",
+        f"tokens ({order})",
+        f"weights ({order})",
+        "train s",
+        "wall s",
+    ]
     groups = ["mean ± sd: mixture=uniform (seeds 0, 1)", "mean ± sd: mixture=temperature (seeds 0, 1)"]
     assert list(rows) == [*LABELS, "doge", *groups]  # every run, then the seed groups (doge has no partner)
 

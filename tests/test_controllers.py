@@ -22,8 +22,9 @@ NAN = float("nan")
 
 def stats(step=0, lr=1e-3, loss=(2.0, 3.0, 4.0), tokens=(100, 100, 100), **kw) -> DomainStats:
     arrays = {k: None if v is None else np.asarray(v, dtype=np.float64) for k, v in kw.items()}
-    return DomainStats(step=step, lr=lr, loss=np.asarray(loss, dtype=np.float64),
-                       tokens=np.asarray(tokens, dtype=np.float64), **arrays)
+    return DomainStats(
+        step=step, lr=lr, loss=np.asarray(loss, dtype=np.float64), tokens=np.asarray(tokens, dtype=np.float64), **arrays
+    )
 
 
 def grad_stats(align, norms, ref_norm, **kw) -> DomainStats:
@@ -42,6 +43,7 @@ def same_state(a: dict, b: dict) -> bool:
 
 # ---------------------------------------------------------------- DoGE
 
+
 def test_doge_request_and_defaults_by_target():
     universal = build_controller("doge", DOMAINS, {})
     assert universal.request(0) == Request(align=("heldout",), norms=True, ref_sequences=None)
@@ -54,7 +56,7 @@ def test_doge_request_and_defaults_by_target():
 
 
 def test_doge_update_by_hand_clips_scores_and_gradients():
-    lr, mu, C = 1e-3, 0.01, 5.0
+    lr, mu = 1e-3, 0.01  # the clip C = 5
     c = build_controller("doge", DOMAINS, {})
     # math's norm 10 > C: clip factor 0.5; the target's norm 8 > C: clip factor 5/8.
     c.observe(grad_stats(align=[3.0, 200.0, -1.0], norms=[2.0, 10.0, 4.0], ref_norm=8.0, lr=lr))
@@ -112,7 +114,11 @@ def test_doge_resample_mode_and_floor():
 def test_doge_absent_domain_keeps_its_weight():
     lr, mu = 1e-3, 0.01
     c = build_controller("doge", DOMAINS, {"mode": "resample"})
-    c.observe(grad_stats(align=[4.0, 1.0, NAN], norms=[2.0, 6.0, NAN], ref_norm=1.0, tokens=[50, 50, 0], loss=[1.0, 1.0, NAN], lr=lr))
+    c.observe(
+        grad_stats(
+            align=[4.0, 1.0, NAN], norms=[2.0, 6.0, NAN], ref_norm=1.0, tokens=[50, 50, 0], loss=[1.0, 1.0, NAN], lr=lr
+        )
+    )
     normaliser = (2.0 + 5.0) / 2 + 1e-6  # present domains only
     s = lr * np.array([4.0, 5 / 6 * 1.0]) / normaliser
     present = (1 / 3) * np.exp(s / mu)
@@ -140,18 +146,25 @@ def test_doge_average_and_burn_in():
 
 # ---------------------------------------------------------------- DGA
 
+
 def test_dga_requests_only_on_update_steps():
     c = build_controller("dga", DOMAINS, {"target": "target:code_tasks"})
     for step in (0, 1, 8, 10, 18):
         r = c.request(step)
         assert r.align == () and not r.norms and not r.any_gradient
-    assert c.request(9) == Request(align=("target:code_tasks",), norms=True, source="auto", probe_sequences=16,
-                                   ref_sequences=16)
+    assert c.request(9) == Request(
+        align=("target:code_tasks",), norms=True, source="auto", probe_sequences=16, ref_sequences=16
+    )
     assert c.request(19).align == ("target:code_tasks",)
-    custom = build_controller("dga", DOMAINS, {"target": "target:x", "update_every": 3, "source": "in_batch",
-                                               "probe_sequences": 4, "target_sequences": 8})
+    custom = build_controller(
+        "dga",
+        DOMAINS,
+        {"target": "target:x", "update_every": 3, "source": "in_batch", "probe_sequences": 4, "target_sequences": 8},
+    )
     assert [s for s in range(9) if custom.request(s).align] == [2, 5, 8]
-    assert custom.request(2) == Request(align=("target:x",), norms=True, source="in_batch", probe_sequences=4, ref_sequences=8)
+    assert custom.request(2) == Request(
+        align=("target:x",), norms=True, source="in_batch", probe_sequences=4, ref_sequences=8
+    )
 
 
 def test_dga_between_updates_nothing_changes():
@@ -184,7 +197,9 @@ def test_dga_update_by_hand_clip_ema_and_lr_coupling():
 
 
 def test_dga_floor_is_not_in_the_state():
-    c = build_controller("dga", DOMAINS, {"target": "target:t", "floor": 0.3, "ema": 0.0, "lr_coupling": False, "mu": 1.0})
+    c = build_controller(
+        "dga", DOMAINS, {"target": "target:t", "floor": 0.3, "ema": 0.0, "lr_coupling": False, "mu": 1.0}
+    )
     c.observe(grad_stats(align=[1.0, 0.0, -1.0], norms=[1.0, 1.0, 1.0], ref_norm=1.0, step=9))
     alpha = softmax(np.array([1.0, 0.0, -1.0]))
     assert np.allclose(c.state_dict()["w"], alpha, rtol=1e-12, atol=0)
@@ -195,8 +210,11 @@ def test_dga_floor_is_not_in_the_state():
 def test_dga_absent_domains():
     # Probe batches: a domain missing from the training batch is still probed and updated.
     c = build_controller("dga", DOMAINS, {"target": "target:t", "lr_coupling": False, "mu": 1.0})
-    c.observe(grad_stats(align=[1.0, 0.0, 2.0], norms=[1.0, 1.0, 1.0], ref_norm=1.0, step=9, tokens=[10, 10, 0],
-                         loss=[1.0, 1.0, NAN]))
+    c.observe(
+        grad_stats(
+            align=[1.0, 0.0, 2.0], norms=[1.0, 1.0, 1.0], ref_norm=1.0, step=9, tokens=[10, 10, 0], loss=[1.0, 1.0, NAN]
+        )
+    )
     hat = U * np.exp([1.0, 0.0, 2.0])
     assert np.allclose(c.weights, 0.9 * U + 0.1 * hat / hat.sum(), rtol=1e-12, atol=0)
     # All-NaN probe rows mark a domain the trainer could not probe: it keeps its weight.
@@ -208,8 +226,11 @@ def test_dga_absent_domains():
     assert c.weights[2] == pytest.approx(1 / 3, abs=1e-15)
     # In-batch gradients: presence is the token count.
     c = build_controller("dga", DOMAINS, {"target": "target:t", "source": "in_batch", "lr_coupling": False, "mu": 1.0})
-    c.observe(grad_stats(align=[1.0, 0.0, NAN], norms=[1.0, 1.0, NAN], ref_norm=1.0, step=9, tokens=[5, 5, 0],
-                         loss=[1.0, 1.0, NAN]))
+    c.observe(
+        grad_stats(
+            align=[1.0, 0.0, NAN], norms=[1.0, 1.0, NAN], ref_norm=1.0, step=9, tokens=[5, 5, 0], loss=[1.0, 1.0, NAN]
+        )
+    )
     assert c.weights[2] == pytest.approx(1 / 3, abs=1e-15) and c.weights[0] > c.weights[1]
 
 
@@ -233,11 +254,20 @@ def test_dga_basis_by_hand():
 
 
 def test_dga_basis_restricted_to_present_domains():
-    cfg = {"target": "target:t", "basis": [[1, 1, 0], [0, 1, 3], [0, 0, 1]], "lr_coupling": False, "mu": 1.0, "ema": 0.0,
-           "source": "in_batch"}
+    cfg = {
+        "target": "target:t",
+        "basis": [[1, 1, 0], [0, 1, 3], [0, 0, 1]],
+        "lr_coupling": False,
+        "mu": 1.0,
+        "ema": 0.0,
+        "source": "in_batch",
+    }
     c = build_controller("dga", DOMAINS, cfg)
-    c.observe(grad_stats(align=[1.0, -1.0, NAN], norms=[1.0, 1.0, NAN], ref_norm=1.0, step=9, tokens=[8, 8, 0],
-                         loss=[1.0, 1.0, NAN]))
+    c.observe(
+        grad_stats(
+            align=[1.0, -1.0, NAN], norms=[1.0, 1.0, NAN], ref_norm=1.0, step=9, tokens=[8, 8, 0], loss=[1.0, 1.0, NAN]
+        )
+    )
     # Basis 1 keeps only math (0.25 of its mass, renormalised to 1); basis 2 has no present domain.
     a_basis = np.array([0.5 * 1.0 + 0.5 * -1.0, -1.0])
     w_present = (1 / 3) * np.exp(a_basis)
@@ -248,7 +278,9 @@ def test_dga_basis_restricted_to_present_domains():
 
 def test_dga_basis_errors_name_the_knob():
     with pytest.raises(MixtureConfigError, match=r"mixture\.basis\.web names unknown domains \['law'\]"):
-        build_controller("dga", DOMAINS, {"target": "target:t", "basis": {"web": {"code": 1, "math": 1, "books": 1, "law": 1}}})
+        build_controller(
+            "dga", DOMAINS, {"target": "target:t", "basis": {"web": {"code": 1, "math": 1, "books": 1, "law": 1}}}
+        )
     with pytest.raises(MixtureConfigError, match=r"mixture\.basis\[1\] has 2 entries"):
         build_controller("dga", DOMAINS, {"target": "target:t", "basis": [[1, 1, 1], [1, 1]]})
     with pytest.raises(MixtureConfigError, match=r"mixture\.basis gives no weight to domains \['books'\]"):
@@ -256,6 +288,7 @@ def test_dga_basis_errors_name_the_knob():
 
 
 # ---------------------------------------------------------------- DoReMi
+
 
 def test_doremi_update_by_hand():
     eta, c_eps = 1.0, 1e-3
@@ -278,8 +311,9 @@ def test_doremi_update_by_hand():
 
 
 def test_doremi_resample_and_eta():
-    c = build_controller("doremi", DOMAINS, {"reference": "runs/ref", "mode": "resample", "reweight_eta": 0.1,
-                                             "reweight_eps": 0.0})
+    c = build_controller(
+        "doremi", DOMAINS, {"reference": "runs/ref", "mode": "resample", "reweight_eta": 0.1, "reweight_eps": 0.0}
+    )
     c.observe(stats(excess_loss=[3.0, 0.0, 0.0]))
     expected = softmax(0.1 * np.array([3.0, 0.0, 0.0]))
     assert np.allclose(c.weights, expected, rtol=1e-12, atol=0) and np.array_equal(c.loss_weights, np.ones(3))
@@ -298,10 +332,18 @@ def test_doremi_absent_domain():
 
 # ---------------------------------------------------------------- ODM
 
+
 def test_odm_exploration_schedule_and_policy_by_hand():
     K, gamma = 3, 0.9
-    eps = {0: 1 / 3, 1: 1 / 3, 2: 1 / 3, 3: 1 / 3, 4: math.sqrt(math.log(3) / 12), 5: math.sqrt(math.log(3) / 15),
-           6: math.sqrt(math.log(3) / 18)}
+    eps = {
+        0: 1 / 3,
+        1: 1 / 3,
+        2: 1 / 3,
+        3: 1 / 3,
+        4: math.sqrt(math.log(3) / 12),
+        5: math.sqrt(math.log(3) / 15),
+        6: math.sqrt(math.log(3) / 18),
+    }
     # t = 1..3: sqrt(ln 3 / 3t) = 0.605, 0.428, 0.349 are all above 1/K; t = 4: 0.3026 < 1/3.
     assert eps[4] == pytest.approx(0.302574, abs=1e-6) and eps[5] == pytest.approx(0.270630, abs=1e-6)
     c = build_controller("odm", DOMAINS, {})
@@ -356,13 +398,22 @@ CONTROLLERS = {
     "doge_resample": {"mode": "resample", "reweight_eps": 0.05, "floor": 0.1, "burn_in": 2},
     "doge_ood": {"target": "target:t"},
     "dga": {"target": "target:t", "update_every": 2},
-    "dga_basis": {"target": "target:t", "update_every": 1, "basis": [[1, 1, 0], [0, 1, 1], [1, 0, 0]], "source": "in_batch"},
+    "dga_basis": {
+        "target": "target:t",
+        "update_every": 1,
+        "basis": [[1, 1, 0], [0, 1, 1], [1, 0, 0]],
+        "source": "in_batch",
+    },
     "doremi": {"reference": "runs/ref"},
     "doremi_resample": {"reference": "runs/ref", "mode": "resample"},
     "odm": {},
 }
-NEEDS = {"doge": ("loss", "align", "norms", "ref_norms", "lr"), "dga": ("loss", "align", "norms", "ref_norms", "lr"),
-         "doremi": ("loss", "excess_loss", "lr"), "odm": ("loss", "lr")}
+NEEDS = {
+    "doge": ("loss", "align", "norms", "ref_norms", "lr"),
+    "dga": ("loss", "align", "norms", "ref_norms", "lr"),
+    "doremi": ("loss", "excess_loss", "lr"),
+    "odm": ("loss", "lr"),
+}
 
 
 def make(key):
@@ -378,9 +429,16 @@ def random_stats(step: int, rng: np.random.Generator, *, everyone: bool = False)
     def rows(x):
         return np.where(present.reshape(-1, *[1] * (x.ndim - 1)), x, NAN)
 
-    return DomainStats(step=step, lr=float(rng.uniform(1e-4, 1e-2)), loss=rows(rng.uniform(1, 5, 3)), tokens=tokens,
-                       align=rows(rng.normal(0, 3, (3, 1))), ref_norms=np.array([rng.uniform(0.1, 8)]),
-                       norms=rows(rng.uniform(0.1, 10, 3)), excess_loss=rows(rng.uniform(0, 2, 3)))
+    return DomainStats(
+        step=step,
+        lr=float(rng.uniform(1e-4, 1e-2)),
+        loss=rows(rng.uniform(1, 5, 3)),
+        tokens=tokens,
+        align=rows(rng.normal(0, 3, (3, 1))),
+        ref_norms=np.array([rng.uniform(0.1, 8)]),
+        norms=rows(rng.uniform(0.1, 10, 3)),
+        excess_loss=rows(rng.uniform(0, 2, 3)),
+    )
 
 
 def drive(c, steps, rng, start=0):
@@ -447,37 +505,40 @@ def test_state_dict_round_trip_is_bit_exact(key):
         assert np.array_equal(getattr(a, attr), getattr(b, attr)), attr
 
 
-@pytest.mark.parametrize("name, values, knob", [
-    ("doge", {"mu": 0}, "mixture.mu"),
-    ("doge", {"max_grad_norm": -1.0}, "mixture.max_grad_norm"),
-    ("doge", {"dw_min": 2.0, "dw_max": 1.0}, "mixture.dw_max"),
-    ("doge", {"reweight_eps": 1.0}, "mixture.reweight_eps"),
-    ("doge", {"mode": "mixed"}, "mixture.mode"),
-    ("doge", {"target": "humaneval"}, "mixture.target"),
-    ("doge", {"burn_in": -3}, "mixture.burn_in"),
-    ("doge", {"floor": -0.1}, "mixture.floor"),
-    ("doge", {"ref_sequences": 0}, "mixture.ref_sequences"),
-    ("dga", {}, "mixture.target"),
-    ("dga", {"target": "heldout"}, "mixture.target"),
-    ("dga", {"target": "target:t", "update_every": 0}, "mixture.update_every"),
-    ("dga", {"target": "target:t", "mu": -1}, "mixture.mu"),
-    ("dga", {"target": "target:t", "ema": 1.0}, "mixture.ema"),
-    ("dga", {"target": "target:t", "max_grad_norm": 0}, "mixture.max_grad_norm"),
-    ("dga", {"target": "target:t", "lr_coupling": "yes"}, "mixture.lr_coupling"),
-    ("dga", {"target": "target:t", "source": "probe"}, "mixture.source"),
-    ("dga", {"target": "target:t", "probe_sequences": 0}, "mixture.probe_sequences"),
-    ("dga", {"target": "target:t", "target_sequences": 2.5}, "mixture.target_sequences"),
-    ("dga", {"target": "target:t", "floor": 2}, "mixture.floor"),
-    ("dga", {"target": "target:t", "basis": []}, "mixture.basis"),
-    ("doremi", {}, "mixture.reference"),
-    ("doremi", {"reference": "  "}, "mixture.reference"),
-    ("doremi", {"reference": "r", "reweight_eta": 0}, "mixture.reweight_eta"),
-    ("doremi", {"reference": "r", "reweight_eps": -1e-3}, "mixture.reweight_eps"),
-    ("doremi", {"reference": "r", "mode": "x"}, "mixture.mode"),
-    ("odm", {"gamma": 1.0}, "mixture.gamma"),
-    ("odm", {"warmup_steps": -1}, "mixture.warmup_steps"),
-    ("odm", {"epsilon": 0.1}, "mixture.epsilon"),
-])
+@pytest.mark.parametrize(
+    "name, values, knob",
+    [
+        ("doge", {"mu": 0}, "mixture.mu"),
+        ("doge", {"max_grad_norm": -1.0}, "mixture.max_grad_norm"),
+        ("doge", {"dw_min": 2.0, "dw_max": 1.0}, "mixture.dw_max"),
+        ("doge", {"reweight_eps": 1.0}, "mixture.reweight_eps"),
+        ("doge", {"mode": "mixed"}, "mixture.mode"),
+        ("doge", {"target": "humaneval"}, "mixture.target"),
+        ("doge", {"burn_in": -3}, "mixture.burn_in"),
+        ("doge", {"floor": -0.1}, "mixture.floor"),
+        ("doge", {"ref_sequences": 0}, "mixture.ref_sequences"),
+        ("dga", {}, "mixture.target"),
+        ("dga", {"target": "heldout"}, "mixture.target"),
+        ("dga", {"target": "target:t", "update_every": 0}, "mixture.update_every"),
+        ("dga", {"target": "target:t", "mu": -1}, "mixture.mu"),
+        ("dga", {"target": "target:t", "ema": 1.0}, "mixture.ema"),
+        ("dga", {"target": "target:t", "max_grad_norm": 0}, "mixture.max_grad_norm"),
+        ("dga", {"target": "target:t", "lr_coupling": "yes"}, "mixture.lr_coupling"),
+        ("dga", {"target": "target:t", "source": "probe"}, "mixture.source"),
+        ("dga", {"target": "target:t", "probe_sequences": 0}, "mixture.probe_sequences"),
+        ("dga", {"target": "target:t", "target_sequences": 2.5}, "mixture.target_sequences"),
+        ("dga", {"target": "target:t", "floor": 2}, "mixture.floor"),
+        ("dga", {"target": "target:t", "basis": []}, "mixture.basis"),
+        ("doremi", {}, "mixture.reference"),
+        ("doremi", {"reference": "  "}, "mixture.reference"),
+        ("doremi", {"reference": "r", "reweight_eta": 0}, "mixture.reweight_eta"),
+        ("doremi", {"reference": "r", "reweight_eps": -1e-3}, "mixture.reweight_eps"),
+        ("doremi", {"reference": "r", "mode": "x"}, "mixture.mode"),
+        ("odm", {"gamma": 1.0}, "mixture.gamma"),
+        ("odm", {"warmup_steps": -1}, "mixture.warmup_steps"),
+        ("odm", {"epsilon": 0.1}, "mixture.epsilon"),
+    ],
+)
 def test_config_errors_name_the_knob(name, values, knob):
     with pytest.raises(MixtureConfigError, match=knob.replace(".", r"\.")):
         build_controller(name, DOMAINS, values)
@@ -490,5 +551,8 @@ def test_missing_requested_statistic_is_an_error():
 
 
 def test_mixtures_stay_pure():
-    code = "import sys, mixtures; bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'trainer')]; assert not bad, bad"
+    code = (
+        "import sys, mixtures; bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'trainer')]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from helpers import REPO, losses_by_step, run_torchrun, tiny_config, tiny_values
+
 from trainer.config import ConfigError, load_config
 from trainer.curriculum.holdout import holdout_mask, subset_pools
 from trainer.curriculum.pacing import OnlineOrder, ScoreOrder, pacing_fraction, replay
@@ -47,11 +47,18 @@ def _mixed_shardset(root, n_docs=60, seed=0):
         return {"prefix": prefix, **write_indexed(root / prefix, arrays, dtype=tok.dtype)}
 
     words = ["the", "cat", "sat", "on", "mat", "and", "dog", "ran", "far"]
-    word_docs = [np.array(tok.encode(" ".join(rng.choice(words, size=80))) + [tok.eod], dtype=tok.dtype) for _ in range(30)]
+    word_docs = [
+        np.array(tok.encode(" ".join(rng.choice(words, size=80))) + [tok.eod], dtype=tok.dtype) for _ in range(30)
+    ]
     valid = [np.array(tok.encode("abcdefgh" * 20) + [tok.eod], dtype=tok.dtype)]
-    domains = {"mixed": {"splits": {"train": write("mixed/train", docs), "valid": write("mixed/valid", valid)}},
-               "words": {"splits": {"train": write("words/train", word_docs), "valid": write("words/valid", word_docs[:2])}}}
-    write_manifest(root, {"tokenizer": tok.identity(), "recipe_hash": "synthetic", "domains": domains, "targets": {}, "missing": {}})
+    domains = {
+        "mixed": {"splits": {"train": write("mixed/train", docs), "valid": write("mixed/valid", valid)}},
+        "words": {"splits": {"train": write("words/train", word_docs), "valid": write("words/valid", word_docs[:2])}},
+    }
+    write_manifest(
+        root,
+        {"tokenizer": tok.identity(), "recipe_hash": "synthetic", "domains": domains, "targets": {}, "missing": {}},
+    )
     n = (token_kind.size - 1) // SEQ
     labels = np.full(n, -1)
     for j in range(n):
@@ -63,7 +70,9 @@ def _mixed_shardset(root, n_docs=60, seed=0):
 
 def _mixtrain(args, cwd, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
@@ -76,11 +85,32 @@ def proxy(tmp_path_factory):
     base = tmp_path_factory.mktemp("curriculum")
     data, labels = _mixed_shardset(base / "data")
     run = base / "proxy"
-    _mixtrain(["train", "+experiment=curriculum_proxy", "data=shards", f"data.path={data}", "data.tokenizer=bytes",
-               f"data.seq_len={SEQ}", "data.steps_per_shard=4", "data.eval_sequences=4", "model.d_model=32", "model.max_seq_len=64",
-               "train.steps=40", "train.micro_batch=8", "train.lr=3e-3", "train.min_lr=3e-4", "train.warmup_steps=2",
-               "train.eval_every=0", "engine.threads=1", "run.progress=false", "run.wandb=disabled", "run.plots=false",
-               f"hydra.run.dir={run}"], base)
+    _mixtrain(
+        [
+            "train",
+            "+experiment=curriculum_proxy",
+            "data=shards",
+            f"data.path={data}",
+            "data.tokenizer=bytes",
+            f"data.seq_len={SEQ}",
+            "data.steps_per_shard=4",
+            "data.eval_sequences=4",
+            "model.d_model=32",
+            "model.max_seq_len=64",
+            "train.steps=40",
+            "train.micro_batch=8",
+            "train.lr=3e-3",
+            "train.min_lr=3e-4",
+            "train.warmup_steps=2",
+            "train.eval_every=0",
+            "engine.threads=1",
+            "run.progress=false",
+            "run.wandb=disabled",
+            "run.plots=false",
+            f"hydra.run.dir={run}",
+        ],
+        base,
+    )
     steps = sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
     assert steps == list(range(4, 41, 4))  # every 10% of the steps, all kept
     main(["score", str(run), "--batch", "32", "--no-progress"])
@@ -131,7 +161,9 @@ def test_pools_keep_the_sampler_invariants_and_identity_pools_change_nothing():
 
 # ---- paced order --------------------------------------------------------------------------------
 def _score_sampler(sizes, scores, pools, shard_size=20, steps_per_shard=2, total_steps=40, seed=7, f0=0.25, u_full=0.5):
-    order = ScoreOrder(scores, pools, seed=seed, steps_per_shard=steps_per_shard, total_steps=total_steps, f0=f0, u_full=u_full)
+    order = ScoreOrder(
+        scores, pools, seed=seed, steps_per_shard=steps_per_shard, total_steps=total_steps, f0=f0, u_full=u_full
+    )
     return DomainSampler(sizes, shard_size, seed=seed, pools=pools, order=order)
 
 
@@ -171,7 +203,11 @@ def test_curriculum_draws_most_learnable_first_and_covers_each_sample_once_per_e
         means = [p.scores[p.domains == d].mean() for p in per_shard if p.shard_index * 2 < 20]
         assert means[0] > means[-1] and means[0] > np.mean(means[len(means) // 2 :])
         assert np.allclose(first.scores[first.domains == d], scores[d][drawn])
-    assert [p.fraction for p in per_shard[:3]] == [0.25, pacing_fraction(2 / 40, 0.25, 0.5), pacing_fraction(4 / 40, 0.25, 0.5)]
+    assert [p.fraction for p in per_shard[:3]] == [
+        0.25,
+        pacing_fraction(2 / 40, 0.25, 0.5),
+        pacing_fraction(4 / 40, 0.25, 0.5),
+    ]
 
 
 def test_curriculum_plan_is_pure_identical_on_every_rank_and_across_a_state_dict_round_trip():
@@ -198,7 +234,11 @@ def test_curriculum_plan_is_pure_identical_on_every_rank_and_across_a_state_dict
         restored.advance(q)
     # ranks take disjoint slices of one step's batch: together they hold the step's samples once
     plan = ranks[0].plan_shard(w)
-    got = [(int(plan.domains[i]), int(plan.indices[i])) for r in range(4) for i in range(*rank_slice(8, 8, r, 4).indices(plan.domains.size))]
+    got = [
+        (int(plan.domains[i]), int(plan.indices[i]))
+        for r in range(4)
+        for i in range(*rank_slice(8, 8, r, 4).indices(plan.domains.size))
+    ]
     assert len(set(got)) == 8
     # another seed gives another order; a plain state does not load into a curriculum sampler
     other = _score_sampler(sizes, scores, pools, shard_size=24, seed=8)
@@ -258,8 +298,17 @@ def test_mismatched_scores_are_refused(proxy, tmp_path):
     from trainer.loop import Loop
 
     def cfg(data, **kw):
-        return tiny_config(data, tmp_path / "run", **{"data.holdout_fraction": 0.1, "data.subset": "main", "data.seq_len": SEQ,
-                                                       "curriculum": {"name": "irreducible", "scores": str(proxy["run"])}, **kw})
+        return tiny_config(
+            data,
+            tmp_path / "run",
+            **{
+                "data.holdout_fraction": 0.1,
+                "data.subset": "main",
+                "data.seq_len": SEQ,
+                "curriculum": {"name": "irreducible", "scores": str(proxy["run"])},
+                **kw,
+            },
+        )
 
     with pytest.raises(ConfigError, match=r"curriculum.scores.*(?s:.*)data.seq_len: scores 32 vs this run 16"):
         Loop(cfg(proxy["data"], **{"data.seq_len": 16}))
@@ -286,8 +335,17 @@ def test_mismatched_scores_are_refused(proxy, tmp_path):
     with pytest.raises(ConfigError, match="data.subset"):
         load_config(tiny_values(proxy["data"], tmp_path / "r", curriculum={"name": "irreducible", "scores": "x"}))
     with pytest.raises(ConfigError, match="curriculum.f0"):
-        load_config(tiny_values(proxy["data"], tmp_path / "r", **{"data.holdout_fraction": 0.1, "data.subset": "main",
-                                                                   "curriculum": {"name": "irreducible", "scores": "x", "f0": 0}}))
+        load_config(
+            tiny_values(
+                proxy["data"],
+                tmp_path / "r",
+                **{
+                    "data.holdout_fraction": 0.1,
+                    "data.subset": "main",
+                    "curriculum": {"name": "irreducible", "scores": "x", "f0": 0},
+                },
+            )
+        )
 
 
 # ---- training with a curriculum: bit-exact resume -----------------------------------------------
@@ -295,16 +353,32 @@ def _launch(nproc, values, cfg_path):
     cfg_path.write_text(json.dumps(values))
     if nproc == 1:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        return subprocess.run([sys.executable, str(SCRIPT), str(cfg_path)], capture_output=True, text=True, timeout=300, env=env)
+        return subprocess.run(
+            [sys.executable, str(SCRIPT), str(cfg_path)], capture_output=True, text=True, timeout=300, env=env
+        )
     return run_torchrun(nproc, SCRIPT, str(cfg_path))
 
 
 def _resume_case(tmp_path, data, curriculum, nproc=1):
     def values(run_dir, **extra):
-        return tiny_values(data, run_dir, **{
-            "data.seq_len": SEQ, "data.holdout_fraction": 0.1, "data.subset": "main", "curriculum": curriculum,
-            "train.steps": 10, "train.checkpoint_every": 3, "train.eval_every": 5, "train.micro_batch": 4 // nproc,
-            "train.grad_accum": 2, "data.steps_per_shard": 2, "mixture": {"name": "test_loss_softmax", "tau": 0.5}, **extra})
+        return tiny_values(
+            data,
+            run_dir,
+            **{
+                "data.seq_len": SEQ,
+                "data.holdout_fraction": 0.1,
+                "data.subset": "main",
+                "curriculum": curriculum,
+                "train.steps": 10,
+                "train.checkpoint_every": 3,
+                "train.eval_every": 5,
+                "train.micro_batch": 4 // nproc,
+                "train.grad_accum": 2,
+                "data.steps_per_shard": 2,
+                "mixture": {"name": "test_loss_softmax", "tau": 0.5},
+                **extra,
+            },
+        )
 
     ref = _launch(nproc, values(tmp_path / "ref"), tmp_path / "ref.json")
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
@@ -338,8 +412,11 @@ def test_static_curriculum_trains_and_resumes_bit_exactly(proxy, tmp_path):
 
 @pytest.mark.slow  # the default suite stays under 10 minutes
 def test_online_curriculum_trains_and_resumes_bit_exactly(proxy, tmp_path):
-    log, history = _resume_case(tmp_path, proxy["data"], {"name": "irreducible_online", "proxy_model": {"d_model": 32},
-                                                          "proxy_lr": 3e-3, "score_batch": 8})
+    log, history = _resume_case(
+        tmp_path,
+        proxy["data"],
+        {"name": "irreducible_online", "proxy_model": {"d_model": 32}, "proxy_lr": 3e-3, "score_batch": 8},
+    )
     assert all("curriculum/proxy_loss" in log[s] for s in range(10))
     assert log[9]["curriculum/proxy_loss"] < log[0]["curriculum/proxy_loss"]  # the proxy learns on the holdout
     scored = [h["curriculum"] for h in history[1:]]
@@ -348,12 +425,21 @@ def test_online_curriculum_trains_and_resumes_bit_exactly(proxy, tmp_path):
 
 @pytest.mark.slow
 def test_online_curriculum_resumes_bit_exactly_on_two_ranks(proxy, tmp_path):
-    _resume_case(tmp_path, proxy["data"], {"name": "irreducible_online", "proxy_model": {"d_model": 32}, "score_batch": 8}, nproc=2)
+    _resume_case(
+        tmp_path,
+        proxy["data"],
+        {"name": "irreducible_online", "proxy_model": {"d_model": 32}, "score_batch": 8},
+        nproc=2,
+    )
 
 
 def test_score_help_and_usage():
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "score", "--help"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "score", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0 and "--early" in proc.stdout and "PROXY_RUN" in proc.stdout
     from trainer.cli import USAGE
 

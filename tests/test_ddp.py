@@ -4,7 +4,6 @@ and every rank holds identical weights and parameters."""
 import json
 
 import pytest
-
 from helpers import REPO, losses_by_step, make_shardset, run_torchrun, tiny_values
 
 SCRIPT = REPO / "tests" / "scripts" / "run_config.py"
@@ -12,8 +11,12 @@ SCRIPT = REPO / "tests" / "scripts" / "run_config.py"
 
 def test_two_ranks_match_one_rank(tmp_path):
     data = make_shardset(tmp_path / "data")
-    common = {"train.steps": 6, "data.steps_per_shard": 2, "train.eval_every": 3,
-              "mixture": {"name": "test_loss_softmax", "tau": 0.5}}
+    common = {
+        "train.steps": 6,
+        "data.steps_per_shard": 2,
+        "train.eval_every": 3,
+        "mixture": {"name": "test_loss_softmax", "tau": 0.5},
+    }
     one = tiny_values(data, tmp_path / "one", **{**common, "train.micro_batch": 4})
     two = tiny_values(data, tmp_path / "two", **{**common, "train.micro_batch": 2})
     (tmp_path / "one.json").write_text(json.dumps(one))

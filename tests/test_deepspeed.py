@@ -25,8 +25,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from helpers import REPO, losses_by_step, make_shardset, run_torchrun, tiny_values
+
 from trainer import checkpoint
 from trainer.config import ConfigError, EngineConfig, TrainConfig, load_config
 from trainer.engines.deepspeed_engine import build_ds_config
@@ -34,17 +34,41 @@ from trainer.engines.deepspeed_engine import build_ds_config
 SCRIPT = REPO / "tests" / "scripts" / "run_config.py"
 STEP_SCRIPT = REPO / "tests" / "scripts" / "ds_engine_step.py"
 REL = 1e-4
-DGA = {"name": "dga", "target": "target:wordy", "update_every": 2, "mu": 0.003, "ema": 0.5, "source": "in_batch",
-       "target_sequences": 4}
-ZERO = {0: {"zero_stage": 0}, 1: {"zero_stage": 1}, 2: {"zero_stage": 2}, 3: {"zero_stage": 3, "zero3_whole_params": True},
-        "3p": {"zero_stage": 3}}  # 3p: partitioned parameters (engine.zero3_whole_params=false)
+DGA = {
+    "name": "dga",
+    "target": "target:wordy",
+    "update_every": 2,
+    "mu": 0.003,
+    "ema": 0.5,
+    "source": "in_batch",
+    "target_sequences": 4,
+}
+ZERO = {
+    0: {"zero_stage": 0},
+    1: {"zero_stage": 1},
+    2: {"zero_stage": 2},
+    3: {"zero_stage": 3, "zero3_whole_params": True},
+    "3p": {"zero_stage": 3},
+}  # 3p: partitioned parameters (engine.zero3_whole_params=false)
 
 
 def _values(data, run_dir, engine: dict, mixture=None, **extra):
     """20 steps, 2 ranks x 2 micro-batches x 2 sequences, shards of 4 steps, a checkpoint every 5."""
-    return tiny_values(data, run_dir, **{
-        "train.steps": 20, "train.micro_batch": 2, "train.grad_accum": 2, "train.eval_every": 5, "train.checkpoint_every": 5,
-        "data.steps_per_shard": 4, "engine": {"threads": 1, **engine}, "mixture": mixture or DGA, **extra})
+    return tiny_values(
+        data,
+        run_dir,
+        **{
+            "train.steps": 20,
+            "train.micro_batch": 2,
+            "train.grad_accum": 2,
+            "train.eval_every": 5,
+            "train.checkpoint_every": 5,
+            "data.steps_per_shard": 4,
+            "engine": {"threads": 1, **engine},
+            "mixture": mixture or DGA,
+            **extra,
+        },
+    )
 
 
 def _launch(values: dict, cfg_path):
@@ -176,8 +200,12 @@ def test_partitioned_nvme_offload_refuses_gradient_signals():
     with pytest.raises(ConfigError, match=r"engine\.offload_param=nvme.*engine\.zero3_whole_params=true"):
         DeepSpeedEngine._check_probe(SimpleNamespace(_partitioned=True, engine_cfg=cfg), object())
     for offload in ("none", "cpu"):  # partitioned (also CPU-offloaded) parameters: the probe works
-        DeepSpeedEngine._check_probe(SimpleNamespace(_partitioned=True, engine_cfg=EngineConfig(
-            name="deepspeed", zero_stage=3, offload_param=offload)), object())
+        DeepSpeedEngine._check_probe(
+            SimpleNamespace(
+                _partitioned=True, engine_cfg=EngineConfig(name="deepspeed", zero_stage=3, offload_param=offload)
+            ),
+            object(),
+        )
 
 
 def test_engine_contract_matches_torch_engine(tmp_path):
@@ -185,8 +213,13 @@ def test_engine_contract_matches_torch_engine(tmp_path):
     active, the probe, on_losses; weights loaded with load_state_dict stick; partitioned ZeRO-3
     (also with parameters offloaded to CPU) gives the same probe statistics and evaluates."""
     out = tmp_path / "step.json"
-    proc = subprocess.run([sys.executable, str(STEP_SCRIPT), str(out)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(STEP_SCRIPT), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     ref = report["torch"]
@@ -241,8 +274,11 @@ def test_resume_refuses_another_engine_layout(runs, tmp_path):
     refused before anything is built or written."""
     from trainer.loop import Loop
 
-    cases = [("zero2", {}, "engine.name"), ("zero2", {"name": "deepspeed", "zero_stage": 1}, "engine.zero_stage"),
-             ("torch", {"name": "deepspeed"}, "engine.name")]
+    cases = [
+        ("zero2", {}, "engine.name"),
+        ("zero2", {"name": "deepspeed", "zero_stage": 1}, "engine.zero_stage"),
+        ("torch", {"name": "deepspeed"}, "engine.name"),
+    ]
     for i, (src, engine, knob) in enumerate(cases):
         run_dir = tmp_path / f"copy{i}"
         shutil.copytree(runs[src], run_dir)
@@ -254,35 +290,69 @@ def test_resume_refuses_another_engine_layout(runs, tmp_path):
 
 def test_ds_config_from_knobs():
     train = TrainConfig(micro_batch=4, grad_accum=3, grad_clip=0.5)
-    cfg = build_ds_config(EngineConfig(name="deepspeed", zero_stage=2, precision="bf16", offload_optimizer="cpu",
-                                       ds_config={"zero_optimization": {"overlap_comm": True}, "wall_clock_breakdown": True}),
-                          train, world_size=2)
+    cfg = build_ds_config(
+        EngineConfig(
+            name="deepspeed",
+            zero_stage=2,
+            precision="bf16",
+            offload_optimizer="cpu",
+            ds_config={"zero_optimization": {"overlap_comm": True}, "wall_clock_breakdown": True},
+        ),
+        train,
+        world_size=2,
+    )
     assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 3
     assert cfg["train_batch_size"] == 24 and cfg["gradient_clipping"] == 0.5
     assert cfg["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}, "overlap_comm": True}
     assert cfg["bf16"] == {"enabled": True} and "fp16" not in cfg and "optimizer" not in cfg and "scheduler" not in cfg
     assert cfg["wall_clock_breakdown"] is True  # engine.ds_config merged last
-    z3 = build_ds_config(EngineConfig(name="deepspeed", zero_stage=3, zero3_whole_params=True, offload_param="nvme",
-                                      offload_nvme_path="/nvme"), train, 1)["zero_optimization"]
-    assert z3["offload_param"] == {"device": "nvme", "nvme_path": "/nvme"} and z3["stage3_param_persistence_threshold"] >= 2**60
-    assert "stage3_param_persistence_threshold" not in build_ds_config(EngineConfig(name="deepspeed", zero_stage=3), train, 1)["zero_optimization"]
+    z3 = build_ds_config(
+        EngineConfig(
+            name="deepspeed", zero_stage=3, zero3_whole_params=True, offload_param="nvme", offload_nvme_path="/nvme"
+        ),
+        train,
+        1,
+    )["zero_optimization"]
+    assert (
+        z3["offload_param"] == {"device": "nvme", "nvme_path": "/nvme"}
+        and z3["stage3_param_persistence_threshold"] >= 2**60
+    )
+    assert (
+        "stage3_param_persistence_threshold"
+        not in build_ds_config(EngineConfig(name="deepspeed", zero_stage=3), train, 1)["zero_optimization"]
+    )
 
 
-@pytest.mark.parametrize("knobs,message", [
-    ({"zero_stage": 4}, "engine.zero_stage=4; allowed: 0, 1, 2, 3"),
-    ({"precision": "fp8"}, "engine.precision='fp8'; allowed: fp32, bf16, fp16"),
-    ({"offload_optimizer": "gpu", "zero_stage": 2}, "engine.offload_optimizer='gpu'; allowed: none, cpu, nvme"),
-    ({"offload_optimizer": "cpu"}, "needs engine.zero_stage 1, 2 or 3"),
-    ({"offload_param": "cpu", "zero_stage": 2}, "engine.offload_param=cpu needs engine.zero_stage=3"),
-    ({"offload_param": "nvme", "zero_stage": 3}, "engine.offload_nvme_path"),
-    ({"zero3_whole_params": True, "zero_stage": 2}, "engine.zero3_whole_params=true needs engine.zero_stage=3"),
-    ({"ds_config": {"gradient_accumulation_steps": 4}}, "engine.ds_config.gradient_accumulation_steps is set from train.grad_accum"),
-    ({"ds_config": {"bf16": {"enabled": True}}}, "engine.ds_config.bf16 is set from engine.precision"),
-    ({"ds_config": {"zero_optimization": {"stage": 3}}}, "engine.ds_config.zero_optimization.stage is set from engine.zero_stage"),
-    ({"ds_config": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}, "zero_stage": 3,
-      "zero3_whole_params": True}, "conflicts with engine.zero3_whole_params=true"),
-    ({"ds_config": [1]}, "engine.ds_config must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "knobs,message",
+    [
+        ({"zero_stage": 4}, "engine.zero_stage=4; allowed: 0, 1, 2, 3"),
+        ({"precision": "fp8"}, "engine.precision='fp8'; allowed: fp32, bf16, fp16"),
+        ({"offload_optimizer": "gpu", "zero_stage": 2}, "engine.offload_optimizer='gpu'; allowed: none, cpu, nvme"),
+        ({"offload_optimizer": "cpu"}, "needs engine.zero_stage 1, 2 or 3"),
+        ({"offload_param": "cpu", "zero_stage": 2}, "engine.offload_param=cpu needs engine.zero_stage=3"),
+        ({"offload_param": "nvme", "zero_stage": 3}, "engine.offload_nvme_path"),
+        ({"zero3_whole_params": True, "zero_stage": 2}, "engine.zero3_whole_params=true needs engine.zero_stage=3"),
+        (
+            {"ds_config": {"gradient_accumulation_steps": 4}},
+            "engine.ds_config.gradient_accumulation_steps is set from train.grad_accum",
+        ),
+        ({"ds_config": {"bf16": {"enabled": True}}}, "engine.ds_config.bf16 is set from engine.precision"),
+        (
+            {"ds_config": {"zero_optimization": {"stage": 3}}},
+            "engine.ds_config.zero_optimization.stage is set from engine.zero_stage",
+        ),
+        (
+            {
+                "ds_config": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+                "zero_stage": 3,
+                "zero3_whole_params": True,
+            },
+            "conflicts with engine.zero3_whole_params=true",
+        ),
+        ({"ds_config": [1]}, "engine.ds_config must be a mapping"),
+    ],
+)
 def test_knob_validation_names_the_knob(knobs, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         EngineConfig(name="deepspeed", **knobs).validate()
@@ -291,15 +361,23 @@ def test_knob_validation_names_the_knob(knobs, message):
 def test_deepspeed_knobs_refused_with_torch_engine():
     with pytest.raises(ConfigError, match=r"engine\.zero_stage applies to engine\.name=deepspeed only"):
         EngineConfig(name="torch", zero_stage=2).validate()
-    EngineConfig(name="deepspeed", zero_stage=3, ds_config={"zero_optimization": {"stage3_param_persistence_threshold": 0}}).validate()
+    EngineConfig(
+        name="deepspeed", zero_stage=3, ds_config={"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+    ).validate()
 
 
 def test_hydra_group_composes():
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(version_base=None, config_dir=str(REPO / "conf")):
-        cfg = compose(config_name="config", overrides=["engine=deepspeed", "engine.zero_stage=2",
-                                                       "+engine.ds_config.zero_optimization.overlap_comm=true"])
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                "engine=deepspeed",
+                "engine.zero_stage=2",
+                "+engine.ds_config.zero_optimization.overlap_comm=true",
+            ],
+        )
     from omegaconf import OmegaConf
 
     values = OmegaConf.to_container(cfg, resolve=True)

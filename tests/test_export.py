@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 import pytest
 import yaml
-
 from helpers import make_shardset, tiny_config
+
 from mixtures import build_controller
 from trainer.export import ExportError, export, main
 from trainer.loop import Loop
@@ -44,8 +44,16 @@ def _gpt_config(**blend):
     from trainer.data.tokenizer import get_tokenizer
 
     _, _, GPTDatasetConfig, _ = _megatron()
-    return GPTDatasetConfig(random_seed=1, sequence_length=16, tokenizer=get_tokenizer("bytes"), reset_position_ids=False,
-                            reset_attention_mask=False, eod_mask_loss=False, path_to_cache=None, **blend)
+    return GPTDatasetConfig(
+        random_seed=1,
+        sequence_length=16,
+        tokenizer=get_tokenizer("bytes"),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        path_to_cache=None,
+        **blend,
+    )
 
 
 def _realised(dataset) -> np.ndarray:
@@ -81,8 +89,12 @@ def test_per_split_json_builds_in_megatron(run_dir, tmp_path):
     assert all(p.endswith("/valid") for p in obj["valid"][1::2])
     Builder, GPTDataset, _, get_blend_from_list = _megatron()
     # what megatron training does with --per-split-data-args-path
-    per_split = [get_blend_from_list(obj[s].split() if isinstance(obj[s], str) else obj[s]) for s in ("train", "valid", "test")]
-    train, valid, test = Builder(GPTDataset, [300, 120, 0], lambda: True, _gpt_config(blend_per_split=per_split)).build()
+    per_split = [
+        get_blend_from_list(obj[s].split() if isinstance(obj[s], str) else obj[s]) for s in ("train", "valid", "test")
+    ]
+    train, valid, test = Builder(
+        GPTDataset, [300, 120, 0], lambda: True, _gpt_config(blend_per_split=per_split)
+    ).build()
     assert test is None and len(train) == 300 and len(valid) == 120
     assert np.allclose(_realised(train), _expected(per_split[0]), atol=0.01)
     assert np.allclose(_realised(valid), _expected(per_split[1]), atol=0.02)
@@ -103,7 +115,14 @@ def test_final_weights_and_valid_split(run_dir, tmp_path):
     other = tmp_path / "adaptive"
     other.mkdir()
     shutil.copy(run_dir / "config.yaml", other / "config.yaml")
-    write_weights(other / "weights.json", ["counting", "abc", "words", "noise"], [0.4, 0.3, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1], "doge", 9)
+    write_weights(
+        other / "weights.json",
+        ["counting", "abc", "words", "noise"],
+        [0.4, 0.3, 0.2, 0.1],
+        [0.7, 0.1, 0.1, 0.1],
+        "doge",
+        9,
+    )
     avg = export(other, "megatron").split()
     final = export(other / "weights.json", "megatron", which="final", split="valid").split()
     assert avg[0::2] == ["0.4", "0.3", "0.2", "0.1"] and final[0::2] == ["0.7", "0.1", "0.1", "0.1"]

@@ -9,15 +9,21 @@ import json
 
 import numpy as np
 import pytest
-
 from helpers import make_shardset, tiny_config
+
 from trainer import signals as signals_module
 from trainer.data.reference import reference_slice
 from trainer.loop import Loop
 from trainer.signals import evaluation_overlap, mix_counts
 
-SIX = {"counting": "counting", "abc": "abc", "words": "words", "noise": "noise", "more_words": "words",
-       "digits": "counting"}
+SIX = {
+    "counting": "counting",
+    "abc": "abc",
+    "words": "words",
+    "noise": "noise",
+    "more_words": "words",
+    "digits": "counting",
+}
 
 
 @pytest.fixture()
@@ -29,7 +35,7 @@ def _domain_of_rows(loop, rows: np.ndarray) -> list[int]:
     """Which domain's reference slice each row is (every row must be in exactly one)."""
     slices = {}
     for d, (view, idx) in enumerate(zip(loop.data.train, loop.data.reference)):
-        for j, row in zip(idx, view.get(idx)):
+        for row in view.get(idx):
             slices.setdefault(row.tobytes(), set()).add(d)
     out = []
     for row in rows:
@@ -73,8 +79,9 @@ def test_doge_reference_covers_every_domain_from_the_heldout_slices(six_domains,
 
 
 def test_the_sampler_never_draws_the_reference_slice(six_domains, tmp_path):
-    loop = Loop(tiny_config(six_domains, tmp_path / "run", mixture={"name": "doge", "mode": "resample"},
-                            **{"train.steps": 12}))
+    loop = Loop(
+        tiny_config(six_domains, tmp_path / "run", mixture={"name": "doge", "mode": "resample"}, **{"train.steps": 12})
+    )
     drawn = [set() for _ in range(loop.K)]
     original = loop._next_shard
 
@@ -101,13 +108,22 @@ def test_steering_on_evaluation_data_is_said(six_domains, tmp_path, capsys):
     data = type(loop.data)(**{**loop.data.__dict__, "targets": one_split})
     assert evaluation_overlap(["target:wordy", "valid:abc", "heldout:abc"], data) == [
         "target:wordy (the target set has one split, reported as target/wordy/loss)",
-        "valid:abc (reported as eval/abc/loss)"]
+        "valid:abc (reported as eval/abc/loss)",
+    ]
     capsys.readouterr()
-    loop = Loop(tiny_config(six_domains, tmp_path / "run2", mixture={"name": "doge", "target": "target:wordy"},
-                            **{"train.steps": 2}))
+    loop = Loop(
+        tiny_config(
+            six_domains, tmp_path / "run2", mixture={"name": "doge", "target": "target:wordy"}, **{"train.steps": 2}
+        )
+    )
     assert loop.steers_on_eval == []
-    monkey = Loop(tiny_config(six_domains, tmp_path / "run3", **{"train.steps": 3, "mixture": {
-        "name": "dga", "target": "target:wordy", "update_every": 1}}))
+    monkey = Loop(
+        tiny_config(
+            six_domains,
+            tmp_path / "run3",
+            **{"train.steps": 3, "mixture": {"name": "dga", "target": "target:wordy", "update_every": 1}},
+        )
+    )
     monkey.steers_on_eval = ["valid:abc (reported as eval/abc/loss)"]
     monkey.train()
     assert "steered on data that evaluation reports" in capsys.readouterr().out

@@ -19,26 +19,55 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO, losses_by_step, make_shardset, tiny_values
+
 from trainer import checkpoint
 from trainer.config import ConfigError, load_config
 from trainer.tracking import read_jsonl
 
 STEPS, PER_SHARD, EVERY = 10, 3, 4  # checkpoints at 4 and 8 (mid-shard: shards start at 0, 3, 6, 9)
-ARGS = ["model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.max_seq_len=64", "data.seq_len=32",
-        f"data.steps_per_shard={PER_SHARD}", "data.eval_sequences=4", f"train.steps={STEPS}", "train.micro_batch=2",
-        "train.warmup_steps=1", "train.eval_every=5", f"train.checkpoint_every={EVERY}", "mixture=odm",
-        "run.wandb=disabled", "run.plots=false", "run.progress=false", "engine.threads=1"]
+ARGS = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.d_model=32",
+    "model.max_seq_len=64",
+    "data.seq_len=32",
+    f"data.steps_per_shard={PER_SHARD}",
+    "data.eval_sequences=4",
+    f"train.steps={STEPS}",
+    "train.micro_batch=2",
+    "train.warmup_steps=1",
+    "train.eval_every=5",
+    f"train.checkpoint_every={EVERY}",
+    "mixture=odm",
+    "run.wandb=disabled",
+    "run.plots=false",
+    "run.progress=false",
+    "engine.threads=1",
+]
 
 
 def _launch(data: Path, run_dir: Path, *extra: str, restarts: int = 0) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RUN_DIR", "MAX_RESTARTS", "TORCH_DISABLE_SHARE_RDZV", "TORCHELASTIC_", "MASTER_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO), RUN_DIR=str(run_dir), MAX_RESTARTS=str(restarts))
-    proc = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"), "2", "data=shards", f"data.path={data}", *ARGS, *extra],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RUN_DIR", "MAX_RESTARTS", "TORCH_DISABLE_SHARE_RDZV", "TORCHELASTIC_", "MASTER_"))
+    }
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO),
+        RUN_DIR=str(run_dir),
+        MAX_RESTARTS=str(restarts),
+    )
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / "torchrun.sh"), "2", "data=shards", f"data.path={data}", *ARGS, *extra],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     proc.log = proc.stdout + proc.stderr
     return proc
 
@@ -67,7 +96,9 @@ def _assert_same_as_uninterrupted(run: Path, ref: Path) -> None:
     assert [(s["shard"], s["step"]) for s in shards] == [(i, i * PER_SHARD) for i in range(len(ref_shards))]
     assert [s["samples"] for s in shards] == [s["samples"] for s in ref_shards]
     assert shards == ref_shards
-    assert len({json.dumps(s["weights"]) for s in ref_shards}) > 1  # the controller moved: a replay has state to get wrong
+    assert (
+        len({json.dumps(s["weights"]) for s in ref_shards}) > 1
+    )  # the controller moved: a replay has state to get wrong
     # each step's training record once (a step replayed after the resume replaced the pre-crash one)
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in metrics if "train/loss" in r] == list(range(STEPS))
@@ -110,10 +141,14 @@ def test_rank_killed_while_writing_a_checkpoint(ref, tmp_path):
     partial checkpoint is not taken, the restart resumes from step 4 and the rerun save replaces it."""
     data, ref_dir = ref
     run = tmp_path / "run"
-    proc = _launch(data, run, "train.fail_at_step=8", "++train.fail_rank=0", "++train.fail_in_checkpoint=true", restarts=1)
+    proc = _launch(
+        data, run, "train.fail_at_step=8", "++train.fail_rank=0", "++train.fail_in_checkpoint=true", restarts=1
+    )
     partial = run / "checkpoints" / "step_00000008.tmp"
     held = re.search(rf"killing rank 0 while writing {re.escape(str(partial))} \(holding ([^)]*)\)", proc.log)
-    assert held and {"rng_rank0.pt", "state.pt"} <= set(held.group(1).split(", ")), proc.log[-4000:]  # rank 1's RNG: a race
+    assert held and {"rng_rank0.pt", "state.pt"} <= set(held.group(1).split(", ")), proc.log[
+        -4000:
+    ]  # rank 1's RNG: a race
     _assert_one_restart_from(proc, run, killed_rank=0, step=4)
     _assert_same_as_uninterrupted(run, ref_dir)
 

@@ -15,17 +15,34 @@ from helpers import REPO, make_shardset
 
 from trainer import checkpoint, safe_load
 
-TINY = ["data=shards", "data.tokenizer=bytes", "data.seq_len=32", "data.steps_per_shard=2", "data.eval_sequences=4",
-        "model.d_model=32", "model.max_seq_len=64", "train.steps=4", "train.micro_batch=4", "train.warmup_steps=1",
-        "train.eval_every=2", "train.checkpoint_every=2", "train.keep_checkpoints=5", "engine.threads=1",
-        "run.progress=false", "run.plots=false", "run.wandb=disabled",
-        "data.subset=holdout", "data.holdout_fraction=0.2"]  # a proxy that mixtrain score accepts
+TINY = [
+    "data=shards",
+    "data.tokenizer=bytes",
+    "data.seq_len=32",
+    "data.steps_per_shard=2",
+    "data.eval_sequences=4",
+    "model.d_model=32",
+    "model.max_seq_len=64",
+    "train.steps=4",
+    "train.micro_batch=4",
+    "train.warmup_steps=1",
+    "train.eval_every=2",
+    "train.checkpoint_every=2",
+    "train.keep_checkpoints=5",
+    "engine.threads=1",
+    "run.progress=false",
+    "run.plots=false",
+    "run.wandb=disabled",
+    "data.subset=holdout",
+    "data.holdout_fraction=0.2",
+]  # a proxy that mixtrain score accepts
 
 
 def mixtrain(args, cwd, timeout=300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -57,8 +74,13 @@ class Payload:
 
 
 def test_restricted_loader_keeps_numpy_state_and_refuses_code(tmp_path):
-    state = {"weights": np.arange(3, dtype=np.float64), "count": np.int64(7), "flag": np.bool_(True),
-             "rng": {"state": np.random.default_rng(0).bit_generator.state}, "t": torch.ones(2)}
+    state = {
+        "weights": np.arange(3, dtype=np.float64),
+        "count": np.int64(7),
+        "flag": np.bool_(True),
+        "rng": {"state": np.random.default_rng(0).bit_generator.state},
+        "t": torch.ones(2),
+    }
     torch.save(state, tmp_path / "good.pt")
     back = safe_load.load(tmp_path / "good.pt")
     assert np.array_equal(back["weights"], state["weights"]) and back["count"] == 7 and back["flag"]
@@ -84,11 +106,23 @@ def test_crafted_checkpoint_runs_nothing_through_any_entry_point(tmp_path, data,
         torch.save({"engine": Payload(marker)}, ckpt / target)
     latest = checkpoint.latest(run / "checkpoints")
     entries = {
-        "train.resume=PATH": ["train", *TINY, f"data.path={data}", f"run.dir={tmp_path / 'resumed'}",
-                              f"train.resume={latest}", "train.steps=6"],
+        "train.resume=PATH": [
+            "train",
+            *TINY,
+            f"data.path={data}",
+            f"run.dir={tmp_path / 'resumed'}",
+            f"train.resume={latest}",
+            "train.steps=6",
+        ],
         "train.resume=auto": ["train", *TINY, f"data.path={data}", f"run.dir={run}", "train.steps=6"],
-        "mixture.reference": ["train", *TINY, f"data.path={data}", f"run.dir={tmp_path / 'doremi'}", "mixture=doremi",
-                              f"mixture.reference={run}"],
+        "mixture.reference": [
+            "train",
+            *TINY,
+            f"data.path={data}",
+            f"run.dir={tmp_path / 'doremi'}",
+            "mixture=doremi",
+            f"mixture.reference={run}",
+        ],
         "score": ["score", str(run), "--early", "2", "--late", "4"],
     }
     if target != "state.pt":
@@ -102,6 +136,7 @@ def test_crafted_checkpoint_runs_nothing_through_any_entry_point(tmp_path, data,
 
 # ---- 2. one job per run directory ---------------------------------------------------------------------
 
+
 def _wait_for(predicate, proc, seconds=120):
     deadline = time.time() + seconds
     while not predicate():
@@ -113,10 +148,25 @@ def _wait_for(predicate, proc, seconds=120):
 def test_second_job_on_a_run_dir_fails_at_once_and_a_dead_jobs_lock_is_taken_over(tmp_path, data):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    first = subprocess.Popen([sys.executable, "-m", "trainer.cli", "train", *TINY, f"data.path={data}",
-                              f"run.dir={run}",
-                              "train.steps=100000", "train.eval_every=0", "train.checkpoint_every=1"],
-                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trainer.cli",
+            "train",
+            *TINY,
+            f"data.path={data}",
+            f"run.dir={run}",
+            "train.steps=100000",
+            "train.eval_every=0",
+            "train.checkpoint_every=1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for(lambda: checkpoint.latest(run / "checkpoints") is not None, first)  # training and saving
         t = time.time()
@@ -128,16 +178,20 @@ def test_second_job_on_a_run_dir_fails_at_once_and_a_dead_jobs_lock_is_taken_ove
         first.kill()
         first.wait()
     again = ok(mixtrain(["train", *TINY, f"data.path={data}", f"run.dir={run}", "train.resume=replace"], tmp_path))
-    assert f"took over the lock {run / '.lock'} left by a job that ended without releasing it (pid {first.pid}" \
+    assert (
+        f"took over the lock {run / '.lock'} left by a job that ended without releasing it (pid {first.pid}"
         in again.stdout + again.stderr
+    )
     assert (run / ".lock").read_text() == ""  # released at the end: nobody to report
 
 
 # ---- 3. runs never mix -------------------------------------------------------------------------------
 
+
 def _listing(run: Path) -> dict:
-    return {str(p.relative_to(run)): p.stat().st_size for p in sorted(run.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(run)): p.stat().st_size for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"
+    }
 
 
 def test_resume_never_refuses_a_run_dir_with_checkpoints_and_replace_moves_them_aside(tmp_path, data, finished):
@@ -149,8 +203,11 @@ def test_resume_never_refuses_a_run_dir_with_checkpoints_and_replace_moves_them_
     assert refused.returncode != 0
     assert "train.resume=never, but run.dir=" in refused.stderr and "train.resume=replace" in refused.stderr
     assert _listing(run) == before  # nothing touched
-    ok(mixtrain(["train", *TINY, f"data.path={data}", f"run.dir={run}", "train.resume=replace", "train.steps=6"],
-                tmp_path))
+    ok(
+        mixtrain(
+            ["train", *TINY, f"data.path={data}", f"run.dir={run}", "train.resume=replace", "train.steps=6"], tmp_path
+        )
+    )
     (aside,) = run.glob("replaced-*")
     old = checkpoint.complete_checkpoints(aside / "checkpoints")
     assert [p.name for p in old] == ["step_00000002", "step_00000004"]
@@ -170,8 +227,12 @@ def test_another_runs_checkpoints_are_never_pruned_nor_loaded(tmp_path, data, fi
     subprocess.run(["cp", "-r", str(run / "checkpoints" / "step_00000004"), str(foreign)], check=True)
     meta = json.loads((foreign / "meta.json").read_text())
     (foreign / "meta.json").write_text(json.dumps({**meta, "run_id": "someone-else", "step": 5}))
-    proc = ok(mixtrain(["train", *TINY, f"data.path={data}", f"run.dir={run}", "train.keep_checkpoints=1",
-                        "train.steps=4"], tmp_path))
+    proc = ok(
+        mixtrain(
+            ["train", *TINY, f"data.path={data}", f"run.dir={run}", "train.keep_checkpoints=1", "train.steps=4"],
+            tmp_path,
+        )
+    )
     out = proc.stdout + proc.stderr
     assert "ignoring 1 checkpoint(s) of other runs" in out
     assert "resumed from" in out and "step_00000004 at step 4" in out
@@ -197,8 +258,11 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data
     out = proc.stdout + proc.stderr
     assert f"skipping damaged checkpoint {run / 'checkpoints' / 'step_00000004'}" in out
     assert f"resumed from {run / 'checkpoints' / 'step_00000002'} at step 2" in out
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in json.loads(line)
+    ]
     assert steps == [0, 1, 2, 3]  # steps 2-3 replayed once, the earlier records kept
 
 
@@ -216,23 +280,38 @@ def test_no_readable_checkpoint_is_refused_not_restarted(tmp_path, data, finishe
 
 # ---- 8. a refusal is one clear line ------------------------------------------------------------------
 
+
 def test_refused_launch_prints_one_line_exits_2_and_leaves_nothing(tmp_path, data):
     refused = mixtrain(["train", *TINY, f"data.path={data}", "train.lr=-1"], tmp_path)
     assert refused.returncode == 2
     (line,) = refused.stderr.strip().splitlines()
     assert line.startswith("mixtrain: error: train.lr=-1") and line.endswith("must be > 0")
     assert not (tmp_path / "runs").exists()  # no Hydra folder, no run directory
-    explicit = mixtrain(["train", *TINY, f"data.path={data}", f"run.dir={tmp_path / 'new'}", "mixture=doremi",
-                         f"mixture.reference={tmp_path / 'nowhere'}"], tmp_path)
+    explicit = mixtrain(
+        [
+            "train",
+            *TINY,
+            f"data.path={data}",
+            f"run.dir={tmp_path / 'new'}",
+            "mixture=doremi",
+            f"mixture.reference={tmp_path / 'nowhere'}",
+        ],
+        tmp_path,
+    )
     assert explicit.returncode == 2 and len(explicit.stderr.strip().splitlines()) == 1, explicit.stderr
     assert "mixture.reference=" in explicit.stderr and not (tmp_path / "new").exists()
-    full = subprocess.run([sys.executable, "-m", "trainer.cli", "train", *TINY, f"data.path={data}", "train.lr=-1"],
-                          cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "1"})
+    full = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "train", *TINY, f"data.path={data}", "train.lr=-1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "1"},
+    )
     assert full.returncode != 0 and "Traceback" in full.stderr and "must be > 0" in full.stderr
 
 
 # ---- 6. divergence is an error -----------------------------------------------------------------------
+
 
 def _all_finite(ckpt: Path) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in safe_load.load(ckpt / "state.pt")["engine"]["model"].values())
@@ -240,8 +319,18 @@ def _all_finite(ckpt: Path) -> bool:
 
 def test_divergence_stops_the_run_and_writes_nothing_non_finite(tmp_path, data):
     run = tmp_path / "run"
-    proc = mixtrain(["train", *TINY, f"data.path={data}", f"run.dir={run}", "train.lr=1e30", "train.min_lr=0",
-                     "train.checkpoint_every=1"], tmp_path)
+    proc = mixtrain(
+        [
+            "train",
+            *TINY,
+            f"data.path={data}",
+            f"run.dir={run}",
+            "train.lr=1e30",
+            "train.min_lr=0",
+            "train.checkpoint_every=1",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("mixtrain: error: the run diverged at step 1: training loss not finite in ")
@@ -253,8 +342,20 @@ def test_divergence_stops_the_run_and_writes_nothing_non_finite(tmp_path, data):
 
 def test_skip_drops_non_finite_updates_then_aborts_after_too_many(tmp_path, data):
     run = tmp_path / "run"
-    proc = mixtrain(["train", *TINY, f"data.path={data}", f"run.dir={run}", "train.lr=1e30", "train.min_lr=0",
-                     "train.checkpoint_every=1", "train.on_nonfinite=skip", "train.max_nonfinite=2"], tmp_path)
+    proc = mixtrain(
+        [
+            "train",
+            *TINY,
+            f"data.path={data}",
+            f"run.dir={run}",
+            "train.lr=1e30",
+            "train.min_lr=0",
+            "train.checkpoint_every=1",
+            "train.on_nonfinite=skip",
+            "train.max_nonfinite=2",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 1
     out = proc.stdout + proc.stderr
     assert "step 1: training loss not finite" in out and "update skipped (1 in a row" in out
@@ -283,8 +384,9 @@ BAD_KNOBS = [
 ]
 
 
-@pytest.mark.parametrize("override,message", BAD_KNOBS, ids=[next(iter(o)) + "=" + repr(next(iter(o.values())))
-                                                             for o, _ in BAD_KNOBS])
+@pytest.mark.parametrize(
+    "override,message", BAD_KNOBS, ids=[next(iter(o)) + "=" + repr(next(iter(o.values()))) for o, _ in BAD_KNOBS]
+)
 def test_knobs_are_typed_and_range_checked_at_load(tmp_path, data, override, message):
     from helpers import tiny_values
 
@@ -313,13 +415,15 @@ def test_bad_knobs_through_the_cli_and_booleans_in_a_weights_file(tmp_path, data
     assert steps.returncode == 2 and steps.stderr.strip() == "mixtrain: error: train.steps=7.5 must be an integer"
     weights = tmp_path / "w.json"
     weights.write_text(json.dumps({"abc": True, "counting": False, "noise": 1, "words": 1}))
-    bools = mixtrain(["train", *TINY, f"data.path={data}", "mixture=static", f"mixture.weights_from={weights}"],
-                     tmp_path)
+    bools = mixtrain(
+        ["train", *TINY, f"data.path={data}", "mixture=static", f"mixture.weights_from={weights}"], tmp_path
+    )
     assert bools.returncode == 2
     assert "the weight of 'abc' is True; each weight must be a finite number >= 0" in bools.stderr
 
 
 # ---- 9. wandb follows its own conventions ------------------------------------------------------------
+
 
 def _tracker(tmp_path, monkeypatch, env: dict, **knobs):
     from trainer.config import RunConfig
@@ -342,8 +446,15 @@ def test_wandb_environment_applies_when_the_knob_is_unset(tmp_path, monkeypatch)
     env = _tracker(tmp_path / "b", monkeypatch, {"WANDB_MODE": "offline", "WANDB_PROJECT": "from-env"})
     assert env._wandb.project == "from-env" and env._wandb.settings.mode == "offline"
     env.close()
-    knob = _tracker(tmp_path / "c", monkeypatch, {"WANDB_MODE": "disabled", "WANDB_PROJECT": "from-env"},
-                    wandb="offline", wandb_project="from-knob", wandb_group="sweep-1", wandb_tags=["doge", "proxy"])
+    knob = _tracker(
+        tmp_path / "c",
+        monkeypatch,
+        {"WANDB_MODE": "disabled", "WANDB_PROJECT": "from-env"},
+        wandb="offline",
+        wandb_project="from-knob",
+        wandb_group="sweep-1",
+        wandb_tags=["doge", "proxy"],
+    )
     assert knob._wandb.project == "from-knob" and knob._wandb.group == "sweep-1"
     assert tuple(knob._wandb.tags) == ("doge", "proxy")
     weights = tmp_path / "c" / "weights.json"
@@ -357,6 +468,7 @@ def test_wandb_environment_applies_when_the_knob_is_unset(tmp_path, monkeypatch)
 
 
 # ---- 5. changed or damaged data is refused before step 0 ----------------------------------------------
+
 
 def _copy_data(data: Path, dest: Path) -> Path:
     subprocess.run(["cp", "-r", str(data), str(dest)], check=True)
@@ -405,6 +517,7 @@ def test_resume_on_re_ingested_data_names_what_changed(tmp_path):
 
 # ---- 8. a full disk during a save ----------------------------------------------------------------------
 
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs (needs the right to mount, e.g. root in a container)."""
@@ -418,8 +531,18 @@ def small_disk(tmp_path):
 
 def test_disk_full_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path, data, small_disk):
     run = small_disk / "run"
-    proc = mixtrain(["train", *TINY, f"data.path={data}", f"run.dir={run}", "train.steps=100",
-                     "train.checkpoint_every=1", "train.eval_every=0"], tmp_path)
+    proc = mixtrain(
+        [
+            "train",
+            *TINY,
+            f"data.path={data}",
+            f"run.dir={run}",
+            "train.steps=100",
+            "train.checkpoint_every=1",
+            "train.eval_every=0",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("mixtrain: error: no space left on device while writing checkpoint ")

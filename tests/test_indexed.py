@@ -15,7 +15,9 @@ with warnings.catch_warnings():
 
 def test_megatron_reads_what_we_write(tmp_path):
     rng = np.random.default_rng(0)
-    docs = [np.append(rng.integers(0, 50256, size=int(n)), 50256).astype(np.uint16) for n in rng.integers(1, 300, size=25)]
+    docs = [
+        np.append(rng.integers(0, 50256, size=int(n)), 50256).astype(np.uint16) for n in rng.integers(1, 300, size=25)
+    ]
     info = write_indexed(tmp_path / "code" / "train", docs, dtype=np.uint16)
     assert info == {"documents": 25, "tokens": sum(d.size for d in docs), "max_token": max(int(d.max()) for d in docs)}
     ds = IndexedDataset(str(tmp_path / "code" / "train"))
@@ -37,11 +39,19 @@ def test_megatron_gpt_dataset_builds_on_our_shards(tmp_path):
 
     tok = get_tokenizer("bytes")
     for name in ("a", "b"):
-        docs = [np.array(list(f"{name} document {i} " .encode()) * 5 + [tok.eod], dtype=np.uint16) for i in range(40)]
+        docs = [np.array(list(f"{name} document {i} ".encode()) * 5 + [tok.eod], dtype=np.uint16) for i in range(40)]
         write_indexed(tmp_path / name, docs, dtype=np.uint16)
-    cfg = GPTDatasetConfig(random_seed=1, sequence_length=16, blend=([str(tmp_path / "a"), str(tmp_path / "b")], [0.7, 0.3]),
-                           split="100,0,0", tokenizer=tok, reset_position_ids=False, reset_attention_mask=False,
-                           eod_mask_loss=False, path_to_cache=None)
+    cfg = GPTDatasetConfig(
+        random_seed=1,
+        sequence_length=16,
+        blend=([str(tmp_path / "a"), str(tmp_path / "b")], [0.7, 0.3]),
+        split="100,0,0",
+        tokenizer=tok,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        path_to_cache=None,
+    )
     train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [100, 0, 0], lambda: True, cfg).build()
     ids = np.array([int(train[i]["dataset_id"]) for i in range(len(train))])
     assert len(train) == 100 and abs((ids == 0).mean() - 0.7) < 0.02

@@ -21,8 +21,9 @@ from trainer.data.shardset import ShardSet  # noqa: E402
 from trainer.data.tokenizer import get_tokenizer  # noqa: E402
 
 TOK = get_tokenizer("bytes")
-ROWS = [{"text": f"web page {i} ✓ héllo", "domain": "web"} for i in range(12)] + \
-       [{"text": f"def f{i}():\n\n    return {i}", "domain": "code"} for i in range(7)]
+ROWS = [{"text": f"web page {i} ✓ héllo", "domain": "web"} for i in range(12)] + [
+    {"text": f"def f{i}():\n\n    return {i}", "domain": "code"} for i in range(7)
+]
 
 
 def run(inputs, out, **kw):
@@ -99,7 +100,8 @@ def test_hf_dataset_dict_round_trip(tmp_path):
 
     half = len(ROWS) // 2
     DatasetDict({"train": Dataset.from_list(ROWS[:half]), "test": Dataset.from_list(ROWS[half:])}).save_to_disk(
-        str(tmp_path / "hf"))
+        str(tmp_path / "hf")
+    )
     out = run([tmp_path / "hf"], tmp_path / "out", valid_fraction=0.3)
     shards = ShardSet.load(out)
     for domain in ("web", "code"):
@@ -111,7 +113,11 @@ def test_txt_documents_are_separated_by_two_blank_lines(tmp_path):
     (tmp_path / "book.txt").write_text("\n\nline one\nline two\n\nsame doc\n\n\nsecond\n \n\n\n\nthird\n")
     shards = ShardSet.load(run([f"books={tmp_path / 'book.txt'}"], tmp_path / "out", valid_fraction=0))
     assert set(shards.domains["books"]) == {"train"}
-    assert decode_prefix(shards.domains["books"]["train"].prefix) == ["line one\nline two\n\nsame doc", "second", "third"]
+    assert decode_prefix(shards.domains["books"]["train"].prefix) == [
+        "line one\nline two\n\nsame doc",
+        "second",
+        "third",
+    ]
 
 
 def test_named_folder_mixes_formats_without_a_domain_field(tmp_path):
@@ -133,7 +139,9 @@ def test_per_domain_dirs_and_domain_field_merge(tmp_path):
     for domain in ("news", "wiki"):
         (root / domain).mkdir(parents=True)
         (root / domain / "x.txt").write_text(f"{domain} one\n\n\n{domain} two\n")
-    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "more wiki", "domain": "wiki"}, {"text": "blog", "domain": "blog"}])
+    mixed = write_jsonl(
+        tmp_path / "mixed.jsonl", [{"text": "more wiki", "domain": "wiki"}, {"text": "blog", "domain": "blog"}]
+    )
     shards = ShardSet.load(run([root, mixed], tmp_path / "out", valid_fraction=0, per_domain_dirs=True))
     assert set(shards.domains) == {"news", "wiki", "blog"}
     assert texts(shards.domains["wiki"]) == ["wiki one", "wiki two", "more wiki"]
@@ -196,7 +204,9 @@ def test_megatron_prefix_with_its_own_valid_prefix(tmp_path):
     valid = make_prefix(tmp_path / "m" / "valid", ["d"])
     shards = ShardSet.load(run([], tmp_path / "out", megatron={"m": f"{train}:{valid}"}))
     assert {k: (s.prefix, s.documents, s.tokens) for k, s in shards.domains["m"].items()} == {
-        "train": (str(train), 3, 6), "valid": (str(valid), 1, 2)}
+        "train": (str(train), 3, 6),
+        "valid": (str(valid), 1, 2),
+    }
     assert not (tmp_path / "out" / "m").exists()
 
 
@@ -249,34 +259,69 @@ def bad_inputs(tmp_path: Path) -> dict:
     return {
         "missing path": ([tmp_path / "nope.jsonl"], {}, ["does not exist", "nope.jsonl"]),
         "unknown type": ([csv], {}, ["unknown file type", "data.csv"]),
-        "missing text": ([j("t.jsonl", [{"body": "x", "domain": "a"}])], {}, ["'text'", "t.jsonl", "line 1", "--text-key"]),
+        "missing text": (
+            [j("t.jsonl", [{"body": "x", "domain": "a"}])],
+            {},
+            ["'text'", "t.jsonl", "line 1", "--text-key"],
+        ),
         "missing domain": ([j("d.jsonl", [{"text": "x"}])], {}, ["'domain'", "d.jsonl", "--domain-key"]),
         "custom key": ([j("k.jsonl", ROWS)], {"text_key": "content"}, ["'content'", "k.jsonl"]),
         "missing id": ([j("i.jsonl", ROWS)], {"id_key": "uid"}, ["'uid'", "--id-key"]),
-        "parquet column": ([write_parquet(tmp_path / "p.parquet", [{"body": "x", "domain": "a"}])], {},
-                           ["'text'", "p.parquet", "body"]),
+        "parquet column": (
+            [write_parquet(tmp_path / "p.parquet", [{"body": "x", "domain": "a"}])],
+            {},
+            ["'text'", "p.parquet", "body"],
+        ),
         "non-string text": ([j("n.jsonl", [{"text": 5, "domain": "a"}])], {}, ["'text'", "is int", "n.jsonl"]),
         "null text": ([j("z.jsonl", [{"text": None, "domain": "a"}])], {}, ["'text'", "is null"]),
         "empty file domain": ([f"quiet={empty}"], {}, ["domain 'quiet' is empty"]),
-        "empty texts domain": ([j("e.jsonl", [{"text": "", "domain": "hollow"}, {"text": "x", "domain": "a"}])], {},
-                               ["domain 'hollow' is empty", "1 empty"]),
-        "unsafe domain": ([j("u.jsonl", [{"text": "x", "domain": "../up"}])], {}, ["'../up'", "u.jsonl", "safe folder name"]),
+        "empty texts domain": (
+            [j("e.jsonl", [{"text": "", "domain": "hollow"}, {"text": "x", "domain": "a"}])],
+            {},
+            ["domain 'hollow' is empty", "1 empty"],
+        ),
+        "unsafe domain": (
+            [j("u.jsonl", [{"text": "x", "domain": "../up"}])],
+            {},
+            ["'../up'", "u.jsonl", "safe folder name"],
+        ),
         "unsafe name": ([f"a b={empty}"], {}, ["'a b'", "safe folder name"]),
         "txt without name": ([empty], {}, ["NAME=", "empty.txt"]),
         "bad json": ([badjson], {}, ["bad.jsonl line 2", "not valid JSON"]),
         "megatron missing": ([], {"megatron": {"old": str(tmp_path / "gone")}}, ["'old'", "gone"]),
         "megatron dtype": ([], {"megatron": {"small": str(uint8)}}, ["'small'", "uint8", "257"]),
-        "megatron clash": ([j("c.jsonl", ROWS)], {"megatron": {"web": str(make_prefix(tmp_path / "w", ["x"]))}},
-                           ["domain 'web'", "megatron"]),
+        "megatron clash": (
+            [j("c.jsonl", ROWS)],
+            {"megatron": {"web": str(make_prefix(tmp_path / "w", ["x"]))}},
+            ["domain 'web'", "megatron"],
+        ),
         "bad fraction": ([j("f.jsonl", ROWS)], {"valid_fraction": 1.0}, ["valid_fraction"]),
         "nothing": ([], {}, ["nothing to ingest"]),
     }
 
 
-ERROR_CASES = ["missing path", "unknown type", "missing text", "missing domain", "custom key", "missing id",
-               "parquet column", "non-string text", "null text", "empty file domain", "empty texts domain",
-               "unsafe domain", "unsafe name", "txt without name", "bad json", "megatron missing", "megatron dtype",
-               "megatron clash", "bad fraction", "nothing"]
+ERROR_CASES = [
+    "missing path",
+    "unknown type",
+    "missing text",
+    "missing domain",
+    "custom key",
+    "missing id",
+    "parquet column",
+    "non-string text",
+    "null text",
+    "empty file domain",
+    "empty texts domain",
+    "unsafe domain",
+    "unsafe name",
+    "txt without name",
+    "bad json",
+    "megatron missing",
+    "megatron dtype",
+    "megatron clash",
+    "bad fraction",
+    "nothing",
+]
 
 
 @pytest.mark.parametrize("case", ERROR_CASES)
@@ -333,8 +378,25 @@ def test_cli(tmp_path):
     src = write_jsonl(tmp_path / "code.jsonl", [{"body": f"x = {i}"} for i in range(5)])
     prefix = make_prefix(tmp_path / "m" / "p", ["a", "b", "c"])
     target = write_jsonl(tmp_path / "eval.jsonl", [{"body": "q"}, {"body": "r"}])
-    out = cli(["ingest", f"code={src}", "--out", str(tmp_path / "out"), "--tokenizer", "bytes", "--text-key", "body",
-               "--valid-fraction", "0.5", "--megatron", f"old={prefix}", "--target", f"eval={target}", "--quiet"])
+    out = cli(
+        [
+            "ingest",
+            f"code={src}",
+            "--out",
+            str(tmp_path / "out"),
+            "--tokenizer",
+            "bytes",
+            "--text-key",
+            "body",
+            "--valid-fraction",
+            "0.5",
+            "--megatron",
+            f"old={prefix}",
+            "--target",
+            f"eval={target}",
+            "--quiet",
+        ]
+    )
     shards = ShardSet.load(out)
     assert set(shards.domains) == {"code", "old"} and set(shards.targets) == {"eval"}
     with pytest.raises(SystemExit, match="does not exist"):

@@ -1,9 +1,9 @@
 """Loop-level contract: a controller's new weights act exactly from the next shard boundary."""
 
-import numpy as np
-
 import adaptive_controller  # noqa: F401  (registers test_loss_softmax)
+import numpy as np
 from helpers import make_shardset, tiny_config
+
 from trainer.data.sampler import largest_remainder
 from trainer.loop import Loop, lr_at
 from trainer.tracking import read_jsonl
@@ -11,8 +11,16 @@ from trainer.tracking import read_jsonl
 
 def test_weights_apply_at_the_next_shard_boundary_and_not_before(tmp_path):
     data = make_shardset(tmp_path / "data")
-    cfg = tiny_config(data, tmp_path / "run", **{"train.steps": 9, "data.steps_per_shard": 3, "train.eval_every": 0,
-                                                   "mixture": {"name": "test_loss_softmax", "tau": 0.3}})
+    cfg = tiny_config(
+        data,
+        tmp_path / "run",
+        **{
+            "train.steps": 9,
+            "data.steps_per_shard": 3,
+            "train.eval_every": 0,
+            "mixture": {"name": "test_loss_softmax", "tau": 0.3},
+        },
+    )
     loop = Loop(cfg)
     after_step = {}
     observe = loop.controller.observe

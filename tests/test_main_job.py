@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO
 
 
@@ -14,7 +13,9 @@ from helpers import REPO
 @pytest.mark.timeout(900)
 def test_main_job_end_to_end(tmp_path):
     env = {**os.environ, "MIXTRAIN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=880)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.cli"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=880
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     weights = json.loads((run_dir / "weights.json").read_text())["train_domain_weights"]

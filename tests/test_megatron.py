@@ -14,8 +14,8 @@ import json
 import re
 
 import pytest
-
 from helpers import REPO, losses_by_step, make_shardset, run_torchrun, tiny_values
+
 from trainer import checkpoint, safe_load
 from trainer.config import ConfigError, EngineConfig, load_config
 
@@ -24,8 +24,15 @@ pytest.importorskip("megatron.core")
 SCRIPT = REPO / "tests" / "scripts" / "run_config.py"
 PROBE_SCRIPT = REPO / "tests" / "scripts" / "megatron_probe.py"
 REL = 1e-4
-DGA = {"name": "dga", "target": "target:wordy", "update_every": 2, "mu": 0.003, "ema": 0.5, "source": "in_batch",
-       "target_sequences": 4}
+DGA = {
+    "name": "dga",
+    "target": "target:wordy",
+    "update_every": 2,
+    "mu": 0.003,
+    "ema": 0.5,
+    "source": "in_batch",
+    "target_sequences": 4,
+}
 # name -> (ranks, engine.tensor_parallel, grad_accum): 8 sequences per step everywhere
 LAYOUTS = {"one": (1, 1, 4), "tp2": (2, 2, 4), "dp2": (2, 1, 2)}
 
@@ -33,10 +40,21 @@ LAYOUTS = {"one": (1, 1, 4), "tp2": (2, 2, 4), "dp2": (2, 1, 2)}
 def _values(data, run_dir, name: str, **extra):
     """20 steps of 2-sequence micro-batches, shards of 4 steps, a checkpoint every 5."""
     _, tp, accum = LAYOUTS[name]
-    return tiny_values(data, run_dir, **{
-        "train.steps": 20, "train.micro_batch": 2, "train.grad_accum": accum, "train.eval_every": 5,
-        "train.checkpoint_every": 5, "data.steps_per_shard": 4,
-        "engine": {"name": "megatron", "threads": 1, "tensor_parallel": tp}, "mixture": DGA, **extra})
+    return tiny_values(
+        data,
+        run_dir,
+        **{
+            "train.steps": 20,
+            "train.micro_batch": 2,
+            "train.grad_accum": accum,
+            "train.eval_every": 5,
+            "train.checkpoint_every": 5,
+            "data.steps_per_shard": 4,
+            "engine": {"name": "megatron", "threads": 1, "tensor_parallel": tp},
+            "mixture": DGA,
+            **extra,
+        },
+    )
 
 
 def _launch(name: str, values: dict, cfg_path):
@@ -85,8 +103,15 @@ def test_losses_alignments_and_weights_match_one_rank(runs, layout):
     assert len([s for s in ref if "train/loss" in ref[s]]) == 20
     assert sum(k.startswith("probe/align/") for rec in ref.values() for k in rec) >= 9 * 3  # the update steps
     worst = _max_rel(ref, got)
-    for kind in ("train/loss", "train/grad_norm", "probe/align", "probe/grad_norm", "eval/loss", "target/wordy",
-                 "mixture/weight"):
+    for kind in (
+        "train/loss",
+        "train/grad_norm",
+        "probe/align",
+        "probe/grad_norm",
+        "eval/loss",
+        "target/wordy",
+        "mixture/weight",
+    ):
         assert kind in worst, kind
     print(layout, {k: f"{v:.1e}" for k, v in sorted(worst.items())})
     assert max(worst.values()) <= REL, worst
@@ -125,8 +150,11 @@ def test_checkpoint_holds_every_tp_shard(runs):
     with pytest.raises(ValueError, match="engine=megatron"):
         checkpoint.load(path, rank=0)  # no offline reader for TP shards: a clear refusal
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"engine\.tensor_parallel: checkpoint 2 vs now 1"):
-        checkpoint.check_engine_format(path, checkpoint.load_meta(path)["engine"],
-                                       checkpoint.engine_format(EngineConfig(name="megatron", tensor_parallel=1)))
+        checkpoint.check_engine_format(
+            path,
+            checkpoint.load_meta(path)["engine"],
+            checkpoint.engine_format(EngineConfig(name="megatron", tensor_parallel=1)),
+        )
 
 
 def _crash_and_resume(runs, name: str):
@@ -159,11 +187,23 @@ def test_resume_dp2_is_exact(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mixture", [
-    {"name": "dga", "target": "target:wordy", "update_every": 2, "mu": 0.003, "ema": 0.5, "source": "probe_batch",
-     "probe_sequences": 2, "target_sequences": 4},  # probe batches split over DP ranks, shared by TP ranks
-    {"name": "doge", "target": "heldout", "mu": 0.01},  # per-domain loss weights (proxy mode) + norms
-], ids=["dga_probe_batch", "doge"])
+@pytest.mark.parametrize(
+    "mixture",
+    [
+        {
+            "name": "dga",
+            "target": "target:wordy",
+            "update_every": 2,
+            "mu": 0.003,
+            "ema": 0.5,
+            "source": "probe_batch",
+            "probe_sequences": 2,
+            "target_sequences": 4,
+        },  # probe batches split over DP ranks, shared by TP ranks
+        {"name": "doge", "target": "heldout", "mu": 0.01},  # per-domain loss weights (proxy mode) + norms
+    ],
+    ids=["dga_probe_batch", "doge"],
+)
 def test_other_gradient_controllers_match_one_rank_under_tp(runs, mixture):
     root, data = runs["root"], runs["data"]
     dirs = {}
@@ -197,18 +237,27 @@ def test_probe_on_tensor_parallel_layers_matches_oracle(tmp_path, tp):
 
 
 def _engine(**knobs):
-    return {"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64},
-            "engine": {"name": "megatron", **knobs}}
+    return {
+        "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64},
+        "engine": {"name": "megatron", **knobs},
+    }
 
 
-@pytest.mark.parametrize("knobs, world, message", [
-    ({"tensor_parallel": 0}, 1, "engine.tensor_parallel=0; allowed: an integer >= 1"),
-    ({"tensor_parallel": True}, 1, "engine.tensor_parallel=True must be an integer"),
-    ({"tensor_parallel": "2"}, 2, "engine.tensor_parallel='2' must be an integer"),
-    ({"tensor_parallel": 2}, 3, "engine.tensor_parallel=2 does not divide the 3 ranks; allowed: [1, 3]"),
-    ({"tensor_parallel": 4}, 4, "engine.tensor_parallel=4 does not divide model.n_head=2; allowed: [1, 2]"),
-    ({"tensor_parallel": 2, "vocab_multiple": 63}, 2, "engine.vocab_multiple=63 must be a positive multiple of engine.tensor_parallel=2"),
-])
+@pytest.mark.parametrize(
+    "knobs, world, message",
+    [
+        ({"tensor_parallel": 0}, 1, "engine.tensor_parallel=0; allowed: an integer >= 1"),
+        ({"tensor_parallel": True}, 1, "engine.tensor_parallel=True must be an integer"),
+        ({"tensor_parallel": "2"}, 2, "engine.tensor_parallel='2' must be an integer"),
+        ({"tensor_parallel": 2}, 3, "engine.tensor_parallel=2 does not divide the 3 ranks; allowed: [1, 3]"),
+        ({"tensor_parallel": 4}, 4, "engine.tensor_parallel=4 does not divide model.n_head=2; allowed: [1, 2]"),
+        (
+            {"tensor_parallel": 2, "vocab_multiple": 63},
+            2,
+            "engine.vocab_multiple=63 must be a positive multiple of engine.tensor_parallel=2",
+        ),
+    ],
+)
 def test_knob_validation_names_the_knob(monkeypatch, knobs, world, message):
     monkeypatch.setenv("WORLD_SIZE", str(world))
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -12,11 +12,15 @@ from trainer.paired import paired_difference
 
 
 def test_paired_difference_by_hand():
-    a = {1: {"x": np.array([1.0, 2.0, 3.0]), "y": np.array([4.0, 4.0])},
-         2: {"x": np.array([1.5, 2.0, 2.5]), "y": np.array([5.0, 3.0])}}
-    b = {1: {"x": np.array([1.0, 1.0, 1.0]), "y": np.array([3.0, 3.0])},
-         2: {"x": np.array([1.0, 1.0, 1.0]), "y": np.array([3.0, 3.0])},
-         3: {"x": np.array([9.0, 9.0, 9.0]), "y": np.array([9.0, 9.0])}}  # seed 3: b only, not paired
+    a = {
+        1: {"x": np.array([1.0, 2.0, 3.0]), "y": np.array([4.0, 4.0])},
+        2: {"x": np.array([1.5, 2.0, 2.5]), "y": np.array([5.0, 3.0])},
+    }
+    b = {
+        1: {"x": np.array([1.0, 1.0, 1.0]), "y": np.array([3.0, 3.0])},
+        2: {"x": np.array([1.0, 1.0, 1.0]), "y": np.array([3.0, 3.0])},
+        3: {"x": np.array([9.0, 9.0, 9.0]), "y": np.array([9.0, 9.0])},
+    }  # seed 3: b only, not paired
     d = paired_difference(a, b, ["x", "y"])
     # seed 1: δx = (0, 1, 2) mean 1, δy = (1, 1) mean 1 -> D1 = 1; seed 2: δx = (.5, 1, 1.5) mean 1,
     # δy = (2, 0) mean 1 -> D2 = 1; seed-averaged δ̄x = (.25, 1, 1.75), δ̄y = (1.5, .5)
@@ -47,6 +51,6 @@ def test_the_standard_error_matches_the_spread_of_the_difference():
             b[seed] = {g: v + rng.normal(0, 0.05, v.size) for g, v in difficulty.items()}
         d = paired_difference(a, b, ["x", "y", "z"])
         means.append(d.mean)
-        variances.append(d.se ** 2)
+        variances.append(d.se**2)
     assert abs(np.mean(means) - true) < 3 * np.std(means) / np.sqrt(len(means))
     assert 0.8 <= np.mean(variances) / np.var(means) <= 1.25, np.mean(variances) / np.var(means)

@@ -50,13 +50,23 @@ def test_manifest_domains_and_order(built):
     assert meta["domain_order"] == ORDER
     assert set(meta["domains"]) == set(ORDER)
     kinds = {name: meta["domains"][name]["kind"] for name in ORDER}
-    assert kinds == {"abc": "real", "counting": "real", "noise": "real", "words": "real",
-                     "words_dup": "duplicate", "noise_1": "noise", "noise_2": "noise"}
+    assert kinds == {
+        "abc": "real",
+        "counting": "real",
+        "noise": "real",
+        "words": "real",
+        "words_dup": "duplicate",
+        "noise_1": "noise",
+        "noise_2": "noise",
+    }
     for name in ORDER:
         assert ("valid" in meta["domains"][name]["splits"]) == (kinds[name] == "real"), name
     assert meta["domains"]["words_dup"]["duplicate_of"] == "words"
-    assert meta["planted"] == {"real": ORDER[:4], "duplicate": {"domain": "words", "copy": "words_dup"},
-                               "noise": ["noise_1", "noise_2"]}
+    assert meta["planted"] == {
+        "real": ORDER[:4],
+        "duplicate": {"domain": "words", "copy": "words_dup"},
+        "noise": ["noise_1", "noise_2"],
+    }
     assert "words_dup" in meta["description"] and "noise_1" in meta["description"]
     assert set(meta["targets"]["wordy"]["splits"]) == {"train", "valid"}
     assert meta["recipe_hash"][:12] == root.name and root.parent.name == "planted"
@@ -106,8 +116,12 @@ def test_noise_domains_follow_the_corpus_unigram_distribution(built):
 def test_tokenizer_identity_file_and_round_trip(built):
     source, root, meta = built
     digest = hashlib.sha256((root / planted.TOKENIZER_FILE).read_bytes()).hexdigest()
-    assert meta["tokenizer"] == {"name": f"bpe-{VOCAB}", "vocab_size": VOCAB, "eod": VOCAB - 1,
-                                 "files": {"tokenizer.json": digest}}
+    assert meta["tokenizer"] == {
+        "name": f"bpe-{VOCAB}",
+        "vocab_size": VOCAB,
+        "eod": VOCAB - 1,
+        "files": {"tokenizer.json": digest},
+    }
     tok = planted.planted_tokenizer(root)
     assert tok.identity() == meta["tokenizer"]
     for text in ["the cat sat on the mat", "  naïve café — 12 34\n\tend ", f"a{EOD_TOKEN}b", "🤗 \x00"]:
@@ -141,8 +155,22 @@ def test_second_call_is_a_cache_hit(built, monkeypatch, capsys):
 
     monkeypatch.setattr(planted, "_build_into", no_build)
     assert planted.build_planted(source, root.parent.parent, **PARAMS) == root
-    cli.main(["data", "planted", "--source", str(source), "--cache", str(root.parent.parent), "--vocab", str(VOCAB),
-              "--noise-tokens", str(NOISE_TOKENS), "--duplicate", "words"])
+    cli.main(
+        [
+            "data",
+            "planted",
+            "--source",
+            str(source),
+            "--cache",
+            str(root.parent.parent),
+            "--vocab",
+            str(VOCAB),
+            "--noise-tokens",
+            str(NOISE_TOKENS),
+            "--duplicate",
+            "words",
+        ]
+    )
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1] == str(root) and "words_dup" in out
     assert (root / MANIFEST).stat().st_mtime_ns == stamp
@@ -167,8 +195,9 @@ def test_two_builds_are_byte_identical(built, tmp_path):
 
 def test_cap_keeps_whole_documents_and_bad_names_are_refused(built, tmp_path):
     source, _, _ = built
-    root = planted.build_planted(source, tmp_path, vocab_size=VOCAB, noise_domains=0, duplicate=None,
-                                 max_tokens_per_domain=300, quiet=True)
+    root = planted.build_planted(
+        source, tmp_path, vocab_size=VOCAB, noise_domains=0, duplicate=None, max_tokens_per_domain=300, quiet=True
+    )
     meta = json.loads((root / MANIFEST).read_text())
     assert meta["domain_order"] == ORDER[:4]
     tok, src_tok = planted.planted_tokenizer(root), get_tokenizer("bytes")

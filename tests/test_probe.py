@@ -16,13 +16,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
 from helpers import REPO, run_torchrun
 
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
 
-from probe_case import (K, SKETCH, TWO_RANK_LAYOUT, flat, micro_batches, oracle_gradients,  # noqa: E402
-                        probed_step, reference_vectors, tiny_model)
+from probe_case import (
+    SKETCH,
+    TWO_RANK_LAYOUT,
+    K,
+    flat,
+    micro_batches,
+    oracle_gradients,  # noqa: E402
+    probed_step,
+    reference_vectors,
+    tiny_model,
+)
+
 from trainer.config import ModelConfig  # noqa: E402
 from trainer.models import build_model, layers, token_losses  # noqa: E402
 from trainer.probe import Probe, ProbeResult, ProbeSpec  # noqa: E402
@@ -38,7 +47,12 @@ def oracle_stats(model, mbs, refs) -> dict:
     """Alignments, norms and Gram of the oracle's per-domain gradients (float64)."""
     G = oracle_gradients(model, mbs)
     R = np.stack([flat(r) for r in refs])
-    return {"align": G @ R.T, "gram": G @ G.T, "norms": np.linalg.norm(G, axis=1), "ref_norms": np.linalg.norm(R, axis=1)}
+    return {
+        "align": G @ R.T,
+        "gram": G @ G.T,
+        "norms": np.linalg.norm(G, axis=1),
+        "ref_norms": np.linalg.norm(R, axis=1),
+    }
 
 
 def check(result, oracle) -> None:
@@ -58,14 +72,18 @@ def check(result, oracle) -> None:
 
 
 @pytest.mark.parametrize("layout", [ONE_MB, TWO_MB], ids=["one_micro_batch", "accumulation_2"])
-@pytest.mark.parametrize("tied,bias", [(True, True), (False, True), (False, False)], ids=["tied", "untied", "untied_nobias"])
+@pytest.mark.parametrize(
+    "tied,bias", [(True, True), (False, True), (False, False)], ids=["tied", "untied", "untied_nobias"]
+)
 def test_exact_statistics_match_oracle(layout, tied, bias):
     model = tiny_model(tied, bias)
     probe = Probe(model, K)
     refs = reference_vectors(probe, model)
     mbs = micro_batches(layout, seed=1)
-    results = [probed_step(probe, model, mbs, spec, refs[:spec.refs]) for spec in
-               (EXACT, ProbeSpec(refs=2), ProbeSpec(norms=True))]  # K x P accumulators; Tier A alone; norms alone
+    results = [
+        probed_step(probe, model, mbs, spec, refs[: spec.refs])
+        for spec in (EXACT, ProbeSpec(refs=2), ProbeSpec(norms=True))
+    ]  # K x P accumulators; Tier A alone; norms alone
     assert results[0].sketch_dim == 0 and results[1].gram is None and results[2].align is None
     oracle = oracle_stats(model, mbs, refs)
     for result in results:
@@ -106,7 +124,7 @@ def test_exact_at_gpt2_small_width():
     # references well aligned with the pieces: domain 0's own gradient and the sum of all domains'
     refs, at = [[], []], 0
     for p in probe.params:
-        block = G[PRESENT, at:at + p.numel()]
+        block = G[PRESENT, at : at + p.numel()]
         refs[0].append(torch.from_numpy(block[0]).float().view(p.shape))
         refs[1].append(torch.from_numpy(block.sum(0)).float().view(p.shape))
         at += p.numel()
@@ -158,7 +176,9 @@ def test_two_ranks_match_union_oracle(tmp_path):
         # The sketch is linear: 2 ranks x 2 micro-batches sketch the same vectors as 1 rank x 4.
         single = probed_step(probe, model, everything, SKETCH).gram
         n = oracle["norms"][PRESENT]
-        err = np.abs(np.array(got["sketch_gram"])[np.ix_(PRESENT, PRESENT)] - single[np.ix_(PRESENT, PRESENT)]) / np.outer(n, n)
+        err = np.abs(
+            np.array(got["sketch_gram"])[np.ix_(PRESENT, PRESENT)] - single[np.ix_(PRESENT, PRESENT)]
+        ) / np.outer(n, n)
         assert err.max() <= TOL
 
 
@@ -171,8 +191,14 @@ def test_sketch_is_unbiased_with_the_iid_spread():
     probe = Probe(model, K)
     mbs = micro_batches(TWO_MB, seed=4)
     exact = probed_step(probe, model, mbs, ProbeSpec(gram=True)).gram[np.ix_(PRESENT, PRESENT)]
-    draws = np.stack([probed_step(probe, model, mbs, ProbeSpec(norms=True, gram=True, sketch_dim=m, seed=s)).gram[np.ix_(PRESENT, PRESENT)]
-                      for s in range(seeds)])
+    draws = np.stack(
+        [
+            probed_step(probe, model, mbs, ProbeSpec(norms=True, gram=True, sketch_dim=m, seed=s)).gram[
+                np.ix_(PRESENT, PRESENT)
+            ]
+            for s in range(seeds)
+        ]
+    )
     mean, se = draws.mean(0), draws.std(0, ddof=1) / np.sqrt(seeds)
     assert (np.abs(mean - exact) <= 3 * se).all(), (mean - exact) / se
     spread = np.diagonal(draws, axis1=1, axis2=2).std(0, ddof=1) / np.diag(exact)

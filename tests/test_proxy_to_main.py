@@ -9,22 +9,35 @@ import sys
 
 import numpy as np
 import pytest
-
 from helpers import REPO, make_shardset, tiny_config
+
 from trainer.data.sampler import largest_remainder
 from trainer.export import main as export_main
 from trainer.loop import Loop
 from trainer.tracking import read_jsonl
 
-DATA = ["data=shards", "data.tokenizer=bytes", "data.seq_len=32", "data.steps_per_shard=3", "data.eval_sequences=4",
-        "train.micro_batch=4", "train.warmup_steps=2", "train.eval_every=0", "engine.threads=1", "run.progress=false",
-        "run.wandb=disabled", "run.plots=false"]
+DATA = [
+    "data=shards",
+    "data.tokenizer=bytes",
+    "data.seq_len=32",
+    "data.steps_per_shard=3",
+    "data.eval_sequences=4",
+    "train.micro_batch=4",
+    "train.warmup_steps=2",
+    "train.eval_every=0",
+    "engine.threads=1",
+    "run.progress=false",
+    "run.wandb=disabled",
+    "run.plots=false",
+]
 SHARD = 3 * 4  # sequences per shard: steps_per_shard x micro_batch (tiny_config has the same)
 
 
 def _mixtrain(args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
@@ -54,8 +67,19 @@ def _check_main_run(run_dir, exported: np.ndarray, domains, steps: int) -> None:
 def test_search_then_main_run_on_the_exported_weights(tmp_path):
     data = make_shardset(tmp_path / "data")
     # 1. the proxy search: DoGE (universal) on a tiny proxy; μ sized for 15 steps of a 40k-parameter model
-    proc = _mixtrain(["search", "mixture=doge", "mixture.mu=0.02", "model.d_model=32", "model.max_seq_len=64",
-                      "train.steps=15", f"data.path={data}", *DATA], tmp_path)
+    proc = _mixtrain(
+        [
+            "search",
+            "mixture=doge",
+            "mixture.mu=0.02",
+            "model.d_model=32",
+            "model.max_seq_len=64",
+            "train.steps=15",
+            f"data.path={data}",
+            *DATA,
+        ],
+        tmp_path,
+    )
     (search,) = (tmp_path / "runs").glob("search-doge-*")
     assert "exported" in proc.stdout and f"mixture.weights_from={search}" in proc.stdout
     obj = json.loads((search / "weights.json").read_text())
@@ -71,8 +95,19 @@ def test_search_then_main_run_on_the_exported_weights(tmp_path):
     assert "d_model: 32" in search_cfg
 
     # 2. the main run: a larger model (model=small: 4 layers, width 256) on the exported mixture
-    _mixtrain(["train", "model=small", "mixture=static", f"mixture.weights_from={search}", "train.steps=6",
-               "run.name=main", f"data.path={data}", *DATA], tmp_path)
+    _mixtrain(
+        [
+            "train",
+            "model=small",
+            "mixture=static",
+            f"mixture.weights_from={search}",
+            "train.steps=6",
+            "run.name=main",
+            f"data.path={data}",
+            *DATA,
+        ],
+        tmp_path,
+    )
     (main,) = (tmp_path / "runs").glob("main-*")
     assert "d_model: 256" in (main / "config.yaml").read_text()
     _check_main_run(main, exported, domains, steps=6)
@@ -80,9 +115,16 @@ def test_search_then_main_run_on_the_exported_weights(tmp_path):
     # 3. the same through `mixtrain export --format yaml` (the file a user keeps or edits)
     yaml_file = tmp_path / "doge_weights.yaml"
     assert export_main([str(search), "--format", "yaml", "--out", str(yaml_file)]) == 0
-    cfg = tiny_config(data, tmp_path / "main_yaml", **{"model": {"n_layer": 3, "n_head": 2, "d_model": 48, "max_seq_len": 64},
-                                                       "train.steps": 6, "train.eval_every": 0,
-                                                       "mixture": {"name": "static", "weights_from": str(yaml_file)}})
+    cfg = tiny_config(
+        data,
+        tmp_path / "main_yaml",
+        **{
+            "model": {"n_layer": 3, "n_head": 2, "d_model": 48, "max_seq_len": 64},
+            "train.steps": 6,
+            "train.eval_every": 0,
+            "mixture": {"name": "static", "weights_from": str(yaml_file)},
+        },
+    )
     result = Loop(cfg).train()
     assert result.domains == domains
     _check_main_run(tmp_path / "main_yaml", exported, domains, steps=6)

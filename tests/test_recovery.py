@@ -6,8 +6,8 @@ Four domains with the bytes tokenizer: "counting" (number sequences), "abc" (a r
 
 import numpy as np
 import pytest
-
 from helpers import make_shardset, tiny_config
+
 from trainer.loop import run
 from trainer.tracking import read_jsonl
 
@@ -30,11 +30,32 @@ def test_doremi_upweights_the_domain_with_the_largest_excess_loss(data, tmp_path
     # A reference that has only seen "words" is far better than the fresh proxy there and no better
     # elsewhere (excess clipped at 0): "words" has by far the largest excess loss.
     only_words = {"abc": 0, "counting": 0, "noise": 0, "words": 1}
-    reference = run(tiny_config(data, tmp_path / "ref", **MODEL, **{
-        "train.steps": 60, "train.lr": 5e-3, "train.micro_batch": 8, "mixture": {"name": "static", "weights": only_words}}))
-    result = run(tiny_config(data, tmp_path / "doremi", **MODEL, **{
-        "train.steps": 30, "train.lr": 5e-3, "train.micro_batch": 8,
-        "mixture": {"name": "doremi", "reference": str(reference.run_dir)}}))
+    reference = run(
+        tiny_config(
+            data,
+            tmp_path / "ref",
+            **MODEL,
+            **{
+                "train.steps": 60,
+                "train.lr": 5e-3,
+                "train.micro_batch": 8,
+                "mixture": {"name": "static", "weights": only_words},
+            },
+        )
+    )
+    result = run(
+        tiny_config(
+            data,
+            tmp_path / "doremi",
+            **MODEL,
+            **{
+                "train.steps": 30,
+                "train.lr": 5e-3,
+                "train.micro_batch": 8,
+                "mixture": {"name": "doremi", "reference": str(reference.run_dir)},
+            },
+        )
+    )
     excess = _mean_by_domain(tmp_path / "doremi", "mixture/excess_loss", result.domains)
     words = result.domains.index("words")
     assert int(np.argmax(excess)) == words, excess
@@ -43,16 +64,43 @@ def test_doremi_upweights_the_domain_with_the_largest_excess_loss(data, tmp_path
 
 
 def test_doge_starves_the_random_token_domain(data, tmp_path):
-    result = run(tiny_config(data, tmp_path / "doge", **MODEL, **{
-        "train.steps": 120, "train.lr": 5e-3, "train.micro_batch": 8, "mixture": {"name": "doge", "ref_sequences": 8}}))
+    result = run(
+        tiny_config(
+            data,
+            tmp_path / "doge",
+            **MODEL,
+            **{
+                "train.steps": 120,
+                "train.lr": 5e-3,
+                "train.micro_batch": 8,
+                "mixture": {"name": "doge", "ref_sequences": 8},
+            },
+        )
+    )
     noise = result.domains.index("noise")
     assert result.final_weights[noise] < 0.10, dict(zip(result.domains, result.final_weights))
 
 
 def test_dga_moves_weight_onto_the_domain_the_target_comes_from(data, tmp_path):
-    result = run(tiny_config(data, tmp_path / "dga", **MODEL, **{
-        "train.steps": 60, "train.lr": 5e-3, "train.micro_batch": 8, "data.steps_per_shard": 2,
-        "mixture": {"name": "dga", "target": "target:words_target", "update_every": 2, "probe_sequences": 4,
-                    "target_sequences": 8}}))
+    result = run(
+        tiny_config(
+            data,
+            tmp_path / "dga",
+            **MODEL,
+            **{
+                "train.steps": 60,
+                "train.lr": 5e-3,
+                "train.micro_batch": 8,
+                "data.steps_per_shard": 2,
+                "mixture": {
+                    "name": "dga",
+                    "target": "target:words_target",
+                    "update_every": 2,
+                    "probe_sequences": 4,
+                    "target_sequences": 8,
+                },
+            },
+        )
+    )
     words = result.domains.index("words")
     assert result.final_weights[words] > 0.5, dict(zip(result.domains, result.final_weights))

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO, losses_by_step, make_shardset, run_torchrun, tiny_values
 
 SCRIPT = REPO / "tests" / "scripts" / "run_config.py"
@@ -20,9 +19,20 @@ def _launch(nproc: int, values: dict, cfg_path):
 
 
 def _values(data, run_dir, nproc, **extra):
-    return tiny_values(data, run_dir, **{
-        "train.steps": 10, "train.checkpoint_every": 3, "train.eval_every": 5, "train.micro_batch": 4 // nproc,
-        "train.grad_accum": 2, "data.steps_per_shard": 4, "mixture": {"name": "test_loss_softmax", "tau": 0.5}, **extra})
+    return tiny_values(
+        data,
+        run_dir,
+        **{
+            "train.steps": 10,
+            "train.checkpoint_every": 3,
+            "train.eval_every": 5,
+            "train.micro_batch": 4 // nproc,
+            "train.grad_accum": 2,
+            "data.steps_per_shard": 4,
+            "mixture": {"name": "test_loss_softmax", "tau": 0.5},
+            **extra,
+        },
+    )
 
 
 @pytest.mark.parametrize("nproc", [pytest.param(1, marks=pytest.mark.slow), 2])  # 2 ranks covers 1 in the default suite

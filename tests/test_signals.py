@@ -4,8 +4,8 @@ and the Adam-preconditioned references TiKMiX's influence uses, each against a d
 import numpy as np
 import pytest
 import torch
-
 from helpers import make_shardset, tiny_values
+
 from mixtures import DomainStats, Request
 from trainer.config import ConfigError, load_config
 from trainer.loop import Loop
@@ -38,8 +38,13 @@ def _measure(loop, req, step=0):
 
 def test_wildcards_expand_to_every_target_and_validation_split(loop):
     names = loop.signals.expand(("target:*", "valid:*", "heldout", "heldout:*"))
-    assert names == ("target:abcs", "target:wordy", *(f"valid:{d}" for d in loop.data.domains), "heldout",
-                     *(f"heldout:{d}" for d in loop.data.domains))  # every domain here has a validation split
+    assert names == (
+        "target:abcs",
+        "target:wordy",
+        *(f"valid:{d}" for d in loop.data.domains),
+        "heldout",
+        *(f"heldout:{d}" for d in loop.data.domains),
+    )  # every domain here has a validation split
     with pytest.raises(ConfigError, match="valid:nowhere"):
         loop.signals._ref_batch("valid:nowhere", 2, 0, 0)
 
@@ -52,8 +57,13 @@ def _reference(loop, req, name, step, r):
 
 
 def test_per_sample_alignments_equal_one_backward_per_sequence(loop):
-    req = Request(align=("target:*", "valid:counting"), source="probe_batch", probe_sequences=_PROBE_CHUNK // 2 + 3,
-                  per_sample=True, ref_sequences=3)
+    req = Request(
+        align=("target:*", "valid:counting"),
+        source="probe_batch",
+        probe_sequences=_PROBE_CHUNK // 2 + 3,
+        per_sample=True,
+        ref_sequences=3,
+    )
     step = 5
     stats = _measure(loop, req, step)
     names = stats.align_names
@@ -62,7 +72,9 @@ def test_per_sample_alignments_equal_one_backward_per_sequence(loop):
     tokens, doms, ids, n = loop.signals._probe_batch(req, step)  # spans two chunks: accumulation is exercised
     assert n == loop.K * req.probe_sequences and stats.sample_align.shape == (n, len(names))
     model = loop.engine.model
-    oracle = np.stack([(refs @ _flat_grad(model, token_losses(model, tokens[s:s + 1]).mean())).numpy() for s in range(n)])
+    oracle = np.stack(
+        [(refs @ _flat_grad(model, token_losses(model, tokens[s : s + 1]).mean())).numpy() for s in range(n)]
+    )
     np.testing.assert_allclose(stats.sample_align, oracle, rtol=1e-5, atol=1e-6 * np.abs(oracle).max())
     np.testing.assert_array_equal(stats.sample_domain, doms.numpy())
     # the per-domain rows are the token-mean gradient's alignments: the mean of the domain's sequences
@@ -96,15 +108,20 @@ def test_preconditioned_references_divide_by_adam_second_moments(loop):
     opt.zero_grad(set_to_none=True)
     stats = _measure(loop, req, 1)
     beta2, eps = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
-    inv = torch.cat([(1.0 / ((opt.state[p]["exp_avg_sq"] / (1 - beta2)).sqrt() + eps)).reshape(-1)
-                     for p in model.parameters()]).double()
+    inv = torch.cat(
+        [(1.0 / ((opt.state[p]["exp_avg_sq"] / (1 - beta2)).sqrt() + eps)).reshape(-1) for p in model.parameters()]
+    ).double()
     ref = _reference(loop, req, "valid:abc", 1, 0) * inv
     tokens, doms, _, _ = loop.signals._probe_batch(req, 1)
     for d in range(loop.K):
         g = _flat_grad(model, token_losses(model, tokens[doms == d]).mean())
         assert stats.align[d, 0] == pytest.approx(float(ref @ g), rel=1e-5)
-    assert not np.allclose(stats.align, _measure(loop, Request(align=("valid:abc",), source="probe_batch",
-                                                               probe_sequences=4, ref_sequences=3), 1).align)
+    assert not np.allclose(
+        stats.align,
+        _measure(
+            loop, Request(align=("valid:abc",), source="probe_batch", probe_sequences=4, ref_sequences=3), 1
+        ).align,
+    )
 
 
 def test_per_sample_needs_a_probe_batch_and_alignments_only(loop):

@@ -52,9 +52,13 @@ def test_static_needs_weights():
 
 
 def test_weight_file_formats(tmp_path):
-    (tmp_path / "doremi.json").write_text(json.dumps({"train_domain_weights": {"code": 2, "math": 1, "books": 1}, "eval_domain_weights": {}}))
+    (tmp_path / "doremi.json").write_text(
+        json.dumps({"train_domain_weights": {"code": 2, "math": 1, "books": 1}, "eval_domain_weights": {}})
+    )
     (tmp_path / "regmix.yaml").write_text(yaml.safe_dump({"train": {"code": 0.5, "math": 0.25, "books": 0.25}}))
-    (tmp_path / "doge.json").write_text(json.dumps({"train_domains": "code,math,books", "train_dw": [0.5, 0.25, 0.25], "mu": 0.01}))
+    (tmp_path / "doge.json").write_text(
+        json.dumps({"train_domains": "code,math,books", "train_dw": [0.5, 0.25, 0.25], "mu": 0.01})
+    )
     (tmp_path / "plain.json").write_text(json.dumps({"code": 0.5, "math": 0.25, "books": 0.25}))
     run = tmp_path / "run"
     run.mkdir()
@@ -69,7 +73,10 @@ def test_weight_file_formats(tmp_path):
 
 
 def test_megatron_blend_string():
-    assert megatron_blend(DOMAINS, [0.5, 0.0, 0.5], ["/d/code", "/d/math", "/d/books"]) == "0.500000 /d/code 0.500000 /d/books"
+    assert (
+        megatron_blend(DOMAINS, [0.5, 0.0, 0.5], ["/d/code", "/d/math", "/d/books"])
+        == "0.500000 /d/code 0.500000 /d/books"
+    )
 
 
 def _water_fill(sizes, budget, epochs):
@@ -128,18 +135,21 @@ def test_unimax_uses_run_budget_unless_given():
     assert override.budget == 300 and np.allclose(override.weights, 1 / 3)
 
 
-@pytest.mark.parametrize("knobs, match", [
-    ({"epochs": 0}, r"mixture\.epochs=0 must be > 0"),
-    ({"epochs": -1.5}, r"mixture\.epochs=-1\.5 must be > 0"),
-    ({"epochs": float("inf")}, r"mixture\.epochs=inf must be > 0 and finite"),
-    ({"epochs": float("nan")}, r"mixture\.epochs=nan must be > 0 and finite"),
-    ({"epochs": "one"}, r"mixture\.epochs='one' must be > 0"),
-    ({"epochs": True}, r"mixture\.epochs=True must be > 0"),
-    ({"budget_tokens": 0}, r"mixture\.budget_tokens=0 must be a token count > 0"),
-    ({"budget_tokens": -5}, r"mixture\.budget_tokens=-5 must be a token count > 0"),
-    ({"budget_tokens": "lots"}, r"mixture\.budget_tokens='lots' must be a token count"),
-    ({"floor": 0.1}, r"unknown knob\(s\) mixture\.floor"),
-])
+@pytest.mark.parametrize(
+    "knobs, match",
+    [
+        ({"epochs": 0}, r"mixture\.epochs=0 must be > 0"),
+        ({"epochs": -1.5}, r"mixture\.epochs=-1\.5 must be > 0"),
+        ({"epochs": float("inf")}, r"mixture\.epochs=inf must be > 0 and finite"),
+        ({"epochs": float("nan")}, r"mixture\.epochs=nan must be > 0 and finite"),
+        ({"epochs": "one"}, r"mixture\.epochs='one' must be > 0"),
+        ({"epochs": True}, r"mixture\.epochs=True must be > 0"),
+        ({"budget_tokens": 0}, r"mixture\.budget_tokens=0 must be a token count > 0"),
+        ({"budget_tokens": -5}, r"mixture\.budget_tokens=-5 must be a token count > 0"),
+        ({"budget_tokens": "lots"}, r"mixture\.budget_tokens='lots' must be a token count"),
+        ({"floor": 0.1}, r"unknown knob\(s\) mixture\.floor"),
+    ],
+)
 def test_unimax_rejects_bad_knobs(knobs, match):
     with pytest.raises(MixtureConfigError, match=match):
         build_controller("unimax", DOMAINS, knobs, domain_tokens=np.ones(3), run_tokens=100)

@@ -19,11 +19,27 @@ from trainer.data import planted as planted_data
 from trainer.paired import SEQUENCES
 from trainer.study import Analysis, Condition, Planted, analyse, checks, dirichlet_draws, render
 
-TINY = ["model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.max_seq_len=64", "data.seq_len=16",
-        "data.steps_per_shard=3", "data.eval_sequences=8", "train.steps=6", "train.micro_batch=14",
-        "train.warmup_steps=1", "train.eval_every=3", "run.progress=false"]
-PLANTED = Planted(path=Path("."), domains=["a", "b", "b_dup", "noise_1"], real=["a", "b"],
-                  duplicate={"domain": "b", "copy": "b_dup"}, noise=["noise_1"])
+TINY = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.d_model=32",
+    "model.max_seq_len=64",
+    "data.seq_len=16",
+    "data.steps_per_shard=3",
+    "data.eval_sequences=8",
+    "train.steps=6",
+    "train.micro_batch=14",
+    "train.warmup_steps=1",
+    "train.eval_every=3",
+    "run.progress=false",
+]
+PLANTED = Planted(
+    path=Path("."),
+    domains=["a", "b", "b_dup", "noise_1"],
+    real=["a", "b"],
+    duplicate={"domain": "b", "copy": "b_dup"},
+    noise=["noise_1"],
+)
 
 
 def test_dirichlet_draws_are_a_pure_function_of_the_seed():
@@ -42,23 +58,48 @@ def test_the_oracle_splits_the_duplicated_share_and_skips_noise():
 def _run(tmp: Path, name: str, seed: int, shift: float, weights: dict, humaneval: float, rng) -> RunInfo:
     path = tmp / f"{name}{seed}"
     path.mkdir()
-    base = {"eval/a/loss": 5 + rng.normal(0, 0.3, 40), "eval/b/loss": 6 + rng.normal(0, 0.3, 40),
-            "target/humaneval/loss": 7 + rng.normal(0, 0.3, 40)}
-    groups = {k: v + (humaneval if k.startswith("target") else shift) + rng.normal(0, 0.01, v.size)
-              for k, v in base.items()}
+    base = {
+        "eval/a/loss": 5 + rng.normal(0, 0.3, 40),
+        "eval/b/loss": 6 + rng.normal(0, 0.3, 40),
+        "target/humaneval/loss": 7 + rng.normal(0, 0.3, 40),
+    }
+    groups = {
+        k: v + (humaneval if k.startswith("target") else shift) + rng.normal(0, 0.01, v.size) for k, v in base.items()
+    }
     np.savez(path / SEQUENCES, **groups)
-    return RunInfo(path=path, arg=str(path), label=name, config={"train": {"seed": seed}}, domains=["a", "b"],
-                   targets=["humaneval"], eval_step=6, losses={}, target_losses={"humaneval": 7 + humaneval},
-                   eval_loss=None, curves={}, tokens={}, weights=weights, trajectory=None, train_seconds=1.0,
-                   wall_seconds=60.0, overrides=[f"+study={name}", f"train.seed={seed}"])
+    return RunInfo(
+        path=path,
+        arg=str(path),
+        label=name,
+        config={"train": {"seed": seed}},
+        domains=["a", "b"],
+        targets=["humaneval"],
+        eval_step=6,
+        losses={},
+        target_losses={"humaneval": 7 + humaneval},
+        eval_loss=None,
+        curves={},
+        tokens={},
+        weights=weights,
+        trajectory=None,
+        train_seconds=1.0,
+        wall_seconds=60.0,
+        overrides=[f"+study={name}", f"train.seed={seed}"],
+    )
 
 
 def test_table_and_checks_on_known_conditions(tmp_path):
     """Conditions with known shifts on identical evaluation sequences: the paired differences come
     out as built, DoGE recovers 80% of the oracle's gain, and the checks say met/missed rightly."""
-    shifts = {"uniform": (0.0, 0.0, 0.25), "oracle": (-0.10, 0.0, 0.0), "unimax": (0.0, 0.0, 0.25),
-              "temperature": (0.001, 0.0, 0.2), "doge": (-0.08, 0.0, 0.01), "doremi": (-0.02, 0.0, 0.2),
-              "dga_humaneval": (0.0, -0.05, 0.1)}
+    shifts = {
+        "uniform": (0.0, 0.0, 0.25),
+        "oracle": (-0.10, 0.0, 0.0),
+        "unimax": (0.0, 0.0, 0.25),
+        "temperature": (0.001, 0.0, 0.2),
+        "doge": (-0.08, 0.0, 0.01),
+        "doremi": (-0.02, 0.0, 0.2),
+        "dga_humaneval": (0.0, -0.05, 0.1),
+    }
     runs = []
     for seed in (1, 2, 3):
         for name, (shift, humaneval, noise) in shifts.items():
@@ -74,15 +115,24 @@ def test_table_and_checks_on_known_conditions(tmp_path):
     assert any(line.startswith("noise weight of doremi: 0.200") and line.endswith("**missed**") for line in lines)
     assert any(line.startswith("doge recovers 80%") and line.endswith("**met**") for line in lines)
     assert any(line.startswith("doremi recovers 20%") and line.endswith("**missed**") for line in lines)
-    assert any(line.startswith("a learned mixture beats unimax and temperature") and "doge" in line
-               and line.endswith("**met**") for line in lines)
+    assert any(
+        line.startswith("a learned mixture beats unimax and temperature")
+        and "doge" in line
+        and line.endswith("**met**")
+        for line in lines
+    )
     assert any(line.startswith("DGA → humaneval") and line.endswith("**met**") for line in lines)
     assert isinstance(analysis, Analysis) and isinstance(analysis.conditions["doge"], Condition)
 
 
 def test_unknown_condition_names_the_allowed_ones(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "study", "--out", str(tmp_path),
-                           "--conditions", "uniform,best"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "study", "--out", str(tmp_path), "--conditions", "uniform,best"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1 and "--conditions best; allowed: uniform, oracle" in proc.stderr
 
 
@@ -91,11 +141,28 @@ def test_study_end_to_end(tmp_path):
     # no "abc" domain: a BPE of 300 ids compresses its repeated alphabet to nothing
     kinds = {"counting": "counting", "words": "words", "noise": "noise", "digits": "counting"}
     source = make_shardset(tmp_path / "source", kinds=kinds, targets={"humaneval": "words"}, n_docs=60)
-    data = planted_data.build_planted(source, tmp_path / "cache", vocab_size=300, noise_tokens=20_000,
-                                      duplicate="words", quiet=True)
+    data = planted_data.build_planted(
+        source, tmp_path / "cache", vocab_size=300, noise_tokens=20_000, duplicate="words", quiet=True
+    )
     out = tmp_path / "study"
-    cmd = [sys.executable, "-m", "trainer.cli", "study", "--quick", "--out", str(out), "--data", str(data),
-           "--random", "2", "--random-steps", "3", "--jobs", "2", *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.cli",
+        "study",
+        "--quick",
+        "--out",
+        str(out),
+        "--data",
+        str(data),
+        "--random",
+        "2",
+        "--random-steps",
+        "3",
+        "--jobs",
+        "2",
+        *TINY,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     oracle = json.loads((out / "oracle.json").read_text())

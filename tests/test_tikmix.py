@@ -38,19 +38,19 @@ def objective(w, S, alpha=1.0, beta=1.0, gamma=1.0):
 
 def loss_stats(step, tokens=(100, 100, 100), **kw) -> DomainStats:
     arrays = {k: None if v is None else np.asarray(v, dtype=np.float64) for k, v in kw.items()}
-    return DomainStats(step=step, lr=1e-3, loss=np.array([2.0, 3.0, 4.0]), tokens=np.asarray(tokens, dtype=np.float64),
-                       **arrays)
+    return DomainStats(
+        step=step, lr=1e-3, loss=np.array([2.0, 3.0, 4.0]), tokens=np.asarray(tokens, dtype=np.float64), **arrays
+    )
 
 
 # Influence of 3 domains (rows) on 4 tasks (columns), as the trainer's align [K, R]. Domain "code"
 # beats "books" on every task, so moving mass from books to code helps every task: the Pareto set
 # around the uniform mixture is not a single point.
-ALIGN = np.array([[1.0, 0.8, 0.5, 0.9],
-                  [0.2, 1.0, 0.4, 0.1],
-                  [-0.5, 0.1, 0.0, -0.2]])
+ALIGN = np.array([[1.0, 0.8, 0.5, 0.9], [0.2, 1.0, 0.4, 0.1], [-0.5, 0.1, 0.0, -0.2]])
 
 
 # ---------------------------------------------------------------- TiKMiX-D solver
+
 
 def test_solver_random_problem_is_feasible_and_beats_uniform():
     rng = np.random.default_rng(0)
@@ -209,6 +209,7 @@ def test_solver_matches_an_exact_conic_solver_on_random_problems():
 
 # ---------------------------------------------------------------- TiKMiX-M pieces
 
+
 def test_largest_remainder_by_hand():
     # 7 x (0.5, 0.3, 0.2) = (3.5, 2.1, 1.4): floors (3, 2, 1) leave 1, given to the largest remainder (0.5).
     assert largest_remainder(np.array([0.5, 0.3, 0.2]), 7).tolist() == [4, 2, 1]
@@ -244,8 +245,9 @@ def test_dirichlet_search_stays_in_the_box():
     # The surrogate rewards domain 0 without bound: unconfined, the search walks toward the vertex
     # (1, 0, 0) (w_0 = 0.81 after these 5 rounds); confined, it stops at the box's upper bound 0.5.
     lower, upper = np.array([0.1, 0.1, 0.1]), np.array([0.5, 0.6, 0.6])
-    w, info = dirichlet_search(lambda X: X[:, 0], np.full(3, 1 / 3), lower, upper, np.random.default_rng(0),
-                               draws=2000, top_k=20)
+    w, info = dirichlet_search(
+        lambda X: X[:, 0], np.full(3, 1 / 3), lower, upper, np.random.default_rng(0), draws=2000, top_k=20
+    )
     assert np.all(in_box(np.stack(info["trajectory"]), lower, upper))
     assert w[0] == pytest.approx(0.5, abs=0.02) and w.sum() == pytest.approx(1.0)
 
@@ -279,8 +281,9 @@ def test_search_keeps_its_start_when_the_surrogate_misleads():
     def influence(X):
         return X @ np.array([1.0, 0.0, -1.0])
 
-    w, info = search_tikmix_m(lambda X: -influence(X), influence, np.full(3, 1 / 3), w_start,
-                              np.random.default_rng(0), draws=2000, top_k=20)
+    w, info = search_tikmix_m(
+        lambda X: -influence(X), influence, np.full(3, 1 / 3), w_start, np.random.default_rng(0), draws=2000, top_k=20
+    )
     assert info["kept_start"] and np.array_equal(w, w_start)
     assert influence(info["trajectory"][-1][None])[0] < influence(w_start[None])[0]
 
@@ -299,6 +302,7 @@ def test_mixed_sample_label_by_hand():
 
 
 # ---------------------------------------------------------------- controllers
+
 
 def measurement_request(per_sample=False, probe=32, tasks=("target:*", "heldout:*")) -> Request:
     return Request(align=tasks, source="probe_batch", probe_sequences=probe, precondition=False, per_sample=per_sample)
@@ -338,8 +342,19 @@ def test_tikmix_d_controller_flow():
 
 
 def test_tikmix_d_knobs_reach_the_request_and_the_solver():
-    c = build_controller("tikmix_d", DOMAINS, {"stage_tokens": 100, "sequences_per_domain": 8, "tasks": ["target:news"],
-                                               "precondition": True, "floor": 0.3, "pareto": False, "gamma": 0.5})
+    c = build_controller(
+        "tikmix_d",
+        DOMAINS,
+        {
+            "stage_tokens": 100,
+            "sequences_per_domain": 8,
+            "tasks": ["target:news"],
+            "precondition": True,
+            "floor": 0.3,
+            "pareto": False,
+            "gamma": 0.5,
+        },
+    )
     c.observe(loss_stats(0))
     assert c.request(1) == Request(align=("target:news",), source="probe_batch", probe_sequences=8, precondition=True)
     align = ALIGN[:, :1]
@@ -357,8 +372,9 @@ def test_one_step_crossing_several_boundaries_measures_once():
 
 
 def test_natural_prior():
-    c = build_controller("tikmix_d", DOMAINS, {"prior": "natural", "stage_tokens": 100},
-                         domain_tokens=np.array([100.0, 300.0, 600.0]))
+    c = build_controller(
+        "tikmix_d", DOMAINS, {"prior": "natural", "stage_tokens": 100}, domain_tokens=np.array([100.0, 300.0, 600.0])
+    )
     assert np.allclose(c.weights, [0.1, 0.3, 0.6]) and np.allclose(c.average_weights, [0.1, 0.3, 0.6])
     with pytest.raises(MixtureConfigError, match=r"mixture\.prior"):
         build_controller("tikmix_d", DOMAINS, {"prior": "natural", "stage_tokens": 100})
@@ -464,8 +480,14 @@ def test_tikmix_m_never_ends_below_its_start_on_the_noise_free_influence():
         align, sample_align, sample_domain, tokens = random_probe_measurement(seed)
         K = align.shape[0]
         domains = [f"d{j}" for j in range(K)]
-        values = {"stage_tokens": 100, "sequences_per_domain": 8, "draws": 2000, "top_k": 20, "seed": seed,
-                  "prior": "uniform" if tokens is None else "natural"}
+        values = {
+            "stage_tokens": 100,
+            "sequences_per_domain": 8,
+            "draws": 2000,
+            "top_k": 20,
+            "seed": seed,
+            "prior": "uniform" if tokens is None else "natural",
+        }
         c = build_controller("tikmix_m", domains, values, domain_tokens=tokens)
         step = {"lr": 1e-3, "loss": np.full(K, 2.0), "tokens": np.full(K, 100.0)}
         c.observe(DomainStats(step=0, **step))
@@ -497,10 +519,13 @@ def test_tikmix_m_missing_per_sample_stats_is_an_error():
         c.observe(loss_stats(1, align=ALIGN))
 
 
-@pytest.mark.parametrize("name, values", [
-    ("tikmix_d", {"stage_tokens": 1000}),
-    ("tikmix_m", {"stage_tokens": 1000, "sequences_per_domain": 8, "draws": 2000}),
-])
+@pytest.mark.parametrize(
+    "name, values",
+    [
+        ("tikmix_d", {"stage_tokens": 1000}),
+        ("tikmix_m", {"stage_tokens": 1000, "sequences_per_domain": 8, "draws": 2000}),
+    ],
+)
 def test_state_dict_round_trip_mid_stage(name, values):
     pool = [probe_pool(seed) for seed in (1, 2, 3)]
 
@@ -527,8 +552,12 @@ def test_state_dict_round_trip_mid_stage(name, values):
     b = build_controller(name, DOMAINS, values)
     b.load_state_dict(state)
     tail_a, tail_b = drive(a, range(6, 10)), drive(b, range(6, 10))
-    assert tail_a[4] == Request(align=("target:*", "heldout:*"), source="probe_batch",
-                                probe_sequences=values.get("sequences_per_domain", 32), per_sample=name == "tikmix_m")
+    assert tail_a[4] == Request(
+        align=("target:*", "heldout:*"),
+        source="probe_batch",
+        probe_sequences=values.get("sequences_per_domain", 32),
+        per_sample=name == "tikmix_m",
+    )
     for x, y in zip(tail_a, tail_b):
         if isinstance(x, Request):
             assert x == y
@@ -536,37 +565,41 @@ def test_state_dict_round_trip_mid_stage(name, values):
             assert np.array_equal(x[0], y[0]) and x[1] == y[1]
     assert a.metrics()["stage"] == 2
     sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys() and all(np.array_equal(np.asarray(sa[k], dtype=object), np.asarray(sb[k], dtype=object))
-                                          for k in sa)
+    assert sa.keys() == sb.keys() and all(
+        np.array_equal(np.asarray(sa[k], dtype=object), np.asarray(sb[k], dtype=object)) for k in sa
+    )
     assert np.array_equal(a.average_weights, b.average_weights)
 
 
-@pytest.mark.parametrize("name, values, knob", [
-    ("tikmix_d", {"stage_tokens": -5}, "mixture.stage_tokens"),
-    ("tikmix_d", {"stage_tokens": 0.5}, "mixture.stage_tokens"),
-    ("tikmix_d", {"stages": 0}, "mixture.stages"),
-    ("tikmix_d", {"sequences_per_domain": 0}, "mixture.sequences_per_domain"),
-    ("tikmix_d", {"tasks": []}, "mixture.tasks"),
-    ("tikmix_d", {"tasks": ["news"]}, "mixture.tasks"),
-    ("tikmix_d", {"tasks": ["valid:*", "valid:*"]}, "mixture.tasks"),
-    ("tikmix_d", {"precondition": "yes"}, "mixture.precondition"),
-    ("tikmix_d", {"prior": "zipf"}, "mixture.prior"),
-    ("tikmix_d", {"alpha": -1.0}, "mixture.alpha"),
-    ("tikmix_d", {"gamma": float("nan")}, "mixture.gamma"),
-    ("tikmix_d", {"pareto": 1}, "mixture.pareto"),
-    ("tikmix_d", {"floor": 1.5}, "mixture.floor"),
-    ("tikmix_m", {"box": [2.0, 0.5]}, "mixture.box"),
-    ("tikmix_m", {"box": [1.2, 2.0]}, "mixture.box"),
-    ("tikmix_m", {"box": [0.5]}, "mixture.box"),
-    ("tikmix_m", {"n_labels": 3}, "mixture.n_labels"),
-    ("tikmix_m", {"mix_sequences": 0}, "mixture.mix_sequences"),
-    ("tikmix_m", {"rounds": 0}, "mixture.rounds"),
-    ("tikmix_m", {"draws": 50, "top_k": 100}, "mixture.top_k"),
-    ("tikmix_m", {"concentration": [0, 1000]}, "mixture.concentration"),
-    ("tikmix_m", {"seed": -1}, "mixture.seed"),
-    ("tikmix_m", {"stage_tokens": -1}, "mixture.stage_tokens"),
-    ("tikmix_m", {"temperature": 2}, "mixture.temperature"),
-])
+@pytest.mark.parametrize(
+    "name, values, knob",
+    [
+        ("tikmix_d", {"stage_tokens": -5}, "mixture.stage_tokens"),
+        ("tikmix_d", {"stage_tokens": 0.5}, "mixture.stage_tokens"),
+        ("tikmix_d", {"stages": 0}, "mixture.stages"),
+        ("tikmix_d", {"sequences_per_domain": 0}, "mixture.sequences_per_domain"),
+        ("tikmix_d", {"tasks": []}, "mixture.tasks"),
+        ("tikmix_d", {"tasks": ["news"]}, "mixture.tasks"),
+        ("tikmix_d", {"tasks": ["valid:*", "valid:*"]}, "mixture.tasks"),
+        ("tikmix_d", {"precondition": "yes"}, "mixture.precondition"),
+        ("tikmix_d", {"prior": "zipf"}, "mixture.prior"),
+        ("tikmix_d", {"alpha": -1.0}, "mixture.alpha"),
+        ("tikmix_d", {"gamma": float("nan")}, "mixture.gamma"),
+        ("tikmix_d", {"pareto": 1}, "mixture.pareto"),
+        ("tikmix_d", {"floor": 1.5}, "mixture.floor"),
+        ("tikmix_m", {"box": [2.0, 0.5]}, "mixture.box"),
+        ("tikmix_m", {"box": [1.2, 2.0]}, "mixture.box"),
+        ("tikmix_m", {"box": [0.5]}, "mixture.box"),
+        ("tikmix_m", {"n_labels": 3}, "mixture.n_labels"),
+        ("tikmix_m", {"mix_sequences": 0}, "mixture.mix_sequences"),
+        ("tikmix_m", {"rounds": 0}, "mixture.rounds"),
+        ("tikmix_m", {"draws": 50, "top_k": 100}, "mixture.top_k"),
+        ("tikmix_m", {"concentration": [0, 1000]}, "mixture.concentration"),
+        ("tikmix_m", {"seed": -1}, "mixture.seed"),
+        ("tikmix_m", {"stage_tokens": -1}, "mixture.stage_tokens"),
+        ("tikmix_m", {"temperature": 2}, "mixture.temperature"),
+    ],
+)
 def test_config_errors_name_the_knob(name, values, knob):
     with pytest.raises(MixtureConfigError, match=knob.replace(".", r"\.")):
         build_controller(name, DOMAINS, values)

@@ -7,14 +7,20 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO, losses_by_step, make_shardset, tiny_values
 
 SCRIPT = REPO / "tests" / "scripts" / "run_config.py"
 MIXTURES = {
     "tikmix_d": {"name": "tikmix_d", "stage_tokens": 384, "sequences_per_domain": 4},
     # a smaller surrogate search than the defaults: the test is about the run, not the search's accuracy
-    "tikmix_m": {"name": "tikmix_m", "stage_tokens": 384, "sequences_per_domain": 4, "n_labels": 64, "draws": 2000, "top_k": 20},
+    "tikmix_m": {
+        "name": "tikmix_m",
+        "stage_tokens": 384,
+        "sequences_per_domain": 4,
+        "n_labels": 64,
+        "draws": 2000,
+        "top_k": 20,
+    },
 }
 
 
@@ -24,8 +30,17 @@ def _run(values: dict, cfg_path):
 
 
 def _values(data, run_dir, mixture, **extra):
-    return tiny_values(data, run_dir, **{"train.steps": 11, "train.checkpoint_every": 4, "data.steps_per_shard": 2,
-                                         "mixture": MIXTURES[mixture], **extra})
+    return tiny_values(
+        data,
+        run_dir,
+        **{
+            "train.steps": 11,
+            "train.checkpoint_every": 4,
+            "data.steps_per_shard": 2,
+            "mixture": MIXTURES[mixture],
+            **extra,
+        },
+    )
 
 
 @pytest.mark.slow  # the default suite stays under 10 minutes
@@ -40,8 +55,9 @@ def test_tikmix_run_updates_by_stage_and_resumes_bit_exactly(tmp_path, mixture):
     assert [r["mixture/stage"] for r in updates] == [1.0, 2.0, 3.0]  # 128 tokens a step, a stage every 3 steps
     # every task of the synthetic set was measured: its target set and the four domains' held-out slices
     assert {k for k in updates[0] if k.startswith("probe/align/")} >= {
-        f"probe/align/{name}/counting" for name in ("target:wordy", "heldout:counting", "heldout:abc", "heldout:words",
-                                                    "heldout:noise")}
+        f"probe/align/{name}/counting"
+        for name in ("target:wordy", "heldout:counting", "heldout:abc", "heldout:words", "heldout:noise")
+    }
     exported = json.loads((tmp_path / "ref" / "weights.json").read_text())["train_domain_weights"]
     last = [r for r in records if "train/loss" in r][-1]
     assert exported == pytest.approx({d: last[f"mixture/learned/{d}"] for d in exported}, abs=1e-12)

@@ -96,10 +96,17 @@ def check_engine_format(path: Path, saved: dict | None, current: dict | None) ->
     now = current or {"name": "torch"}
     if saved == now:
         return
-    diffs = [f"engine.{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
-             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    raise CheckpointMismatch(f"checkpoint {path} was written by another engine layout; differing knobs:\n  " + "\n  ".join(diffs)
-                             + "\nresume with the same engine knobs, or use train.resume=replace (moves the old run aside) or another run.dir to start fresh")
+    diffs = [
+        f"engine.{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
+    raise CheckpointMismatch(
+        f"checkpoint {path} was written by another engine layout; differing knobs:\n  "
+        + "\n  ".join(diffs)
+        + "\nresume with the same engine knobs, or use train.resume=replace (moves the old run aside) or another "
+        "run.dir to start fresh"
+    )
 
 
 def save(ckpt_root: Path, step: int, state: dict, meta: dict, keep: int, engine_save=None, before_commit=None) -> Path:
@@ -121,12 +128,15 @@ def save(ckpt_root: Path, step: int, state: dict, meta: dict, keep: int, engine_
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # what this save wrote; the previous checkpoint is untouched
         what = "no space left on device" if full else f"{type(e).__name__}: {e}"
-        raise CheckpointWriteError(f"{what} while writing checkpoint {final}; the previous checkpoint "
-                                   f"{previous or '(none)'} is kept: free space under {ckpt_root} and resume") from e
+        raise CheckpointWriteError(
+            f"{what} while writing checkpoint {final}; the previous checkpoint "
+            f"{previous or '(none)'} is kept: free space under {ckpt_root} and resume"
+        ) from e
 
 
-def _save(ckpt_root: Path, rank: int, final: Path, tmp: Path, step: int, state, meta, keep, engine_save,
-          before_commit) -> Path:
+def _save(
+    ckpt_root: Path, rank: int, final: Path, tmp: Path, step: int, state, meta, keep, engine_save, before_commit
+) -> Path:
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)  # debris of an earlier interrupted save
@@ -178,8 +188,16 @@ def complete_checkpoints(ckpt_root: Path, of_run: str | None = "owner") -> list[
     the run with that id (None: every run's)."""
     if not ckpt_root.is_dir():
         return []
-    found = sorted((p for p in ckpt_root.iterdir() if is_step_dir(p) and (p / "meta.json").is_file()
-                    and ((p / "state.pt").is_file() or (p / DEEPSPEED_DIR).is_dir())), key=lambda p: p.name)
+    found = sorted(
+        (
+            p
+            for p in ckpt_root.iterdir()
+            if is_step_dir(p)
+            and (p / "meta.json").is_file()
+            and ((p / "state.pt").is_file() or (p / DEEPSPEED_DIR).is_dir())
+        ),
+        key=lambda p: p.name,
+    )
     if of_run is None or not found:
         return found
     wanted = (owner(ckpt_root) or run_id(found[-1])) if of_run == "owner" else of_run
@@ -206,8 +224,14 @@ def _deepspeed_state(path: Path) -> dict:
     ds_dir = path / DEEPSPEED_DIR
     tag_dir = ds_dir / DEEPSPEED_TAG
     # rank 0's model states (the one carrying the loop's state): ZeRO-3 names them per rank
-    name = next((n for n in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-                 if (tag_dir / n).is_file()), None)
+    name = next(
+        (
+            n
+            for n in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+            if (tag_dir / n).is_file()
+        ),
+        None,
+    )
     if name is None:
         raise FileNotFoundError(f"{path} is a DeepSpeed checkpoint without rank 0's model states in {tag_dir}")
     files = safe_load.load(tag_dir / name)
@@ -239,8 +263,10 @@ def load(path: Path, rank: int, engine_state: bool = True) -> tuple[dict | None,
         state = _deepspeed_state(path) if engine_state else None
     elif (meta.get("engine") or {}).get("name") == "megatron":
         if engine_state:  # the model lives in per-TP-rank shards with megatron's parameter names
-            raise ValueError(f"{path} is an engine=megatron checkpoint (tensor-parallel shards under {MEGATRON_DIR}/): "
-                             "resume it with engine=megatron and the same engine.tensor_parallel")
+            raise ValueError(
+                f"{path} is an engine=megatron checkpoint (tensor-parallel shards under {MEGATRON_DIR}/): "
+                "resume it with engine=megatron and the same engine.tensor_parallel"
+            )
         state = None
     else:
         state = safe_load.load(path / "state.pt")

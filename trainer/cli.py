@@ -46,7 +46,7 @@ def _train_app(overrides: list[str]) -> None:
     from . import dist
     from .config import load_config
     from .loop import run
-    from .refusal import refuse, refusals
+    from .refusal import refusals, refuse
 
     for o in overrides:  # Hydra makes runs/<run.name>-<time> before the config is validated
         if o.startswith("run.name=") and "${" not in o:
@@ -58,7 +58,9 @@ def _train_app(overrides: list[str]) -> None:
             except ConfigError as e:
                 refuse(e)
     if not CONF_DIR.is_dir():
-        raise SystemExit(f"mixtrain: config folder {CONF_DIR} not found (install with `pip install -e .` from the repository)")
+        raise SystemExit(
+            f"mixtrain: config folder {CONF_DIR} not found (install with `pip install -e .` from the repository)"
+        )
     rank, world, _ = dist.env_world()
     if world > 1 and not any(o.startswith("hydra.run.dir=") for o in overrides):
         # Every rank runs Hydra; rank 0 picks the timestamp so all ranks agree on one run directory.
@@ -108,7 +110,9 @@ def _forget_launch(output_dir: Path) -> None:
 def _data_parser() -> argparse.ArgumentParser:
     from .data import demo, ingest, planted
 
-    parser = argparse.ArgumentParser(prog="mixtrain data", description="Build or ingest token shards (Megatron .bin/.idx).")
+    parser = argparse.ArgumentParser(
+        prog="mixtrain data", description="Build or ingest token shards (Megatron .bin/.idx)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(sub)
     planted.add_parser(sub)
@@ -121,8 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if not argv:
-        print("[mixtrain] main job: DoGE proxy weight search on the demo corpus (built on first use); "
-              "conf/experiment/search.yaml, mixture.mu=0.04. `mixtrain --help` lists the commands.", flush=True)
+        print(
+            "[mixtrain] main job: DoGE proxy weight search on the demo corpus (built on first use); "
+            "conf/experiment/search.yaml, mixture.mu=0.04. `mixtrain --help` lists the commands.",
+            flush=True,
+        )
         # DoGE's log-weight step is lr/mu; the search's peak lr is 4x the paper's 5e-4, so mu is 4x
         # its 0.01 to keep the paper's step (with 0.01 the tiny proxy collapses onto two domains).
         _train_app(["+experiment=search", "mixture=doge", "mixture.mu=0.04"])

@@ -57,8 +57,16 @@ import yaml
 # seed group.
 BOOKKEEPING = {
     "run": None,  # the whole section: name, dir, wandb, plots, progress
-    "train": ("seed", "resume", "fail_at_step", "fail_rank", "fail_in_checkpoint", "keep_checkpoints", "checkpoint_every",
-              "log_every"),
+    "train": (
+        "seed",
+        "resume",
+        "fail_at_step",
+        "fail_rank",
+        "fail_in_checkpoint",
+        "keep_checkpoints",
+        "checkpoint_every",
+        "log_every",
+    ),
     "engine": ("threads",),
     "data": ("cache_dir",),
 }
@@ -157,20 +165,30 @@ def expand(arg: str) -> tuple[list[tuple[Path, str, list[str]]], bool]:
     if not path.exists():
         raise CompareError(f"RUN={arg!r}: no such directory")
     if not path.is_dir():
-        raise CompareError(f"RUN={arg!r} is a file; give a run directory (config.yaml + metrics.jsonl) or a "
-                           "Hydra multirun directory")
+        raise CompareError(
+            f"RUN={arg!r} is a file; give a run directory (config.yaml + metrics.jsonl) or a Hydra multirun directory"
+        )
     if is_run(path):
         return [(path, path.name, _overrides(path))], False
     subdirs = sorted((p for p in path.iterdir() if p.is_dir()), key=_job_key)
     jobs = [p for p in subdirs if is_run(p)]
     for p in subdirs:
         if p not in jobs and (p / ".hydra").is_dir():
-            print(f"mixtrain compare: warning: RUN={arg!r}: job {p.name} has no metrics.jsonl/config.yaml "
-                  "(failed or not started); left out", file=sys.stderr)
+            print(
+                f"mixtrain compare: warning: RUN={arg!r}: job {p.name} has no metrics.jsonl/config.yaml "
+                "(failed or not started); left out",
+                file=sys.stderr,
+            )
     if not jobs:
-        have = "config.yaml but no metrics.jsonl" if (path / "config.yaml").is_file() else "no config.yaml and metrics.jsonl"
-        raise CompareError(f"RUN={arg!r} is not a run directory ({have}; a run writes both when it starts "
-                           "training) nor a multirun directory (none of its subdirectories is a run)")
+        have = (
+            "config.yaml but no metrics.jsonl"
+            if (path / "config.yaml").is_file()
+            else "no config.yaml and metrics.jsonl"
+        )
+        raise CompareError(
+            f"RUN={arg!r} is not a run directory ({have}; a run writes both when it starts "
+            "training) nor a multirun directory (none of its subdirectories is a run)"
+        )
     overrides = [_overrides(j) for j in jobs]
     shared = set.intersection(*(set(o) for o in overrides)) if overrides else set()
     out = []
@@ -206,9 +224,9 @@ def _domains_of(records: list[dict]) -> list[str]:
         for k in rec:
             d = None
             if k.startswith("mixture/weight/"):
-                d = k[len("mixture/weight/"):]
+                d = k[len("mixture/weight/") :]
             elif k.startswith("eval/") and k.endswith("/loss") and k.count("/") == 2:
-                d = k[len("eval/"):-len("/loss")]
+                d = k[len("eval/") : -len("/loss")]
             if d and d not in out:
                 out.append(d)
     return out
@@ -280,12 +298,25 @@ def load_run(path: Path, arg: str, label: str, overrides: list[str] | None = Non
     if records:
         wall = (path / "metrics.jsonl").stat().st_mtime - (path / "config.yaml").stat().st_mtime
         wall = wall if wall >= 0 else None  # config.yaml rewritten after the last log line: unknown
-    return RunInfo(path=path, arg=arg, label=label, config=config, domains=domains, targets=targets,
-                   eval_step=int(last["step"]) if last else None, losses=losses,
-                   target_losses={t: float(last[f"target/{t}/loss"]) for t in targets},
-                   eval_loss=float(last["eval/loss"]) if "eval/loss" in last else None, curves=curves,
-                   tokens=tokens, weights=weights, trajectory=_trajectory(records, shards, domains),
-                   train_seconds=_train_seconds(records), wall_seconds=wall, overrides=overrides or [])
+    return RunInfo(
+        path=path,
+        arg=arg,
+        label=label,
+        config=config,
+        domains=domains,
+        targets=targets,
+        eval_step=int(last["step"]) if last else None,
+        losses=losses,
+        target_losses={t: float(last[f"target/{t}/loss"]) for t in targets},
+        eval_loss=float(last["eval/loss"]) if "eval/loss" in last else None,
+        curves=curves,
+        tokens=tokens,
+        weights=weights,
+        trajectory=_trajectory(records, shards, domains),
+        train_seconds=_train_seconds(records),
+        wall_seconds=wall,
+        overrides=overrides or [],
+    )
 
 
 def collect(args: list[str], labels: list[str] | None = None) -> tuple[list[RunInfo], bool]:
@@ -301,8 +332,10 @@ def collect(args: list[str], labels: list[str] | None = None) -> tuple[list[RunI
         found += [(path, arg, label, ovr, folder) for path, label, ovr in runs]
     if labels is not None:
         if len(labels) != len(found):
-            raise CompareError(f"--labels: {len(labels)} label(s) for {len(found)} run(s) (after expanding multirun "
-                               f"directories: {', '.join(str(p) for p, *_ in found)})")
+            raise CompareError(
+                f"--labels: {len(labels)} label(s) for {len(found)} run(s) (after expanding multirun "
+                f"directories: {', '.join(str(p) for p, *_ in found)})"
+            )
         found = [(p, a, lab, o, f) for (p, a, _, o, f), lab in zip(found, labels)]
     else:
         names = [lab for _, _, lab, _, _ in found]
@@ -355,8 +388,11 @@ def seed_groups(runs: list[RunInfo]) -> list[SeedGroup]:
         stripped = {" ".join(t for t in r.label.split() if not _seed_token(t)) for r in members}
         base = stripped.pop() if len(stripped) == 1 and "" not in stripped else ""
         if not base and all(r.overrides for r in members):
-            base = " ".join(o for o in members[0].overrides if not _seed_token(o) and o not in everywhere
-                            and all(o in r.overrides for r in members))
+            base = " ".join(
+                o
+                for o in members[0].overrides
+                if not _seed_token(o) and o not in everywhere and all(o in r.overrides for r in members)
+            )
         base = base or ", ".join(r.label for r in members)
         groups.append(SeedGroup(f"{base} (seeds {', '.join(map(str, seeds))})", members))
     return groups
@@ -401,31 +437,66 @@ def _union(lists) -> list[str]:
 
 def render_table(runs: list[RunInfo], groups: list[SeedGroup], domains: list[str], targets: list[str]) -> str:
     order = "/".join(domains)
-    header = (["run", "step", *domains, "avg", "eval/loss", "worst", *(f"target/{t}" for t in targets),
-               f"tokens ({order})", f"weights ({order})", "train s", "wall s"])
+    header = [
+        "run",
+        "step",
+        *domains,
+        "avg",
+        "eval/loss",
+        "worst",
+        *(f"target/{t}" for t in targets),
+        f"tokens ({order})",
+        f"weights ({order})",
+        "train s",
+        "wall s",
+    ]
     rows = []
     for r in runs:
         worst = r.worst
-        rows.append([r.label + ("" if r.finished else " (unfinished)"), MISSING if r.eval_step is None else str(r.eval_step),
-                     *(_f(r.losses.get(d)) for d in domains), _f(r.macro), _f(r.eval_loss),
-                     MISSING if worst is None else f"{worst[0]} {worst[1]:.3f}",
-                     *(_f(r.target_losses.get(t)) for t in targets),
-                     _compact(r.tokens, domains, ".0f"), _compact(r.weights, domains, ".3f"),
-                     _secs(r.train_seconds), _secs(r.wall_seconds)])
+        rows.append(
+            [
+                r.label + ("" if r.finished else " (unfinished)"),
+                MISSING if r.eval_step is None else str(r.eval_step),
+                *(_f(r.losses.get(d)) for d in domains),
+                _f(r.macro),
+                _f(r.eval_loss),
+                MISSING if worst is None else f"{worst[0]} {worst[1]:.3f}",
+                *(_f(r.target_losses.get(t)) for t in targets),
+                _compact(r.tokens, domains, ".0f"),
+                _compact(r.weights, domains, ".3f"),
+                _secs(r.train_seconds),
+                _secs(r.wall_seconds),
+            ]
+        )
     for g in groups:
-        mean_losses = {d: float(np.mean(v)) for d in domains
-                       if (v := [r.losses[d] for r in g.runs if d in r.losses])}
+        mean_losses = {d: float(np.mean(v)) for d in domains if (v := [r.losses[d] for r in g.runs if d in r.losses])}
         worst = max(mean_losses.items(), key=lambda kv: kv[1]) if mean_losses else None
-        mean_tokens = {d: float(np.mean(v)) for d in domains if len(v := [r.tokens[d] for r in g.runs if d in r.tokens]) == len(g.runs)}
+        mean_tokens = {
+            d: float(np.mean(v))
+            for d in domains
+            if len(v := [r.tokens[d] for r in g.runs if d in r.tokens]) == len(g.runs)
+        }
         ws = [r.weights for r in g.runs if r.weights]
-        mean_weights = ({d: float(np.mean([w[d] for w in ws])) for d in domains if all(d in w for w in ws)}
-                        if len(ws) == len(g.runs) else None)
-        rows.append([f"mean ± sd: {g.label}", MISSING if g.runs[0].eval_step is None else str(g.runs[0].eval_step),
-                     *(_pm([r.losses.get(d) for r in g.runs]) for d in domains), _pm([r.macro for r in g.runs]),
-                     _pm([r.eval_loss for r in g.runs]), MISSING if worst is None else f"{worst[0]} {worst[1]:.3f}",
-                     *(_pm([r.target_losses.get(t) for r in g.runs]) for t in targets),
-                     _compact(mean_tokens, domains, ".0f"), _compact(mean_weights, domains, ".3f"),
-                     _pm([r.train_seconds for r in g.runs], 2), _pm([r.wall_seconds for r in g.runs], 2)])
+        mean_weights = (
+            {d: float(np.mean([w[d] for w in ws])) for d in domains if all(d in w for w in ws)}
+            if len(ws) == len(g.runs)
+            else None
+        )
+        rows.append(
+            [
+                f"mean ± sd: {g.label}",
+                MISSING if g.runs[0].eval_step is None else str(g.runs[0].eval_step),
+                *(_pm([r.losses.get(d) for r in g.runs]) for d in domains),
+                _pm([r.macro for r in g.runs]),
+                _pm([r.eval_loss for r in g.runs]),
+                MISSING if worst is None else f"{worst[0]} {worst[1]:.3f}",
+                *(_pm([r.target_losses.get(t) for r in g.runs]) for t in targets),
+                _compact(mean_tokens, domains, ".0f"),
+                _compact(mean_weights, domains, ".3f"),
+                _pm([r.train_seconds for r in g.runs], 2),
+                _pm([r.wall_seconds for r in g.runs], 2),
+            ]
+        )
     lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     notes = [
@@ -438,8 +509,10 @@ def render_table(runs: list[RunInfo], groups: list[SeedGroup], domains: list[str
         "mtime(metrics.jsonl) − mtime(config.yaml) (the last session only if the run was resumed).",
     ]
     if groups:
-        notes.append("mean ± sd rows: runs whose configs differ only in train.seed; sd = sample standard deviation "
-                     "(n − 1) across seeds; worst, tokens and weights of those rows are of the means.")
+        notes.append(
+            "mean ± sd rows: runs whose configs differ only in train.seed; sd = sample standard deviation "
+            "(n − 1) across seeds; worst, tokens and weights of those rows are of the means."
+        )
     notes += ["", "Runs:"] + [f"- {_cell(r.label)}: `{r.path}`" for r in runs]
     return "\n".join(lines + notes) + "\n"
 
@@ -470,13 +543,18 @@ def plot_weights(plt, runs: list[RunInfo], domains: list[str], path: Path) -> Pa
             steps, W, what = r.trajectory
             idx = [r.domains.index(d) for d in domains if d in r.domains]
             names = [d for d in domains if d in r.domains]
-            ax.stackplot(steps, W[:, idx].T, labels=names, colors=[colors[d] for d in names],
-                         step="post" if what.startswith("sampling") else None)
+            ax.stackplot(
+                steps,
+                W[:, idx].T,
+                labels=names,
+                colors=[colors[d] for d in names],
+                step="post" if what.startswith("sampling") else None,
+            )
             ax.set_xlim(steps[0], steps[-1])
             ax.set_xlabel(f"step ({what})", fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(r.label, fontsize=9)
-    for ax in list(axes.flat)[len(runs):]:
+    for ax in list(axes.flat)[len(runs) :]:
         ax.axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[d]) for d in domains]
     fig.legend(handles, domains, loc="lower center", ncol=min(len(domains), 8), fontsize=8)
@@ -500,7 +578,7 @@ def plot_validation(plt, runs: list[RunInfo], domains: list[str], targets: list[
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel("validation loss", fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     handles = [plt.Line2D([], [], color=c, marker="o") for c in colors]
     fig.legend(handles, [r.label for r in runs], loc="lower center", ncol=min(len(runs), 4), fontsize=8)
@@ -516,9 +594,15 @@ def plot_bars(plt, runs: list[RunInfo], groups: list[SeedGroup], targets: list[s
     metrics += [(f"target/{t}", lambda r, t=t: r.target_losses.get(t)) for t in targets]
     panels = [("per run", [(r.label, [[get(r)] for _, get in metrics]) for r in runs])]
     if groups:
-        panels.append(("mean ± sd over seeds", [(g.label, [[get(r) for r in g.runs] for _, get in metrics]) for g in groups]))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(7, 1.6 * len(metrics) * max(len(runs), 2) ** 0.5 + 3), 4.2 * len(panels)),
-                             squeeze=False)
+        panels.append(
+            ("mean ± sd over seeds", [(g.label, [[get(r) for r in g.runs] for _, get in metrics]) for g in groups])
+        )
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(max(7, 1.6 * len(metrics) * max(len(runs), 2) ** 0.5 + 3), 4.2 * len(panels)),
+        squeeze=False,
+    )
     for ax, (title, bars) in zip(axes[:, 0], panels):
         n = len(bars)
         width = 0.8 / n
@@ -527,13 +611,24 @@ def plot_bars(plt, runs: list[RunInfo], groups: list[SeedGroup], targets: list[s
         for i, ((label, values), color) in enumerate(zip(bars, _colors(n))):
             clean = [[v for v in vs if v is not None and math.isfinite(v)] for vs in values]
             mean = np.array([np.mean(v) if v else np.nan for v in clean])
-            err = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in clean]) if title.startswith("mean") else None
+            err = (
+                np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in clean])
+                if title.startswith("mean")
+                else None
+            )
             pos = x - 0.4 + width * (i + 0.5)
             ax.bar(pos, mean, width, yerr=err, capsize=3 if err is not None else 0, color=color, label=label)
             for px, m, e in zip(pos, mean, err if err is not None else np.zeros_like(mean)):
                 if np.isfinite(m):
-                    ax.annotate(f"{m:.3f}", (px, m + e), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=6,
-                                rotation=90 if n > 4 else 0)
+                    ax.annotate(
+                        f"{m:.3f}",
+                        (px, m + e),
+                        xytext=(0, 2),
+                        textcoords="offset points",
+                        ha="center",
+                        fontsize=6,
+                        rotation=90 if n > 4 else 0,
+                    )
             spread = err if err is not None else np.zeros_like(mean)
             if np.isfinite(mean).any():
                 lo = min(lo, np.nanmin(mean - spread))
@@ -552,20 +647,25 @@ def plot_bars(plt, runs: list[RunInfo], groups: list[SeedGroup], targets: list[s
     return path
 
 
-def write_plots(runs: list[RunInfo], groups: list[SeedGroup], domains: list[str], targets: list[str], out: Path) -> list[Path]:
+def write_plots(
+    runs: list[RunInfo], groups: list[SeedGroup], domains: list[str], targets: list[str], out: Path
+) -> list[Path]:
     from .plots import _pyplot
 
     plt = _pyplot()
-    return [plot_weights(plt, runs, domains, out / PLOTS[0]),
-            plot_validation(plt, runs, domains, targets, out / PLOTS[1]),
-            plot_bars(plt, runs, groups, targets, out / PLOTS[2])]
+    return [
+        plot_weights(plt, runs, domains, out / PLOTS[0]),
+        plot_validation(plt, runs, domains, targets, out / PLOTS[1]),
+        plot_bars(plt, runs, groups, targets, out / PLOTS[2]),
+    ]
 
 
 # ---- entry points ---------------------------------------------------------------------------
 
 
-def compare(args: list[str], *, out: str | os.PathLike | None = None, labels: list[str] | None = None,
-            plots: bool = True) -> Comparison:
+def compare(
+    args: list[str], *, out: str | os.PathLike | None = None, labels: list[str] | None = None, plots: bool = True
+) -> Comparison:
     """Load the runs, build the table, write ``compare.md`` and the plots into the output folder."""
     runs, first_is_folder = collect([str(a) for a in args], labels)
     domains = _union(r.domains for r in runs)
@@ -586,13 +686,27 @@ def compare(args: list[str], *, out: str | os.PathLike | None = None, labels: li
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("compare", help="runs side by side: final losses, weights, tokens, time; plots",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "compare",
+        help="runs side by side: final losses, weights, tokens, time; plots",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directory or Hydra multirun directory (its jobs)")
-    p.add_argument("--out", default=None, metavar="DIR", help="where compare.md and the PNGs go (default: the first "
-                   "RUN when it is a multirun directory, else ./compare)")
-    p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
-                   help="one label per run, after expanding multirun directories (put it after the RUNs)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="where compare.md and the PNGs go (default: the first "
+        "RUN when it is a multirun directory, else ./compare)",
+    )
+    p.add_argument(
+        "--labels",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="one label per run, after expanding multirun directories (put it after the RUNs)",
+    )
     p.add_argument("--no-plots", dest="plots", action="store_false", help="write the table only")
     p.set_defaults(func=run)
     return p

@@ -120,7 +120,9 @@ class DataConfig:
         if not 0.0 < self.reference_fraction < 0.5:
             raise ConfigError(f"data.reference_fraction={self.reference_fraction} must be in (0, 0.5)")
         if self.subset != "all" and self.holdout_fraction <= 0:
-            raise ConfigError(f"data.subset={self.subset} needs a holdout: set data.holdout_fraction > 0 (the curriculum uses 0.1)")
+            raise ConfigError(
+                f"data.subset={self.subset} needs a holdout: set data.holdout_fraction > 0 (the curriculum uses 0.1)"
+            )
 
 
 @dataclass
@@ -207,10 +209,18 @@ class TrainConfig:
         if self.fail_rank < -1:
             raise ConfigError(f"train.fail_rank={self.fail_rank} must be -1 (every rank) or a rank >= 0")
         # a fault that can never fire would let a restart test pass without testing anything
-        if self.fail_in_checkpoint and not (self.fail_at_step == self.steps or (
-                self.checkpoint_every and 0 < self.fail_at_step < self.steps and self.fail_at_step % self.checkpoint_every == 0)):
-            raise ConfigError(f"train.fail_in_checkpoint=true needs train.fail_at_step (now {self.fail_at_step}) at a step that "
-                              "writes a checkpoint: a multiple of train.checkpoint_every, or train.steps")
+        if self.fail_in_checkpoint and not (
+            self.fail_at_step == self.steps
+            or (
+                self.checkpoint_every
+                and 0 < self.fail_at_step < self.steps
+                and self.fail_at_step % self.checkpoint_every == 0
+            )
+        ):
+            raise ConfigError(
+                f"train.fail_in_checkpoint=true needs train.fail_at_step (now {self.fail_at_step}) at a step that "
+                "writes a checkpoint: a multiple of train.checkpoint_every, or train.steps"
+            )
 
 
 # ds_config entries that engine=deepspeed sets from other knobs: refused in engine.ds_config, naming the knob.
@@ -304,10 +314,19 @@ class EngineConfig:
         self._validate_megatron()
         if self.name != "deepspeed":
             defaults = EngineConfig()
-            for knob in ("zero_stage", "precision", "offload_optimizer", "offload_param", "offload_nvme_path",
-                         "zero3_whole_params", "ds_config"):
+            for knob in (
+                "zero_stage",
+                "precision",
+                "offload_optimizer",
+                "offload_param",
+                "offload_nvme_path",
+                "zero3_whole_params",
+                "ds_config",
+            ):
                 if getattr(self, knob) != getattr(defaults, knob):
-                    raise ConfigError(f"engine.{knob} applies to engine.name=deepspeed only (engine.name={self.name!r})")
+                    raise ConfigError(
+                        f"engine.{knob} applies to engine.name=deepspeed only (engine.name={self.name!r})"
+                    )
             return
         if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"engine.zero_stage={self.zero_stage!r}; allowed: 0, 1, 2, 3")
@@ -317,9 +336,13 @@ class EngineConfig:
             if getattr(self, knob) not in ("none", "cpu", "nvme"):
                 raise ConfigError(f"engine.{knob}={getattr(self, knob)!r}; allowed: none, cpu, nvme")
         if self.offload_optimizer != "none" and self.zero_stage == 0:
-            raise ConfigError(f"engine.offload_optimizer={self.offload_optimizer} needs engine.zero_stage 1, 2 or 3 (got 0)")
+            raise ConfigError(
+                f"engine.offload_optimizer={self.offload_optimizer} needs engine.zero_stage 1, 2 or 3 (got 0)"
+            )
         if self.offload_param != "none" and self.zero_stage != 3:
-            raise ConfigError(f"engine.offload_param={self.offload_param} needs engine.zero_stage=3 (got {self.zero_stage})")
+            raise ConfigError(
+                f"engine.offload_param={self.offload_param} needs engine.zero_stage=3 (got {self.zero_stage})"
+            )
         if "nvme" in (self.offload_optimizer, self.offload_param) and not self.offload_nvme_path:
             raise ConfigError("engine.offload_nvme_path must name a folder when an offload knob is nvme")
         if not isinstance(self.zero3_whole_params, bool):
@@ -331,8 +354,10 @@ class EngineConfig:
         check_ds_config(self.ds_config)
         zero = self.ds_config.get("zero_optimization", {})
         if "stage3_param_persistence_threshold" in zero and self.zero3_whole_params:
-            raise ConfigError("engine.ds_config.zero_optimization.stage3_param_persistence_threshold conflicts with "
-                              "engine.zero3_whole_params=true (which keeps every parameter whole)")
+            raise ConfigError(
+                "engine.ds_config.zero_optimization.stage3_param_persistence_threshold conflicts with "
+                "engine.zero3_whole_params=true (which keeps every parameter whole)"
+            )
 
     def _validate_megatron(self) -> None:
         tp, multiple = self.tensor_parallel, self.vocab_multiple
@@ -342,19 +367,28 @@ class EngineConfig:
                     raise ConfigError(f"engine.{knob} applies to engine.name=megatron only (engine.name={self.name!r})")
             return
         if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-            raise ConfigError(f"engine.tensor_parallel={tp!r}; allowed: an integer >= 1 that divides the number of ranks and model.n_head")
+            raise ConfigError(
+                f"engine.tensor_parallel={tp!r}; allowed: an integer >= 1 that divides the number of ranks and "
+                "model.n_head"
+            )
         world = int(os.environ.get("WORLD_SIZE", 1))
         if world % tp:
-            raise ConfigError(f"engine.tensor_parallel={tp} does not divide the {world} ranks; allowed: "
-                              f"{[d for d in range(1, world + 1) if world % d == 0]}")
+            raise ConfigError(
+                f"engine.tensor_parallel={tp} does not divide the {world} ranks; allowed: "
+                f"{[d for d in range(1, world + 1) if world % d == 0]}"
+            )
         if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1 or multiple % tp:
-            raise ConfigError(f"engine.vocab_multiple={multiple!r} must be a positive multiple of engine.tensor_parallel={tp}")
+            raise ConfigError(
+                f"engine.vocab_multiple={multiple!r} must be a positive multiple of engine.tensor_parallel={tp}"
+            )
 
-    def check_model(self, model: "ModelConfig") -> None:
+    def check_model(self, model: ModelConfig) -> None:
         """Knobs that constrain the model (called by Config.validate)."""
         if self.name == "megatron" and model.n_head % self.tensor_parallel:
-            raise ConfigError(f"engine.tensor_parallel={self.tensor_parallel} does not divide model.n_head={model.n_head}; "
-                              f"allowed: {[d for d in range(1, model.n_head + 1) if model.n_head % d == 0]}")
+            raise ConfigError(
+                f"engine.tensor_parallel={self.tensor_parallel} does not divide model.n_head={model.n_head}; "
+                f"allowed: {[d for d in range(1, model.n_head + 1) if model.n_head % d == 0]}"
+            )
 
 
 @dataclass
@@ -401,9 +435,10 @@ class RunConfig:
             raise ConfigError(f"run.wandb_tags={self.wandb_tags!r} must be a list of non-empty strings")
         # the name becomes runs/<name>-<time>: one folder name, never a path out of runs/
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=,-]*", self.name) or ".." in self.name:
-            raise ConfigError(f"run.name={self.name!r} must be one folder name: letters, digits and ._+=,- "
-                              "(not starting with one of those, no '..'); put a path in run.dir instead")
-
+            raise ConfigError(
+                f"run.name={self.name!r} must be one folder name: letters, digits and ._+=,- "
+                "(not starting with one of those, no '..'); put a path in run.dir instead"
+            )
 
     @property
     def wandb_mode(self) -> str:
@@ -464,8 +499,10 @@ class CurriculumConfig:
         if self.name not in CURRICULA:
             raise ConfigError(f"curriculum.name={self.name!r}; allowed: {', '.join(CURRICULA)}")
         if self.name == "irreducible" and not self.scores:
-            raise ConfigError("curriculum.scores must name a scores directory or a proxy run (curriculum=irreducible); "
-                              "train one with `mixtrain train +experiment=curriculum_proxy`, then `mixtrain score RUN`")
+            raise ConfigError(
+                "curriculum.scores must name a scores directory or a proxy run (curriculum=irreducible); "
+                "train one with `mixtrain train +experiment=curriculum_proxy`, then `mixtrain score RUN`"
+            )
         if not 0.0 < self.f0 <= 1.0:
             raise ConfigError(f"curriculum.f0={self.f0} must be in (0, 1]")
         if not 0.0 < self.u_full <= 1.0:
@@ -506,8 +543,11 @@ class Config:
         """Knobs that constrain each other across groups."""
         self.engine.check_model(self.model)
         if self.curriculum.name != "none" and self.data.subset != "main":
-            raise ConfigError(f"data.subset={self.data.subset!r} with curriculum={self.curriculum.name}: the main run must "
-                              "exclude the proxy's holdout (data.subset=main, data.holdout_fraction=0.1; the curriculum group sets both)")
+            raise ConfigError(
+                f"data.subset={self.data.subset!r} with curriculum={self.curriculum.name}: the main run must "
+                "exclude the proxy's holdout (data.subset=main, data.holdout_fraction=0.1; the curriculum group sets "
+                "both)"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -519,8 +559,34 @@ class Config:
         t = d["train"]
         out = {
             "model": d["model"],
-            "data": {k: d["data"][k] for k in ("source", "path", "prefixes", "domains", "seq_len", "steps_per_shard", "exhaustion", "tokenizer")},
-            "train": {k: t[k] for k in ("steps", "micro_batch", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "betas", "grad_clip", "seed")},
+            "data": {
+                k: d["data"][k]
+                for k in (
+                    "source",
+                    "path",
+                    "prefixes",
+                    "domains",
+                    "seq_len",
+                    "steps_per_shard",
+                    "exhaustion",
+                    "tokenizer",
+                )
+            },
+            "train": {
+                k: t[k]
+                for k in (
+                    "steps",
+                    "micro_batch",
+                    "grad_accum",
+                    "lr",
+                    "min_lr",
+                    "warmup_steps",
+                    "weight_decay",
+                    "betas",
+                    "grad_clip",
+                    "seed",
+                )
+            },
             "mixture": d["mixture"],
         }
         # Added only when used, so checkpoints written before these knobs existed still resume.
@@ -539,15 +605,25 @@ def _build(cls, values: Any, prefix: str):
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ConfigError(f"unknown knob(s) {', '.join(f'{prefix}.{u}' for u in unknown)}; allowed: {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"unknown knob(s) {', '.join(f'{prefix}.{u}' for u in unknown)}; allowed: {', '.join(sorted(names))}"
+        )
     kwargs = {k: typed(f"{prefix}.{k}", names[k].type, v) for k, v in values.items()}
     obj = cls(**kwargs)
     obj.validate()
     return obj
 
 
-_KINDS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string",
-          "dict": "a mapping", "list": "a list", "tuple": "a list", "None": "null"}
+_KINDS = {
+    "int": "an integer",
+    "float": "a finite number",
+    "bool": "true or false",
+    "str": "a string",
+    "dict": "a mapping",
+    "list": "a list",
+    "tuple": "a list",
+    "None": "null",
+}
 
 
 def typed(knob: str, annotation: str, value: Any) -> Any:

@@ -60,8 +60,10 @@ def _weights_file(run: Path) -> Path:
     if run.is_dir():
         path = run / "weights.json"
         if not path.is_file():
-            raise ExportError(f"RUN={str(run)!r} holds no weights.json: a run writes it when training finishes "
-                              "(an interrupted run can be finished with the same command, train.resume=auto)")
+            raise ExportError(
+                f"RUN={str(run)!r} holds no weights.json: a run writes it when training finishes "
+                "(an interrupted run can be finished with the same command, train.resume=auto)"
+            )
         return path
     if not run.is_file():
         raise ExportError(f"RUN={str(run)!r}: no such run directory or weights file")
@@ -83,8 +85,10 @@ def load_weights(run: str | os.PathLike, which: str = "average") -> dict[str, fl
             except json.JSONDecodeError:
                 obj = None
         if not isinstance(obj, dict) or not isinstance(obj.get(WEIGHTS["final"]), dict):
-            raise ExportError(f"--weights=final: {path} has no {WEIGHTS['final']!r} (only mixtrain's weights.json "
-                              "records the final weights); use --weights=average")
+            raise ExportError(
+                f"--weights=final: {path} has no {WEIGHTS['final']!r} (only mixtrain's weights.json "
+                "records the final weights); use --weights=average"
+            )
         weights = {str(k): v for k, v in obj[WEIGHTS["final"]].items()}
     else:
         try:
@@ -105,8 +109,10 @@ def load_weights(run: str | os.PathLike, which: str = "average") -> dict[str, fl
 def _data_config(run: Path) -> tuple[dict, Path]:
     cfg_path = (run if run.is_dir() else run.parent) / "config.yaml"
     if not cfg_path.is_file():
-        raise ExportError(f"RUN={str(run)!r} has no config.yaml beside its weights, so the domains' prefixes are "
-                          "unknown: pass --data SHARDSET (a folder with manifest.json)")
+        raise ExportError(
+            f"RUN={str(run)!r} has no config.yaml beside its weights, so the domains' prefixes are "
+            "unknown: pass --data SHARDSET (a folder with manifest.json)"
+        )
     values = yaml.safe_load(cfg_path.read_text()) or {}
     data = values.get("data")
     if not isinstance(data, dict):
@@ -118,11 +124,15 @@ def _check_pair(prefix: str, where: str) -> str:
     from .data.indexed import exists
 
     if not exists(prefix):
-        raise ExportError(f"{where}: prefix {prefix!r} is missing ({prefix}.bin and {prefix}.idx expected); "
-                          "was the data moved? pass --data SHARDSET to point at its new place")
+        raise ExportError(
+            f"{where}: prefix {prefix!r} is missing ({prefix}.bin and {prefix}.idx expected); "
+            "was the data moved? pass --data SHARDSET to point at its new place"
+        )
     if any(c.isspace() for c in prefix):
-        raise ExportError(f"{where}: prefix {prefix!r} contains whitespace, which Megatron's blend lists "
-                          "cannot express (they are split on whitespace): move or link the data")
+        raise ExportError(
+            f"{where}: prefix {prefix!r} contains whitespace, which Megatron's blend lists "
+            "cannot express (they are split on whitespace): move or link the data"
+        )
     return prefix
 
 
@@ -143,9 +153,12 @@ def _shardset_prefixes(root: str | os.PathLike, where: str) -> dict[str, dict[st
             # ingest may use only the front of an existing prefix for training (the tail was copied
             # into the valid split); Megatron would read the whole file, valid documents included.
             if sp.tokens and IndexedTokens(prefix).num_tokens > sp.tokens:
-                print(f"mixtrain export: warning: domain {name!r} {split} uses only the first {sp.tokens} tokens of "
-                      f"{prefix}; Megatron reads the whole prefix, including the documents mixtrain held out "
-                      "for validation", file=sys.stderr)
+                print(
+                    f"mixtrain export: warning: domain {name!r} {split} uses only the first {sp.tokens} tokens of "
+                    f"{prefix}; Megatron reads the whole prefix, including the documents mixtrain held out "
+                    "for validation",
+                    file=sys.stderr,
+                )
             out[name][split] = prefix
     return out
 
@@ -163,12 +176,16 @@ def resolve_prefixes(run: str | os.PathLike | None, data: str | os.PathLike | No
         out = {}
         for name, spec in (cfg.prefixes or {}).items():
             splits = {"train": spec} if isinstance(spec, str) else dict(spec)
-            out[name] = {s: _check_pair(os.path.abspath(p), f"data.prefixes.{name}.{s} in {src}") for s, p in splits.items()}
+            out[name] = {
+                s: _check_pair(os.path.abspath(p), f"data.prefixes.{name}.{s} in {src}") for s, p in splits.items()
+            }
         return out
     if cfg.source == "path":
         if not cfg.path or not Path(cfg.path).exists():
-            raise ExportError(f"data.path={cfg.path!r} in {src} does not exist (a relative path is taken from the current "
-                              "directory: run export where the run was launched, or pass --data SHARDSET)")
+            raise ExportError(
+                f"data.path={cfg.path!r} in {src} does not exist (a relative path is taken from the current "
+                "directory: run export where the run was launched, or pass --data SHARDSET)"
+            )
         return _shardset_prefixes(cfg.path, f"data.path={cfg.path!r} in {src}")
     if cfg.source == "demo":
         # Finds the cached demo corpus the run used (it builds it only if the cache was removed).
@@ -185,14 +202,17 @@ def _fmt(w: float) -> str:
     return format(w, ".10g")
 
 
-def blend_list(weights: dict[str, float], prefixes: dict[str, dict[str, str]], split: str, *,
-               required: bool = True) -> list[str] | None:
+def blend_list(
+    weights: dict[str, float], prefixes: dict[str, dict[str, str]], split: str, *, required: bool = True
+) -> list[str] | None:
     """``["w1", "prefix1", ...]`` over the domains with weight > 0; ``None`` if no domain has ``split``
     (an error instead when ``required``)."""
     unknown = [d for d in weights if d not in prefixes]
     if unknown:
-        raise ExportError(f"RUN weights name domains {unknown} that the data does not have; "
-                          f"domains there: {sorted(prefixes)} (pass --data to use another shard set)")
+        raise ExportError(
+            f"RUN weights name domains {unknown} that the data does not have; "
+            f"domains there: {sorted(prefixes)} (pass --data to use another shard set)"
+        )
     out: list[str] = []
     absent = []
     for d, w in weights.items():
@@ -220,20 +240,30 @@ def megatron_string(weights, prefixes, split: str = "train") -> str:
 
 def per_split_json(weights, prefixes) -> dict:
     """Megatron's ``--per-split-data-args-path`` content: train required, valid/test where present."""
-    return {"train": blend_list(weights, prefixes, "train"),
-            "valid": blend_list(weights, prefixes, "valid", required=False),
-            "test": blend_list(weights, prefixes, "test", required=False)
-            if any("test" in s for s in prefixes.values()) else None}
+    return {
+        "train": blend_list(weights, prefixes, "train"),
+        "valid": blend_list(weights, prefixes, "valid", required=False),
+        "test": blend_list(weights, prefixes, "test", required=False)
+        if any("test" in s for s in prefixes.values())
+        else None,
+    }
 
 
 def yaml_text(weights: dict[str, float], *, origin: str, which: str) -> str:
-    head = (f"# Domain weights of {origin} ({which}).\n"
-            f"#   mixtrain train mixture=static mixture.weights_from=THIS_FILE\n")
+    head = (
+        f"# Domain weights of {origin} ({which}).\n#   mixtrain train mixture=static mixture.weights_from=THIS_FILE\n"
+    )
     return head + yaml.safe_dump(weights, sort_keys=False, default_flow_style=False)
 
 
-def export(run: str | os.PathLike, fmt: str, *, split: str = "train", which: str = "average",
-           data: str | os.PathLike | None = None) -> str:
+def export(
+    run: str | os.PathLike,
+    fmt: str,
+    *,
+    split: str = "train",
+    which: str = "average",
+    data: str | os.PathLike | None = None,
+) -> str:
     """The text ``mixtrain export`` writes for one format."""
     if fmt not in FORMATS:
         raise ExportError(f"--format={fmt!r}; allowed: {', '.join(FORMATS)}")
@@ -270,17 +300,38 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``export`` on an argparse subparsers object; its ``func`` is :func:`run`."""
-    p = subparsers.add_parser("export", help="write a run's weights as a Megatron blend, per-split JSON or static-mixture YAML",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "export",
+        help="write a run's weights as a Megatron blend, per-split JSON or static-mixture YAML",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run", metavar="RUN", help="run directory (weights.json + config.yaml) or a weights file")
-    p.add_argument("--format", required=True, choices=FORMATS, help="megatron: --data-path string; json: "
-                   "--per-split-data-args-path file; yaml: mixture.weights_from file")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="megatron: --data-path string; json: --per-split-data-args-path file; yaml: mixture.weights_from file",
+    )
     p.add_argument("--out", default=None, help="output file (default: stdout)")
-    p.add_argument("--split", default="train", choices=SPLITS, help="prefixes of this split in the megatron string (default: train)")
-    p.add_argument("--weights", default="average", choices=tuple(WEIGHTS),
-                   help="average = train_domain_weights (default), final = the last shard's weights")
-    p.add_argument("--data", default=None, metavar="SHARDSET", help="shard set folder to take prefixes from "
-                   "instead of the run's config.yaml")
+    p.add_argument(
+        "--split",
+        default="train",
+        choices=SPLITS,
+        help="prefixes of this split in the megatron string (default: train)",
+    )
+    p.add_argument(
+        "--weights",
+        default="average",
+        choices=tuple(WEIGHTS),
+        help="average = train_domain_weights (default), final = the last shard's weights",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="SHARDSET",
+        help="shard set folder to take prefixes from instead of the run's config.yaml",
+    )
     p.set_defaults(func=run)
     return p
 

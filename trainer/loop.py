@@ -36,9 +36,10 @@ from .data.domains import DataBundle, check_vocab, load_data, shard_fingerprint
 from .data.reference import reference_slice, uses_heldout, without
 from .data.sampler import DataExhausted, DomainSampler, SampleOrder, ShardPlan
 from .engines import MicroBatch, build_engine
-from .tracking import Tracker
+from .errors import Diverged
 from .export import yaml_text
 from .signals import Signals, evaluation_overlap, expand_references
+from .tracking import Tracker
 from .weights_io import megatron_blend, read_weights, write_weights
 
 
@@ -73,7 +74,9 @@ def _resolve_model(cfg: Config, data: DataBundle) -> Config:
         model = dataclasses.replace(model, vocab_size=int(math.ceil(data.vocab_size / 64) * 64))
     check_vocab(data, model.vocab_size)
     if cfg.data.seq_len > model.max_seq_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context model.max_seq_len={model.max_seq_len}")
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds the model's context model.max_seq_len={model.max_seq_len}"
+        )
     return dataclasses.replace(cfg, model=model)
 
 
@@ -109,8 +112,16 @@ def _curriculum_order(cfg: Config, data: DataBundle, pools) -> tuple[SampleOrder
         from .curriculum.scores import load_scores
 
         scores, meta = load_scores(c.scores, data, cfg.data.seq_len, cfg.data.holdout_fraction)
-        return ScoreOrder(scores, full, seed=cfg.train.seed, steps_per_shard=cfg.data.steps_per_shard,
-                          total_steps=cfg.train.steps, f0=c.f0, u_full=c.u_full, order=c.order), meta
+        return ScoreOrder(
+            scores,
+            full,
+            seed=cfg.train.seed,
+            steps_per_shard=cfg.data.steps_per_shard,
+            total_steps=cfg.train.steps,
+            f0=c.f0,
+            u_full=c.u_full,
+            order=c.order,
+        ), meta
     from .curriculum.pacing import OnlineOrder
 
     return OnlineOrder(full, seed=cfg.train.seed, pool_factor=c.pool_factor), None
@@ -136,19 +147,34 @@ class Loop:
         pools = _pools(cfg, self.data, cfg.data.subset)
         if uses_heldout(self.controller.references):
             # steering data the sampler never draws: a slice of every domain's training samples
-            self.data.reference = [reference_slice(d, int(n), cfg.data.reference_fraction)
-                                   for d, n in zip(self.data.domains, self.data.train_samples)]
+            self.data.reference = [
+                reference_slice(d, int(n), cfg.data.reference_fraction)
+                for d, n in zip(self.data.domains, self.data.train_samples)
+            ]
             pools = without(pools, self.data.train_samples, self.data.reference)
         self.steers_on_eval = evaluation_overlap(expand_references(self.controller.references, self.data), self.data)
         if self.steers_on_eval:
-            _say(self.rank, "warning: the mixture steers on data that evaluation reports: "
-                 + "; ".join(self.steers_on_eval))
+            _say(
+                self.rank,
+                "warning: the mixture steers on data that evaluation reports: " + "; ".join(self.steers_on_eval),
+            )
         order, self.scores_meta = _curriculum_order(cfg, self.data, pools)
-        self.sampler = DomainSampler(self.data.train_samples, cfg.data.steps_per_shard * self.global_batch,
-                                     seed=t.seed, exhaustion=cfg.data.exhaustion, pools=pools, order=order,
-                                     names=self.data.domains)
-        self.fingerprint = {**cfg.fingerprint(), "world_size": self.world, "domains": self.data.domains,
-                            "tokenizer": self.data.tokenizer, "shards": shard_fingerprint(self.data)}
+        self.sampler = DomainSampler(
+            self.data.train_samples,
+            cfg.data.steps_per_shard * self.global_batch,
+            seed=t.seed,
+            exhaustion=cfg.data.exhaustion,
+            pools=pools,
+            order=order,
+            names=self.data.domains,
+        )
+        self.fingerprint = {
+            **cfg.fingerprint(),
+            "world_size": self.world,
+            "domains": self.data.domains,
+            "tokenizer": self.data.tokenizer,
+            "shards": shard_fingerprint(self.data),
+        }
         if self.data.reference is not None:
             self.fingerprint["data"]["reference_fraction"] = cfg.data.reference_fraction
         if self.scores_meta is not None:  # the scores' content, not just their path, must match on resume
@@ -201,8 +227,14 @@ class Loop:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             (self.run_dir / checkpoint.RUN_ID_FILE).write_text(self.run_id + "\n")
         positions = resume_state[0]["loop"]["tracker"] if resume_state and self.rank == 0 else None
-        self.tracker = Tracker(self.run_dir, cfg.to_dict(), enabled=self.rank == 0, wandb=cfg.run,
-                               resume_positions=positions, run_id=self.run_id)
+        self.tracker = Tracker(
+            self.run_dir,
+            cfg.to_dict(),
+            enabled=self.rank == 0,
+            wandb=cfg.run,
+            resume_positions=positions,
+            run_id=self.run_id,
+        )
 
     # ---- the run directory and resume -----------------------------------------------------------
     def _take_lock(self) -> None:
@@ -237,7 +269,8 @@ class Loop:
                     f"train.resume=never, but run.dir={str(self.run_dir)!r} holds checkpoints of an earlier run "
                     f"(newest {earlier[-1].name}): continue it with train.resume=auto, start over with "
                     f"train.resume=replace (moves them into {self.run_dir}/replaced-<time>/), or give this run "
-                    "another run.dir")
+                    "another run.dir"
+                )
             return None, None
         if mode == "auto":
             path, loaded, warnings = rundir.resume_candidate(self.ckpt_root, self.rank)
@@ -259,8 +292,10 @@ class Loop:
         diffs = checkpoint.diff_fingerprints(saved, now)  # "shards": the data itself changed (re-ingested, …)
         if diffs:
             raise checkpoint.CheckpointMismatch(
-                f"checkpoint {path} was written with a different configuration; differing knobs:\n  " + "\n  ".join(diffs)
-                + "\nuse train.resume=replace (moves the old run aside) or another run.dir to start fresh")
+                f"checkpoint {path} was written with a different configuration; differing knobs:\n  "
+                + "\n  ".join(diffs)
+                + "\nuse train.resume=replace (moves the old run aside) or another run.dir to start fresh"
+            )
         return state, rng
 
     def _restore(self, state: dict | None, rng, path: Path) -> dict:
@@ -316,24 +351,41 @@ class Loop:
             }
             if self.online is not None:
                 state["curriculum"] = self.online.state_dict()
-                state["loop"]["shard_recorded"] = None if self.plan is None else [np.asarray(r) for r in self.plan.recorded]
+                state["loop"]["shard_recorded"] = (
+                    None if self.plan is None else [np.asarray(r) for r in self.plan.recorded]
+                )
         meta = {"fingerprint": self.fingerprint, "run_id": self.run_id}
         engine_save = None
         if engine_format is not None:  # the engine's own collective save (DeepSpeed) stores `state` too
             meta["engine"] = engine_format
             engine_save = lambda tmp: self.engine.save_checkpoint(tmp, state)  # noqa: E731
-        checkpoint.save(self.ckpt_root, self.step, state, meta, self.cfg.train.keep_checkpoints, engine_save=engine_save,
-                        before_commit=self._fault)
+        checkpoint.save(
+            self.ckpt_root,
+            self.step,
+            state,
+            meta,
+            self.cfg.train.keep_checkpoints,
+            engine_save=engine_save,
+            before_commit=self._fault,
+        )
 
     def _fault(self, tmp: Path | None = None) -> None:
         """train.fail_at_step's injected crash: after the step, or with ``tmp`` (train.fail_in_checkpoint)
         inside that step's checkpoint save, before its rename."""
         t = self.cfg.train
-        if (not t.fail_at_step or self.step != t.fail_at_step or t.fail_in_checkpoint != (tmp is not None)
-                or t.fail_rank not in (-1, self.rank) or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0):
+        if (
+            not t.fail_at_step
+            or self.step != t.fail_at_step
+            or t.fail_in_checkpoint != (tmp is not None)
+            or t.fail_rank not in (-1, self.rank)
+            or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+        ):
             return
-        where = (f"while writing {tmp} (holding {', '.join(sorted(p.name for p in tmp.iterdir()))})" if tmp
-                 else f"after step {self.step}")
+        where = (
+            f"while writing {tmp} (holding {', '.join(sorted(p.name for p in tmp.iterdir()))})"
+            if tmp
+            else f"after step {self.step}"
+        )
         print(f"[mixtrain] fault injection: killing rank {self.rank} {where}", flush=True)
         sys.stderr.flush()
         if t.fail_rank == -1:
@@ -358,12 +410,16 @@ class Loop:
         else:
             self.plan = self.sampler.plan_shard(weights)
         self.sampler.advance(self.plan)
-        rec = {"step": self.step, "shard": self.plan.shard_index,
-               "weights": dict(zip(self.data.domains, map(float, weights))),
-               "counts": dict(zip(self.data.domains, map(int, self.plan.counts))),
-               # which samples the shard holds, in order: a replayed or skipped shard shows here
-               "samples": hashlib.sha256(self.plan.domains.astype("<i2").tobytes()
-                                         + self.plan.indices.astype("<i8").tobytes()).hexdigest()[:16]}
+        rec = {
+            "step": self.step,
+            "shard": self.plan.shard_index,
+            "weights": dict(zip(self.data.domains, map(float, weights))),
+            "counts": dict(zip(self.data.domains, map(int, self.plan.counts))),
+            # which samples the shard holds, in order: a replayed or skipped shard shows here
+            "samples": hashlib.sha256(
+                self.plan.domains.astype("<i2").tobytes() + self.plan.indices.astype("<i8").tobytes()
+            ).hexdigest()[:16],
+        }
         if self.plan.scores is not None:
             cur = self._curriculum_record(self.plan)
             rec["curriculum"] = cur
@@ -388,7 +444,7 @@ class Loop:
     def _step_counts(self) -> np.ndarray:
         """Sequences per domain in this step's global batch (every rank's rows)."""
         pos = (self.step % self.cfg.data.steps_per_shard) * self.global_batch
-        return np.bincount(self.plan.domains[pos:pos + self.global_batch], minlength=self.K)
+        return np.bincount(self.plan.domains[pos : pos + self.global_batch], minlength=self.K)
 
     def _batch(self) -> list[MicroBatch]:
         t = self.cfg.train
@@ -439,8 +495,15 @@ class Loop:
     def signals(self):
         """Measurement beyond per-domain losses, built on first use (static runs never pay for it)."""
         if self._signals is None:
-            self._signals = Signals(self.engine, self.data, self.cfg.train.seed, self.cfg.probe, self.reference,
-                                    self.global_batch, self.cfg.train.grad_accum)
+            self._signals = Signals(
+                self.engine,
+                self.data,
+                self.cfg.train.seed,
+                self.cfg.probe,
+                self.reference,
+                self.global_batch,
+                self.cfg.train.grad_accum,
+            )
         return self._signals
 
     def _train_step(self, lr: float) -> tuple[dict, DomainStats]:
@@ -453,14 +516,22 @@ class Loop:
         state = self.signals.begin(req, self.step, self._step_counts()) if measuring else None
         batch = self.signals.with_reference_rows(state, self._batch()) if measuring else self._batch()
         sums, counts = self.engine.forward_backward(
-            batch, torch.from_numpy(lw), self.K,
+            batch,
+            torch.from_numpy(lw),
+            self.K,
             probe=self.signals.in_batch_probe(state) if measuring else None,
-            on_losses=self.signals.on_losses(state) if measuring else None)
+            on_losses=self.signals.on_losses(state) if measuring else None,
+        )
         reduced = dist.all_reduce_sum(torch.cat([sums, counts])).numpy()
         sums, counts = reduced[: self.K], reduced[self.K :]
         present = counts > 0
-        stats = DomainStats(step=self.step, lr=lr, loss=np.where(present, sums / np.where(present, counts, 1), np.nan),
-                            tokens=counts, sample_weights=self.plan.weights.copy())
+        stats = DomainStats(
+            step=self.step,
+            lr=lr,
+            loss=np.where(present, sums / np.where(present, counts, 1), np.nan),
+            tokens=counts,
+            sample_weights=self.plan.weights.copy(),
+        )
         if measuring:
             t = self.cfg.train
             self.signals.end(state, stats, self.step, lw, t.micro_batch * t.grad_accum * self.cfg.data.seq_len)
@@ -472,8 +543,9 @@ class Loop:
         else:
             gnorm = self.engine.optimizer_step(lr)  # an engine that skips_nonfinite did not step on a NaN norm
             if not np.isfinite(gnorm):
-                self._nonfinite(f"gradient norm {gnorm} with finite losses in every domain",
-                                can_skip=self.engine.skips_nonfinite)
+                self._nonfinite(
+                    f"gradient norm {gnorm} with finite losses in every domain", can_skip=self.engine.skips_nonfinite
+                )
             else:
                 self.nonfinite_in_row = 0
         return self._step_record(sums, counts, lr, gnorm, stats, req, lw), stats
@@ -483,16 +555,25 @@ class Loop:
         t = self.cfg.train
         self.nonfinite_in_row += 1
         if t.on_nonfinite == "skip" and can_skip and self.nonfinite_in_row <= t.max_nonfinite:
-            _say(self.rank, f"warning: step {self.step}: {what}; update skipped "
-                            f"({self.nonfinite_in_row} in a row, train.max_nonfinite={t.max_nonfinite})")
+            _say(
+                self.rank,
+                f"warning: step {self.step}: {what}; update skipped "
+                f"({self.nonfinite_in_row} in a row, train.max_nonfinite={t.max_nonfinite})",
+            )
             return
         last = checkpoint.latest(self.ckpt_root)
-        why = ("train.on_nonfinite=abort" if t.on_nonfinite == "abort" else
-               f"{self.nonfinite_in_row} in a row > train.max_nonfinite={t.max_nonfinite}" if can_skip else
-               f"engine={self.cfg.engine.name} has already stepped")
-        raise Diverged(f"the run diverged at step {self.step}: {what} ({why}); nothing of this step was saved, "
-                       f"the last good checkpoint is {last or 'none (no checkpoint was written yet)'}. "
-                       "Lower train.lr or raise train.warmup_steps, or set train.on_nonfinite=skip")
+        why = (
+            "train.on_nonfinite=abort"
+            if t.on_nonfinite == "abort"
+            else f"{self.nonfinite_in_row} in a row > train.max_nonfinite={t.max_nonfinite}"
+            if can_skip
+            else f"engine={self.cfg.engine.name} has already stepped"
+        )
+        raise Diverged(
+            f"the run diverged at step {self.step}: {what} ({why}); nothing of this step was saved, "
+            f"the last good checkpoint is {last or 'none (no checkpoint was written yet)'}. "
+            "Lower train.lr or raise train.warmup_steps, or set train.on_nonfinite=skip"
+        )
 
     def _step_record(self, sums, counts, lr, gnorm, stats: DomainStats, req, lw: np.ndarray) -> dict:
         present = counts > 0
@@ -533,22 +614,40 @@ class Loop:
     def train(self) -> RunResult:
         cfg, t = self.cfg, self.cfg.train
         n_params = sum(p.numel() for p in self.engine.model.parameters())
-        _say(self.rank, f"run dir {self.run_dir} | {self.world} rank(s) on {self.engine.device} | model {n_params / 1e6:.2f}M params | "
-                        f"{self.K} domains | global batch {self.global_batch} x {cfg.data.seq_len} tokens | "
-                        f"shard {self.sampler.shard_size} sequences = {cfg.data.steps_per_shard} steps | mixture {cfg.mixture['name']}")
+        _say(
+            self.rank,
+            f"run dir {self.run_dir} | {self.world} rank(s) on {self.engine.device} | model {n_params / 1e6:.2f}M "
+            "params | "
+            f"{self.K} domains | global batch {self.global_batch} x {cfg.data.seq_len} tokens | "
+            f"shard {self.sampler.shard_size} sequences = {cfg.data.steps_per_shard} steps | mixture "
+            f"{cfg.mixture['name']}",
+        )
         if cfg.data.subset != "all":
-            _say(self.rank, f"data.subset={cfg.data.subset} (data.holdout_fraction={cfg.data.holdout_fraction}): drawing from "
-                            f"{int(self.sampler.sizes.sum())} of {int(self.data.train_samples.sum())} training samples")
+            _say(
+                self.rank,
+                f"data.subset={cfg.data.subset} (data.holdout_fraction={cfg.data.holdout_fraction}): drawing from "
+                f"{int(self.sampler.sizes.sum())} of {int(self.data.train_samples.sum())} training samples",
+            )
         if cfg.curriculum.name != "none":
-            extra = (f"scores {self.scores_meta['dir']}" if self.scores_meta else
-                     f"online proxy {self.online.num_params / 1e6:.2f}M params, pool {cfg.curriculum.pool_factor}x")
+            extra = (
+                f"scores {self.scores_meta['dir']}"
+                if self.scores_meta
+                else f"online proxy {self.online.num_params / 1e6:.2f}M params, pool {cfg.curriculum.pool_factor}x"
+            )
             _say(self.rank, f"curriculum {cfg.curriculum.name}: {extra}")
         from tqdm import tqdm
 
-        bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0 or not cfg.run.progress,
-                   desc="train", unit="step", dynamic_ncols=True, file=sys.stdout,
-                   # a log file (SLURM, CI) gets a line every 15 s instead of one per step
-                   mininterval=0.1 if sys.stdout.isatty() else 15)
+        bar = tqdm(
+            total=t.steps,
+            initial=self.step,
+            disable=self.rank != 0 or not cfg.run.progress,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stdout,
+            # a log file (SLURM, CI) gets a line every 15 s instead of one per step
+            mininterval=0.1 if sys.stdout.isatty() else 15,
+        )
         try:
             while self.step < t.steps and self.advance(bar):
                 pass
@@ -587,8 +686,9 @@ class Loop:
             self.tracker.log({"step": self.step, **self.evaluate()})
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['train/loss']:.3f}", tok_s=f"{rec['perf/tokens_per_sec'] or 0:.0f}",
-                            refresh=False)
+            bar.set_postfix(
+                loss=f"{rec['train/loss']:.3f}", tok_s=f"{rec['perf/tokens_per_sec'] or 0:.0f}", refresh=False
+            )
         if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
             self._save()
         self._fault()
@@ -605,17 +705,31 @@ class Loop:
         if self.history:
             self.history[-1]["end_step"] = self.step
         if self.rank == 0:
-            write_weights(self.run_dir / "weights.json", domains, avg, final, self.cfg.mixture["name"], self.step,
-                          run_id=self.run_id)
+            write_weights(
+                self.run_dir / "weights.json",
+                domains,
+                avg,
+                final,
+                self.cfg.mixture["name"],
+                self.step,
+                run_id=self.run_id,
+            )
             self.tracker.log_artifact(self.run_dir / "weights.json", f"weights-{self.run_id}", "mixture")
             if per_sequence:  # the final evaluation, sequence by sequence (paired comparisons across runs)
                 np.savez(self.run_dir / "eval_sequences.npz", **per_sequence)
             prefixes = [v.stream.prefix for v in self.data.train]
             (self.run_dir / "blend.txt").write_text(megatron_blend(domains, avg, prefixes) + "\n")
             (self.run_dir / "weights.yaml").write_text(
-                yaml_text(dict(zip(domains, map(float, avg))), origin=str(self.run_dir), which="average"))
-            self.tracker.log_weights({"step": self.step, "end_step": self.step, "final": True,
-                                      "weights": dict(zip(domains, map(float, final)))})
+                yaml_text(dict(zip(domains, map(float, avg))), origin=str(self.run_dir), which="average")
+            )
+            self.tracker.log_weights(
+                {
+                    "step": self.step,
+                    "end_step": self.step,
+                    "final": True,
+                    "weights": dict(zip(domains, map(float, final))),
+                }
+            )
             self.tracker.summary(final_eval)
             if self.cfg.run.plots:
                 from .plots import plot_run
@@ -631,24 +745,30 @@ class Loop:
         lines = [f"{'domain':<14}{'uniform':>9}{'exported':>10}{'final':>9}{'tokens':>12}{'val loss':>10}"]
         for i, d in enumerate(self.data.domains):
             vl = ev.get(f"eval/{d}/loss")
-            lines.append(f"{d:<14}{1 / self.K:>9.3f}{avg[i]:>10.3f}{final[i]:>9.3f}{self.tokens_seen[i]:>12.0f}"
-                         f"{'' if vl is None else f'{vl:>10.3f}'}")
+            lines.append(
+                f"{d:<14}{1 / self.K:>9.3f}{avg[i]:>10.3f}{final[i]:>9.3f}{self.tokens_seen[i]:>12.0f}"
+                f"{'' if vl is None else f'{vl:>10.3f}'}"
+            )
         for k, v in ev.items():
             if k.startswith("target/"):
                 lines.append(f"{k:<44}{v:>10.3f}")
         if "eval/loss" in ev:
             per = {d: ev[f"eval/{d}/loss"] for d in self.data.domains if f"eval/{d}/loss" in ev}
-            lines.append(f"eval/loss {ev['eval/loss']:.3f} | macro {ev['eval/macro_loss']:.3f} | best {min(per, key=per.get)} | worst {max(per, key=per.get)}")
+            lines.append(
+                f"eval/loss {ev['eval/loss']:.3f} | macro {ev['eval/macro_loss']:.3f} | best {min(per, key=per.get)} "
+                f"| worst {max(per, key=per.get)}"
+            )
         if self.steers_on_eval:
-            lines.append("NOTE: this mixture steered on data that evaluation reports, so its evaluation is optimistic: "
-                         + "; ".join(self.steers_on_eval))
-        lines.append(f"weights: {self.run_dir / 'weights.json'} (exported = {self.controller.exported if self.controller.adaptive else 'fixed'}); "
-                     f"reuse with: mixtrain train mixture=static mixture.weights_from={self.run_dir}")
+            lines.append(
+                "NOTE: this mixture steered on data that evaluation reports, so its evaluation is optimistic: "
+                + "; ".join(self.steers_on_eval)
+            )
+        lines.append(
+            f"weights: {self.run_dir / 'weights.json'} (exported = "
+            f"{self.controller.exported if self.controller.adaptive else 'fixed'}); "
+            f"reuse with: mixtrain train mixture=static mixture.weights_from={self.run_dir}"
+        )
         _say(0, f"done: {self.step} steps | run dir {self.run_dir}\n" + "\n".join(lines))
-
-
-class Diverged(RuntimeError):
-    """A non-finite step the run may not skip (train.on_nonfinite)."""
 
 
 def run(cfg: Config) -> RunResult:

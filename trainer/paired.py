@@ -76,8 +76,10 @@ def paired_difference(a: dict, b: dict, keys: list[str]) -> PairedDiff:
         row = {}
         for k in keys:
             if a[s][k].shape != b[s][k].shape:
-                raise ValueError(f"{k}: seed {s} was evaluated on {a[s][k].size} vs {b[s][k].size} sequences; "
-                                 "paired differences need the same evaluation sequences (data.eval_sequences)")
+                raise ValueError(
+                    f"{k}: seed {s} was evaluated on {a[s][k].size} vs {b[s][k].size} sequences; "
+                    "paired differences need the same evaluation sequences (data.eval_sequences)"
+                )
             row[k] = a[s][k] - b[s][k]
         deltas.append(row)
     per_seed = np.array([metric(row, keys) for row in deltas])
@@ -88,5 +90,10 @@ def paired_difference(a: dict, b: dict, keys: list[str]) -> PairedDiff:
             se_seq2 += mean_over_seeds.var(ddof=1) / mean_over_seeds.size
     se_seq2 /= len(keys) ** 2
     se_seed2 = per_seed.var(ddof=1) / per_seed.size if per_seed.size > 1 else 0.0
-    return PairedDiff(mean=float(per_seed.mean()), se=math.sqrt(se_seq2 + se_seed2), se_seq=math.sqrt(se_seq2),
-                      se_seed=math.sqrt(se_seed2), seeds=seeds)
+    return PairedDiff(
+        mean=float(per_seed.mean()),
+        se=math.sqrt(se_seq2 + se_seed2),
+        se_seq=math.sqrt(se_seq2),
+        se_seed=math.sqrt(se_seed2),
+        seeds=seeds,
+    )

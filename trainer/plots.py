@@ -50,13 +50,19 @@ def plot_run(run_dir: Path, domains: list[str]) -> list[Path]:
     if learned:
         steps = np.array([r["step"] for r in learned])
         W = np.array([[r[f"mixture/learned/{d}"] for d in domains] for r in learned])
-        written.append(_stacked(plt, run_dir / "weights.png", steps, W, domains, "Learned domain weights", step_post=False))
+        written.append(
+            _stacked(plt, run_dir / "weights.png", steps, W, domains, "Learned domain weights", step_post=False)
+        )
     elif shards:
         end = read_jsonl(run_dir / "weights.jsonl")[-1].get("end_step", shards[-1]["step"])
         steps = np.array([r["step"] for r in shards] + [end])
         W = np.array([[r["weights"][d] for d in domains] for r in shards])
         W = np.vstack([W, W[-1]])  # a shard's weights hold until the next boundary
-        written.append(_stacked(plt, run_dir / "weights.png", steps, W, domains, "Domain weights (applied per shard)", step_post=True))
+        written.append(
+            _stacked(
+                plt, run_dir / "weights.png", steps, W, domains, "Domain weights (applied per shard)", step_post=True
+            )
+        )
     train = [r for r in metrics if "train/loss" in r]
     evals = [r for r in metrics if "eval/loss" in r]
     if train:
@@ -75,7 +81,13 @@ def plot_run(run_dir: Path, domains: list[str]) -> list[Path]:
                 ax.plot(es, [r.get(f"eval/{d}/loss", np.nan) for r in evals], marker="o", label=d)
             targets = sorted({k.split("/")[1] for r in evals for k in r if k.startswith("target/")})
             for t in targets:
-                ax.plot(es, [r.get(f"target/{t}/loss", np.nan) for r in evals], linestyle="--", marker="x", label=f"target:{t}")
+                ax.plot(
+                    es,
+                    [r.get(f"target/{t}/loss", np.nan) for r in evals],
+                    linestyle="--",
+                    marker="x",
+                    label=f"target:{t}",
+                )
             ax.set(xlabel="step", ylabel="validation loss", title="Per-domain validation loss")
             ax.legend(fontsize=8)
         fig.tight_layout()

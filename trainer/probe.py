@@ -102,7 +102,7 @@ class _Exact:
         self.written: list[set[int]] = [set() for _ in slots]
 
     def block(self, slot: _Slot) -> torch.Tensor:
-        return self.rows[:, slot.offset:slot.offset + slot.numel]
+        return self.rows[:, slot.offset : slot.offset + slot.numel]
 
     def add(self, slot: _Slot, dom: int, piece: torch.Tensor) -> None:
         """rows[dom] += piece over this parameter's columns (piece flattened, any float dtype)."""
@@ -167,13 +167,14 @@ class _Direct:
         on_rows = None if rows is None else flat.view(flat.shape[0], -1, slot.width)[:, rows]
         self._add(slot, index, _products(flat, flat), on_rows)
 
-    def sparse(self, slot: _Slot, index: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
-               bounds: list[int]) -> None:
+    def sparse(
+        self, slot: _Slot, index: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, bounds: list[int]
+    ) -> None:
         rows = self.rows[slot.index]
         at = torch.searchsorted(rows, ids)
         compact = values.new_zeros(len(bounds) - 1, rows.numel(), slot.width)
         for j in range(len(bounds) - 1):
-            compact[j].index_add_(0, at[bounds[j]:bounds[j + 1]], values[bounds[j]:bounds[j + 1]])
+            compact[j].index_add_(0, at[bounds[j] : bounds[j + 1]], values[bounds[j] : bounds[j + 1]])
         flat = compact.reshape(compact.shape[0], -1)
         self._add(slot, index, _products(flat, flat), compact)
 
@@ -181,19 +182,30 @@ class _Direct:
 class _StepState:
     """The linear accumulators of one optimizer step (see the module docstring)."""
 
-    def __init__(self, K: int, spec: ProbeSpec, refs: torch.Tensor | None, exact: _Exact | None, sketch_dim: int, device,
-                 layout=None, direct: _Direct | None = None):
+    def __init__(
+        self,
+        K: int,
+        spec: ProbeSpec,
+        refs: torch.Tensor | None,
+        exact: _Exact | None,
+        sketch_dim: int,
+        device,
+        layout=None,
+        direct: _Direct | None = None,
+    ):
         self.K, self.spec, self.refs, self.sketch_dim = K, spec, refs, sketch_dim
         self.layout = layout  # the model's tensor-parallel layout (Probe.layout), None without TP
         self.seqs = torch.zeros(K, device=device)
         self.micro_batches = 0
         self.exact = exact
         self.direct = direct
-        self.align = torch.zeros(K, spec.refs, dtype=torch.float64, device=device) if spec.refs and exact is None else None
+        self.align = (
+            torch.zeros(K, spec.refs, dtype=torch.float64, device=device) if spec.refs and exact is None else None
+        )
         self.sketch = torch.zeros(K, sketch_dim, device=device) if sketch_dim else None
 
     def _refs_of(self, slot: _Slot) -> torch.Tensor:
-        return self.refs[:, slot.offset:slot.offset + slot.numel]
+        return self.refs[:, slot.offset : slot.offset + slot.numel]
 
     def _hash(self, slot: _Slot) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's CountSketch map of one parameter: a bucket in [0, m) and a ±1 sign per entry.
@@ -224,13 +236,23 @@ class _StepState:
             sketched = flat.new_zeros(flat.shape[0], self.sketch_dim).index_add_(1, bucket, flat * sign)
             self.sketch.index_add_(0, index, sketched)
 
-    def rows(self, slot: _Slot, doms: list[int], index: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, bounds: list[int]) -> None:
+    def rows(
+        self,
+        slot: _Slot,
+        doms: list[int],
+        index: torch.Tensor,
+        ids: torch.Tensor,
+        values: torch.Tensor,
+        bounds: list[int],
+    ) -> None:
         """Add embedding pieces: domain doms[j]'s piece scatters values[b[j]:b[j+1]] into the table rows
         ids[b[j]:b[j+1]] (b = bounds); only the touched rows are read or written."""
         values = values.float()
         if self.exact is not None:
             for j, dom in enumerate(doms):
-                self.exact.table(slot, dom).index_add_(0, ids[bounds[j]:bounds[j + 1]], values[bounds[j]:bounds[j + 1]])
+                self.exact.table(slot, dom).index_add_(
+                    0, ids[bounds[j] : bounds[j + 1]], values[bounds[j] : bounds[j + 1]]
+                )
             return
         if self.align is not None:
             ref_rows = self._refs_of(slot).view(self.spec.refs, -1, slot.width)[:, ids]  # [R, n, d]
@@ -253,10 +275,10 @@ class _StepState:
         small = [t for t in (self.align, self.sketch) if t is not None]
         flat = torch.cat([self.seqs.double()] + [t.reshape(-1).double() for t in small])
         dist.all_reduce_sum(flat)
-        self.seqs.copy_(flat[:self.K])
+        self.seqs.copy_(flat[: self.K])
         at = self.K
         for t in small:
-            t.view(-1).copy_(flat[at:at + t.numel()])
+            t.view(-1).copy_(flat[at : at + t.numel()])
             at += t.numel()
         if self.exact is not None:
             self.exact.seal()
@@ -269,7 +291,7 @@ class _StepState:
 class _MicroBatch:
     """The Recording the probe-aware layers see for one micro-batch (see layers.Recording)."""
 
-    def __init__(self, probe: "Probe", state: _StepState, seq_domains: torch.Tensor):
+    def __init__(self, probe: Probe, state: _StepState, seq_domains: torch.Tensor):
         seq = seq_domains.detach().to("cpu", torch.int64).reshape(-1)
         if seq.numel() == 0:
             raise ValueError("micro_batch() needs at least one sequence")
@@ -278,8 +300,10 @@ class _MicroBatch:
         counts = torch.bincount(seq, minlength=state.K)
         state.micro_batches += 1
         if state.direct is not None and state.micro_batches > 1:
-            raise RuntimeError("a second probed micro-batch in a step started with ProbeSpec.micro_batches=1: "
-                               "the direct norms/Gram of the first are already taken")
+            raise RuntimeError(
+                "a second probed micro-batch in a step started with ProbeSpec.micro_batches=1: "
+                "the direct norms/Gram of the first are already taken"
+            )
         if probe.counts_sequences:
             state.seqs += counts.to(state.seqs)
         self.probe, self.state, self.sequences = probe, state, seq.numel()
@@ -297,7 +321,9 @@ class _MicroBatch:
         if rows not in self._bounds:
             per_seq, rest = divmod(rows, self.sequences)
             if rest:
-                raise ValueError(f"a probed activation has {rows} rows, not a multiple of the {self.sequences} sequences")
+                raise ValueError(
+                    f"a probed activation has {rows} rows, not a multiple of the {self.sequences} sequences"
+                )
             self._bounds[rows] = [s * per_seq for s in self.seq_bounds]
         return self._bounds[rows]
 
@@ -322,7 +348,7 @@ class _MicroBatch:
     def dense(self, slot, first: int, pieces: torch.Tensor) -> None:
         k = pieces.shape[0]
         if slot.counted:
-            self._open_state().dense(slot, self.domains[first:first + k], self.domains_t[first:first + k], pieces)
+            self._open_state().dense(slot, self.domains[first : first + k], self.domains_t[first : first + k], pieces)
 
     def rows(self, slot, ids, values, bounds) -> None:
         if slot.counted:
@@ -376,8 +402,15 @@ class Probe:
     sketch; a transient of at most ``transient_bytes`` per layer for the dense pieces.
     """
 
-    def __init__(self, model: torch.nn.Module, num_domains: int, *, exact_budget_bytes: int = 512 << 20,
-                 fallback_sketch_dim: int = 4096, transient_bytes: int = 64 << 20):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_domains: int,
+        *,
+        exact_budget_bytes: int = 512 << 20,
+        fallback_sketch_dim: int = 4096,
+        transient_bytes: int = 64 << 20,
+    ):
         """``fallback_sketch_dim``: sketch dimension used when exact norms/Gram exceed the budget and
         the spec asked for exact; ``transient_bytes``: cap on the dense pieces a layer materialises at
         once (it then processes its domains in chunks)."""
@@ -441,15 +474,19 @@ class Probe:
         try:
             return self._slots[id(param)]
         except KeyError:
-            raise ValueError("a probed layer's parameter is not among the probe's trainable parameters "
-                             "(created or unfrozen after the Probe?)") from None
+            raise ValueError(
+                "a probed layer's parameter is not among the probe's trainable parameters "
+                "(created or unfrozen after the Probe?)"
+            ) from None
 
     def reference_gradient(self, loss: torch.Tensor) -> list[torch.Tensor]:
         """Gradient of ``loss`` w.r.t. every trainable parameter (model.parameters() order) via
         torch.autograd.grad: nothing is accumulated into .grad and no DDP hook fires (those sit on the
         gradient-accumulation nodes). Compute ``loss`` with the UNWRAPPED module, outside micro_batch()."""
         if self._tap.current is not None:
-            raise RuntimeError("reference_gradient() inside micro_batch(): its forward would be recorded as training data")
+            raise RuntimeError(
+                "reference_gradient() inside micro_batch(): its forward would be recorded as training data"
+            )
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         return [p.new_zeros(_full_shape(p)) if g is None else g for p, g in zip(self.params, grads)]
 
@@ -478,14 +515,18 @@ class Probe:
     def squared_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """||g||² (float64 scalar) of a gradient list in ``self.params`` order, identical on every rank
         of a replica: shards summed over the TP group, replicated parameters counted once."""
-        sq = sum(((g.double() ** 2).sum() for g, p in zip(grads, self.params) if self._slots[id(p)].counted),
-                 torch.zeros((), dtype=torch.float64, device=self.device))
+        sq = sum(
+            ((g.double() ** 2).sum() for g, p in zip(grads, self.params) if self._slots[id(p)].counted),
+            torch.zeros((), dtype=torch.float64, device=self.device),
+        )
         return self._tp_sum(sq.reshape(1)).reshape(())
 
     def _exact_fits(self) -> bool:
         return self.K * self.P * 4 <= self.exact_budget_bytes
 
-    def start(self, spec: ProbeSpec, refs: list[list[torch.Tensor]] | None = None, *, groups: int | None = None) -> None:
+    def start(
+        self, spec: ProbeSpec, refs: list[list[torch.Tensor]] | None = None, *, groups: int | None = None
+    ) -> None:
         """Begin an optimizer step's statistics; refs[r] is a full gradient-shaped list (same order as
         the parameters) and must be identical on every rank. ``groups`` replaces the number of domains
         for this step, for alignments only (per-sequence alignments: one group per sequence)."""
@@ -494,28 +535,39 @@ class Probe:
         if groups is not None and spec.products:
             raise ValueError("groups= other than the probe's domain count works for alignments only, not norms/Gram")
         if spec.extra_groups and not self.direct_applies(spec):
-            raise ValueError("ProbeSpec.extra_groups (reference rows in the training micro-batch) needs the direct "
-                             "tier: norms/Gram, one micro-batch on one rank, within the exact budget")
+            raise ValueError(
+                "ProbeSpec.extra_groups (reference rows in the training micro-batch) needs the direct "
+                "tier: norms/Gram, one micro-batch on one rank, within the exact budget"
+            )
         if len(refs) != spec.refs:
             raise ValueError(f"spec.refs={spec.refs} but {len(refs)} reference vectors were given")
         for r in refs:
             if len(r) != len(self.params) or any(t.shape != _full_shape(p) for t, p in zip(r, self.params)):
                 raise ValueError("a reference vector must have one tensor per trainable parameter, shaped like it")
-        flat_refs = torch.stack([torch.cat([t.detach().reshape(-1).float() for t in r]) for r in refs]).to(self.device) if refs else None
+        flat_refs = (
+            torch.stack([torch.cat([t.detach().reshape(-1).float() for t in r]) for r in refs]).to(self.device)
+            if refs
+            else None
+        )
         direct = _Direct(K, self.device) if self.direct_applies(spec) else None
         exact = spec.products and spec.sketch_dim == 0 and direct is None and self._exact_fits()
         if spec.products and not exact and direct is None and self.layout is not None and self.layout.tp_size > 1:
             # every TP rank would hash its own shard with the same per-parameter map: correlated
             # buckets across shards, a biased estimate. Refused rather than wrong.
-            raise ConfigError(f"sketched norms/Gram are not supported under tensor parallelism (engine.tensor_parallel="
-                             f"{self.layout.tp_size}); set probe.sketch_dim=0 and raise probe.exact_budget_mb to at least "
-                             f"{-(-self.K * self.P * 4 // 2**20)} (exact K x P accumulators of this rank's shard)")
+            raise ConfigError(
+                f"sketched norms/Gram are not supported under tensor parallelism (engine.tensor_parallel="
+                f"{self.layout.tp_size}); set probe.sketch_dim=0 and raise probe.exact_budget_mb to at least "
+                f"{-(-self.K * self.P * 4 // 2**20)} (exact K x P accumulators of this rank's shard)"
+            )
         sketch_dim = 0
         if spec.products and not exact and direct is None:
             sketch_dim = spec.sketch_dim or self.fallback_sketch_dim
             if spec.sketch_dim == 0 and not self._warned:
-                warnings.warn(f"exact norms/Gram need K·P·4 = {self.K * self.P * 4 / 2**20:.0f} MiB of accumulators, over the "
-                              f"{self.exact_budget_bytes / 2**20:.0f} MiB budget: sketching them (m = {sketch_dim})", stacklevel=2)
+                warnings.warn(
+                    f"exact norms/Gram need K·P·4 = {self.K * self.P * 4 / 2**20:.0f} MiB of accumulators, over the "
+                    f"{self.exact_budget_bytes / 2**20:.0f} MiB budget: sketching them (m = {sketch_dim})",
+                    stacklevel=2,
+                )
                 self._warned = True
         if exact and self._exact_rows is None:
             self._exact_rows = torch.empty(self.K, self.P, device=self.device)
@@ -527,8 +579,14 @@ class Probe:
         data-parallel rank, no tensor parallelism, no parameter shared by two dense layers, and one
         layer's pieces of every domain (K x its largest parameter) within the exact budget."""
         groups = self.K + spec.extra_groups
-        return (spec.products and spec.sketch_dim == 0 and spec.micro_batches == 1 and self.dp_size == 1
-                and self._direct_ok and groups * self._largest * 4 <= self.exact_budget_bytes)
+        return (
+            spec.products
+            and spec.sketch_dim == 0
+            and spec.micro_batches == 1
+            and self.dp_size == 1
+            and self._direct_ok
+            and groups * self._largest * 4 <= self.exact_budget_bytes
+        )
 
     @contextlib.contextmanager
     def micro_batch(self, seq_domains: torch.Tensor):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
+from .errors import Diverged
+
 
 def refusals() -> tuple[type[Exception], ...]:
     """The errors that mean bad input or a run that must not continue (printed as one line, exit 2)."""
@@ -18,11 +20,18 @@ def refusals() -> tuple[type[Exception], ...]:
     from .config import ConfigError
     from .data.indexed import ShardFormatError
     from .data.sampler import DataExhausted
-    from .loop import Diverged
     from .safe_load import UnsafeCheckpoint
 
-    return (ConfigError, MixtureConfigError, CheckpointMismatch, UnsafeCheckpoint, ShardFormatError, DataExhausted,
-            Diverged, CheckpointWriteError)
+    return (
+        ConfigError,
+        MixtureConfigError,
+        CheckpointMismatch,
+        UnsafeCheckpoint,
+        ShardFormatError,
+        DataExhausted,
+        Diverged,
+        CheckpointWriteError,
+    )
 
 
 def refuse(error: Exception, prog: str = "mixtrain") -> None:
@@ -30,7 +39,6 @@ def refuse(error: Exception, prog: str = "mixtrain") -> None:
     shows the traceback instead. A run that failed on its way (diverged, a full disk: not the
     input's fault) exits 1."""
     from .checkpoint import CheckpointWriteError
-    from .loop import Diverged
 
     if os.environ.get("RANK", "0") == "0":
         print(f"{prog}: error: {error}", file=sys.stderr, flush=True)

@@ -65,8 +65,10 @@ class RunLock:
         except BlockingIOError:
             holder = _describe(_read(self.path))
             f.close()
-            raise RunDirBusy(f"run.dir={str(self.path.parent)!r} is in use by another job ({holder}); wait for it to "
-                             "end or stop it, or give this job another run.dir") from None
+            raise RunDirBusy(
+                f"run.dir={str(self.path.parent)!r} is in use by another job ({holder}); wait for it to "
+                "end or stop it, or give this job another run.dir"
+            ) from None
         previous = _read(self.path)
         f.seek(0)
         f.truncate()
@@ -75,8 +77,9 @@ class RunLock:
         self._held[key] = [f, 1]
         self.taken = True
         if previous:
-            return (f"took over the lock {self.path} left by a job that ended without releasing it "
-                    f"({_describe(previous)})")
+            return (
+                f"took over the lock {self.path} left by a job that ended without releasing it ({_describe(previous)})"
+            )
         return None
 
     def release(self) -> None:
@@ -112,6 +115,7 @@ def _describe(holder: dict | None) -> str:
 
 
 # ---- which checkpoint a run continues from ----------------------------------------------------------
+
 
 class DamagedCheckpoint(Exception):
     """A checkpoint directory that cannot be read completely."""
@@ -167,8 +171,10 @@ def resume_candidate(ckpt_root: Path, rank: int) -> tuple[Path | None, tuple | N
     if mine is not None:
         foreign = [p for p in dirs if checkpoint.run_id(p) not in (mine, None)]
         if foreign:
-            warnings.append(f"ignoring {len(foreign)} checkpoint(s) of other runs in {ckpt_root} (this run is {mine}; "
-                            f"theirs: {sorted({checkpoint.run_id(p) for p in foreign})}): never loaded nor pruned")
+            warnings.append(
+                f"ignoring {len(foreign)} checkpoint(s) of other runs in {ckpt_root} (this run is {mine}; "
+                f"theirs: {sorted({checkpoint.run_id(p) for p in foreign})}): never loaded nor pruned"
+            )
         dirs = [p for p in dirs if p not in foreign]
     for path in reversed(dirs):
         try:
@@ -178,9 +184,11 @@ def resume_candidate(ckpt_root: Path, rank: int) -> tuple[Path | None, tuple | N
             continue
         return path, loaded, warnings + [f"skipping damaged checkpoint {d}" for d in damaged]
     if dirs:
-        raise ConfigError(f"no readable checkpoint in {ckpt_root} (damaged: " + "; ".join(damaged) + "); "
-                          "nothing was changed. Restore a good checkpoint, or start this run over with "
-                          "train.resume=replace (moves the old checkpoints aside)")
+        raise ConfigError(
+            f"no readable checkpoint in {ckpt_root} (damaged: " + "; ".join(damaged) + "); "
+            "nothing was changed. Restore a good checkpoint, or start this run over with "
+            "train.resume=replace (moves the old checkpoints aside)"
+        )
     return None, None, []
 
 
@@ -188,8 +196,15 @@ def set_aside(run_dir: Path, ckpt_root: Path) -> Path:
     """train.resume=replace: move the old run's checkpoints and logs into ``<run.dir>/replaced-<time>``."""
     dest = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
     dest.mkdir(parents=True)
-    for name in (ckpt_root.name, checkpoint.RUN_ID_FILE, "metrics.jsonl", "weights.jsonl", "weights.json",
-                 "eval_sequences.npz", "wandb_id.txt"):
+    for name in (
+        ckpt_root.name,
+        checkpoint.RUN_ID_FILE,
+        "metrics.jsonl",
+        "weights.jsonl",
+        "weights.json",
+        "eval_sequences.npz",
+        "wandb_id.txt",
+    ):
         if (run_dir / name).exists():
             shutil.move(str(run_dir / name), str(dest / name))
     return dest

@@ -47,9 +47,11 @@ ALLOWED = {f"{g.__module__}.{g.__qualname__}" for g in NUMPY_GLOBALS} | {
 
 
 def _refusal(path: Path, detail: str) -> UnsafeCheckpoint:
-    return UnsafeCheckpoint(f"refused to load {path}: {detail}; mixtrain loads checkpoints only with torch's "
-                            "weights_only=True unpickler, which cannot run code, so a file it refuses is not "
-                            "one mixtrain wrote (or it was altered)")
+    return UnsafeCheckpoint(
+        f"refused to load {path}: {detail}; mixtrain loads checkpoints only with torch's "
+        "weights_only=True unpickler, which cannot run code, so a file it refuses is not "
+        "one mixtrain wrote (or it was altered)"
+    )
 
 
 def load(path: Path | str, map_location="cpu"):
@@ -71,8 +73,10 @@ def _why(path: Path, error: Exception) -> str:
     if bad:
         return "it names " + ", ".join(bad)
     told = [p.strip() for p in str(error).split("\n\n") if p.strip()]
-    return next((p for p in told if not p.startswith(("Weights only load failed", "Check the documentation"))),
-                told[-1] if told else type(error).__name__).replace("\n", " ")
+    return next(
+        (p for p in told if not p.startswith(("Weights only load failed", "Check the documentation"))),
+        told[-1] if told else type(error).__name__,
+    ).replace("\n", " ")
 
 
 def vet(path: Path | str) -> None:

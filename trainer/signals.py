@@ -99,18 +99,30 @@ def load_reference_model(run_dir: str, data: DataBundle, device: torch.device) -
     cfg_path = run / "config.yaml"
     ckpt = checkpoint.latest(run / "checkpoints")
     if not cfg_path.is_file() or ckpt is None:
-        raise ConfigError(f"mixture.reference={run_dir!r} is not a finished mixtrain run (needs config.yaml and a checkpoint)")
+        raise ConfigError(
+            f"mixture.reference={run_dir!r} is not a finished mixtrain run (needs config.yaml and a checkpoint)"
+        )
     saved = yaml.safe_load(cfg_path.read_text())
     meta_tok = checkpoint.load_meta(ckpt).get("fingerprint", {}).get("tokenizer")
     if meta_tok is not None and meta_tok != data.tokenizer:
-        raise ConfigError(f"mixture.reference={run_dir!r} was trained with tokenizer {meta_tok.get('name')}, "
-                          f"this run uses {data.tokenizer.get('name')}")
+        raise ConfigError(
+            f"mixture.reference={run_dir!r} was trained with tokenizer {meta_tok.get('name')}, "
+            f"this run uses {data.tokenizer.get('name')}"
+        )
     return load_frozen(ModelConfig(**saved["model"]), ckpt, device)
 
 
 class Signals:
-    def __init__(self, engine, data: DataBundle, seed: int, probe_cfg, reference: torch.nn.Module | None,
-                 global_batch: int, grad_accum: int = 1):
+    def __init__(
+        self,
+        engine,
+        data: DataBundle,
+        seed: int,
+        probe_cfg,
+        reference: torch.nn.Module | None,
+        global_batch: int,
+        grad_accum: int = 1,
+    ):
         self.engine = engine
         self.global_batch = global_batch
         self.grad_accum = grad_accum
@@ -128,12 +140,15 @@ class Signals:
         if name == "heldout" or name.startswith("heldout:"):
             slices = self.data.reference
             if slices is None:
-                raise RuntimeError(f"reference {name!r} was not declared by the controller (Controller.references), "
-                                   "so no reference slice was held out of the training data")
+                raise RuntimeError(
+                    f"reference {name!r} was not declared by the controller (Controller.references), "
+                    "so no reference slice was held out of the training data"
+                )
             if name == "heldout":
                 counts = mix_counts(n, self.K, rng)
-                return torch.from_numpy(np.concatenate([_draw(v, int(c), rng, s) for v, s, c in
-                                                        zip(self.data.train, slices, counts) if c]))
+                return torch.from_numpy(
+                    np.concatenate([_draw(v, int(c), rng, s) for v, s, c in zip(self.data.train, slices, counts) if c])
+                )
             domain = name.split(":", 1)[1]
             if domain not in self.data.domains:
                 raise ConfigError(f"reference {name!r}: no domain {domain!r}; domains: {self.data.domains}")
@@ -142,17 +157,23 @@ class Signals:
         if name.startswith("valid:"):
             domain = name.split(":", 1)[1]
             if domain not in self.data.valid:
-                raise ConfigError(f"reference {name!r}: domain {domain!r} has no validation split; "
-                                  f"domains with one: {[d for d in self.data.domains if d in self.data.valid]}")
+                raise ConfigError(
+                    f"reference {name!r}: domain {domain!r} has no validation split; "
+                    f"domains with one: {[d for d in self.data.domains if d in self.data.valid]}"
+                )
             return torch.from_numpy(_draw(self.data.valid[domain], n, rng))
         if name.startswith("target:"):
             target = name.split(":", 1)[1]
             if target not in self.data.targets:
-                raise ConfigError(f"reference {name!r}: no target set {target!r}; available: {sorted(self.data.targets)}")
+                raise ConfigError(
+                    f"reference {name!r}: no target set {target!r}; available: {sorted(self.data.targets)}"
+                )
             splits = self.data.targets[target]
             return torch.from_numpy(_draw(splits.get("train") or splits["valid"], n, rng))
-        raise ConfigError(f"unknown reference gradient {name!r}; use 'heldout', 'heldout:<domain>', 'target:<name>', "
-                          "'valid:<domain>', 'heldout:*', 'target:*' or 'valid:*'")
+        raise ConfigError(
+            f"unknown reference gradient {name!r}; use 'heldout', 'heldout:<domain>', 'target:<name>', "
+            "'valid:<domain>', 'heldout:*', 'target:*' or 'valid:*'"
+        )
 
     def expand(self, names: tuple[str, ...]) -> tuple[str, ...]:
         return expand_references(names, self.data)
@@ -173,12 +194,14 @@ class Signals:
                 if "exp_avg_sq" not in state:
                     return None
                 step = float(state["step"])
-                v_hat = state["exp_avg_sq"] / (1 - beta2 ** step)
+                v_hat = state["exp_avg_sq"] / (1 - beta2**step)
                 inverse.append((p, 1.0 / (v_hat.sqrt() + eps)))
         by_param = {id(p): d for p, d in inverse}
         return [by_param[id(p)] for p in self.probe.params]
 
-    def _reference_gradients(self, names: tuple[str, ...], req: Request, step: int) -> tuple[list[list[torch.Tensor]], np.ndarray]:
+    def _reference_gradients(
+        self, names: tuple[str, ...], req: Request, step: int
+    ) -> tuple[list[list[torch.Tensor]], np.ndarray]:
         refs, norms = [], []
         model = self.engine.model
         scale = self._preconditioner() if req.precondition else None
@@ -201,14 +224,17 @@ class Signals:
         state: dict = {"req": req, "source": source}
         if req.ref_model_loss:
             if self.reference is None:
-                raise ConfigError("the controller asks for reference-model losses but no mixture.reference model is loaded")
+                raise ConfigError(
+                    "the controller asks for reference-model losses but no mixture.reference model is loaded"
+                )
             self._excess.zero_()
         if req.per_sample and (source != "probe_batch" or req.norms or req.gram or not req.align):
             raise ValueError("Request.per_sample needs source='probe_batch' and alignments only (no norms/Gram)")
         if req.any_gradient:
             state["names"] = names = self.expand(req.align)
-            fused = ProbeSpec(norms=True, gram=True, micro_batches=self._micro_batches(req, source),
-                              extra_groups=len(names))
+            fused = ProbeSpec(
+                norms=True, gram=True, micro_batches=self._micro_batches(req, source), extra_groups=len(names)
+            )
             if self._fuses(req, source, fused):
                 # the references as rows of the training micro-batch: one forward/backward, their
                 # alignments and norms Gram entries (end); nothing gradient-sized is kept
@@ -217,9 +243,14 @@ class Signals:
                 self.probe.start(fused)
                 return state
             refs, state["ref_norms"] = self._reference_gradients(names, req, step)
-            spec = ProbeSpec(refs=len(refs), norms=req.norms or req.gram, gram=req.gram,
-                             sketch_dim=self.probe_cfg.sketch_dim, seed=(self.seed * 1_000_003 + step) & 0x7FFFFFFF,
-                             micro_batches=self._micro_batches(req, source))
+            spec = ProbeSpec(
+                refs=len(refs),
+                norms=req.norms or req.gram,
+                gram=req.gram,
+                sketch_dim=self.probe_cfg.sketch_dim,
+                seed=(self.seed * 1_000_003 + step) & 0x7FFFFFFF,
+                micro_batches=self._micro_batches(req, source),
+            )
             if req.per_sample:  # started in end(), once the number of probe sequences is known
                 state["spec"], state["refs"] = spec, refs
             else:
@@ -230,8 +261,15 @@ class Signals:
         """Whether this step's references ride in the training micro-batch: alignments with norms
         (DoGE, DGA) measured in the training batch by the direct tier, on an engine that takes
         reference rows; not with Adam-preconditioned references (D⁻¹r is no gradient of a batch)."""
-        return (source == "in_batch" and bool(req.align) and (req.norms or req.gram) and not req.precondition
-                and not req.per_sample and self.engine.fuses_reference_rows and self.probe.direct_applies(spec))
+        return (
+            source == "in_batch"
+            and bool(req.align)
+            and (req.norms or req.gram)
+            and not req.precondition
+            and not req.per_sample
+            and self.engine.fuses_reference_rows
+            and self.probe.direct_applies(spec)
+        )
 
     def with_reference_rows(self, state: dict | None, micro_batches: list) -> list:
         """The step's micro-batches with the fused reference rows appended to the last one (group
@@ -242,8 +280,12 @@ class Signals:
 
         last = micro_batches[-1]
         tokens = torch.cat([last.tokens, *state["extra"]])
-        groups = torch.cat([last.domains, *[torch.full((len(t),), self.K + r, dtype=last.domains.dtype)
-                                            for r, t in enumerate(state["extra"])]])
+        groups = torch.cat(
+            [
+                last.domains,
+                *[torch.full((len(t),), self.K + r, dtype=last.domains.dtype) for r, t in enumerate(state["extra"])],
+            ]
+        )
         return [*micro_batches[:-1], MicroBatch(tokens, groups)]
 
     def _micro_batches(self, req: Request, source: str) -> int:
@@ -298,8 +340,8 @@ class Signals:
             self.probe.start(state["spec"], state["refs"], groups=n_global)
         params = [p for p in self.engine.model.parameters() if p.requires_grad]
         for s in range(0, len(tokens), _PROBE_CHUNK):
-            chunk = tokens[s:s + _PROBE_CHUNK].to(self.engine.device)
-            with self.probe.micro_batch(groups[s:s + _PROBE_CHUNK]):
+            chunk = tokens[s : s + _PROBE_CHUNK].to(self.engine.device)
+            with self.probe.micro_batch(groups[s : s + _PROBE_CHUNK]):
                 losses = token_losses(self.engine.model, chunk)
                 # autograd.grad, not backward: the probe sees every layer's backward while
                 # .grad (the training gradient) and the engine's reduction hooks stay untouched.
@@ -317,13 +359,14 @@ class Signals:
         if req.any_gradient and "extra" in state:
             counts = stats.tokens
             ref_tokens = np.array([t.shape[0] * (t.shape[1] - 1) for t in state["extra"]], dtype=np.float64)
-            scale = np.concatenate([tokens_per_rank / np.where(counts > 0, loss_weights * counts, np.nan),
-                                    tokens_per_rank / ref_tokens])  # reference rows weigh 1 in the objective
+            scale = np.concatenate(
+                [tokens_per_rank / np.where(counts > 0, loss_weights * counts, np.nan), tokens_per_rank / ref_tokens]
+            )  # reference rows weigh 1 in the objective
             gram = self.probe.finish(scale).gram
-            stats.align = gram[:self.K, self.K:]
-            stats.ref_norms = np.sqrt(np.diag(gram)[self.K:])
-            stats.norms = np.sqrt(np.diag(gram)[:self.K]) if req.norms else None
-            stats.gram = gram[:self.K, :self.K] if req.gram else None
+            stats.align = gram[: self.K, self.K :]
+            stats.ref_norms = np.sqrt(np.diag(gram)[self.K :])
+            stats.norms = np.sqrt(np.diag(gram)[: self.K]) if req.norms else None
+            stats.gram = gram[: self.K, : self.K] if req.gram else None
             stats.align_names = state["names"]
         elif req.any_gradient:
             if state["source"] == "probe_batch":

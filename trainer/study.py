@@ -51,26 +51,57 @@ import numpy as np
 
 from .paired import PairedDiff, load_sequences, metric, paired_difference
 
-CONDITIONS = ("uniform", "oracle", "temperature", "unimax", "doremi", "doremi_eta01", "doge", "doge_mix", "tikmix_d",
-              "dga_humaneval", "random_best")
+CONDITIONS = (
+    "uniform",
+    "oracle",
+    "temperature",
+    "unimax",
+    "doremi",
+    "doremi_eta01",
+    "doge",
+    "doge_mix",
+    "tikmix_d",
+    "dga_humaneval",
+    "random_best",
+)
 """conf/study/<name>.yaml."""
 
-STATIC = ("uniform", "oracle", "temperature", "unimax", "doremi", "doremi_eta01", "doge", "doge_mix", "tikmix_d",
-          "random_best")
+STATIC = (
+    "uniform",
+    "oracle",
+    "temperature",
+    "unimax",
+    "doremi",
+    "doremi_eta01",
+    "doge",
+    "doge_mix",
+    "tikmix_d",
+    "random_best",
+)
 """Conditions whose main run trains on fixed weights (DGA steers online)."""
 
 LEARNED = ("doremi", "doremi_eta01", "doge", "doge_mix", "tikmix_d", "dga_humaneval", "random_best")
 """Conditions whose mixture a method chose (their noise weight is checked)."""
 
-NEEDS = {"doremi": ("uniform", "doremi"), "doremi_eta01": ("uniform", "doremi_eta01"), "doge": ("doge",),
-         "doge_mix": ("doge_mix",), "tikmix_d": ("tikmix_d",), "random_best": ("random",)}
+NEEDS = {
+    "doremi": ("uniform", "doremi"),
+    "doremi_eta01": ("uniform", "doremi_eta01"),
+    "doge": ("doge",),
+    "doge_mix": ("doge_mix",),
+    "tikmix_d": ("tikmix_d",),
+    "random_best": ("random",),
+}
 """Proxy runs a condition needs ("random" = the Dirichlet draws)."""
 
 COMMON = ["run.wandb=disabled", "run.plots=false", "run.progress=false"]
 
-QUICK = {"main": ["train.steps=40", "train.warmup_steps=4", "train.eval_every=20", "data.eval_sequences=48"],
-         "proxy": ["train.steps=40", "train.warmup_steps=4", "train.eval_every=20", "data.eval_sequences=48"],
-         "random_steps": 20, "random": 4, "seeds": "1"}
+QUICK = {
+    "main": ["train.steps=40", "train.warmup_steps=4", "train.eval_every=20", "data.eval_sequences=48"],
+    "proxy": ["train.steps=40", "train.warmup_steps=4", "train.eval_every=20", "data.eval_sequences=48"],
+    "random_steps": 20,
+    "random": 4,
+    "seeds": "1",
+}
 """--quick: the same structure at lower resolution."""
 
 HUMANEVAL = "humaneval"
@@ -113,14 +144,16 @@ class Planted:
     noise: list[str]
 
     @classmethod
-    def load(cls, path: Path) -> "Planted":
+    def load(cls, path: Path) -> Planted:
         manifest = path / "manifest.json"
         if not manifest.is_file():
             raise StudyError(f"--data {path}: no manifest.json (build the study's data with `mixtrain data planted`)")
         meta = json.loads(manifest.read_text())
         if "planted" not in meta:
-            raise StudyError(f"--data {path} is not a planted shard set (no 'planted' entry in its manifest); "
-                             "build one with `mixtrain data planted [--source SHARDS]`")
+            raise StudyError(
+                f"--data {path} is not a planted shard set (no 'planted' entry in its manifest); "
+                "build one with `mixtrain data planted [--source SHARDS]`"
+            )
         order = [d for d in meta.get("domain_order", []) if d in meta["domains"]] or list(meta["domains"])
         p = meta["planted"]
         return cls(path=path, domains=order, real=list(p["real"]), duplicate=p.get("duplicate"), noise=list(p["noise"]))
@@ -153,8 +186,15 @@ def prepare_data(data: str | None, source: str | None, out: Path) -> Planted:
 # ---- proxies ------------------------------------------------------------------------------------
 
 
-def plan_proxies(out: Path, conditions: list[str], planted: Planted, n_random: int, random_steps: int, seed: int,
-                 overrides: list[str]) -> list[Proxy]:
+def plan_proxies(
+    out: Path,
+    conditions: list[str],
+    planted: Planted,
+    n_random: int,
+    random_steps: int,
+    seed: int,
+    overrides: list[str],
+) -> list[Proxy]:
     wanted = {p for c in conditions for p in NEEDS.get(c, ())}
     base = ["+experiment=study_proxy", f"data.path={planted.path}", *COMMON, *overrides]
     reference = f"mixture.reference={out / 'proxies' / 'uniform'}"
@@ -164,8 +204,9 @@ def plan_proxies(out: Path, conditions: list[str], planted: Planted, n_random: i
     if "doremi" in wanted:
         proxies.append(Proxy("doremi", ["mixture=doremi", reference, *base], after=("uniform",)))
     if "doremi_eta01" in wanted:
-        proxies.append(Proxy("doremi_eta01", ["mixture=doremi", "mixture.reweight_eta=0.1", reference, *base],
-                             after=("uniform",)))
+        proxies.append(
+            Proxy("doremi_eta01", ["mixture=doremi", "mixture.reweight_eta=0.1", reference, *base], after=("uniform",))
+        )
     # DoGE at the official universal μ = 0.01 (a 150-step proxy has ~1/70 of the official run's Σ η_t/μ at
     # the search's μ = 0.04, and its weights barely move), with a reference of >= 2 sequences per domain:
     # "doge" steers toward the domains evaluation reports (heldout:*, one target each, scores summed as the
@@ -173,11 +214,31 @@ def plan_proxies(out: Path, conditions: list[str], planted: Planted, n_random: i
     # mix of every training domain, noise and duplicate included (heldout).
     if "doge" in wanted:
         per_target = -(-2 * len(planted.domains) // len(planted.real))
-        proxies.append(Proxy("doge", ["mixture=doge", "mixture.target=heldout:*", "mixture.mu=0.01",
-                                      f"mixture.ref_sequences={per_target}", *base]))
+        proxies.append(
+            Proxy(
+                "doge",
+                [
+                    "mixture=doge",
+                    "mixture.target=heldout:*",
+                    "mixture.mu=0.01",
+                    f"mixture.ref_sequences={per_target}",
+                    *base,
+                ],
+            )
+        )
     if "doge_mix" in wanted:
-        proxies.append(Proxy("doge_mix", ["mixture=doge", "mixture.target=heldout", "mixture.mu=0.01",
-                                          f"mixture.ref_sequences={2 * len(planted.domains)}", *base]))
+        proxies.append(
+            Proxy(
+                "doge_mix",
+                [
+                    "mixture=doge",
+                    "mixture.target=heldout",
+                    "mixture.mu=0.01",
+                    f"mixture.ref_sequences={2 * len(planted.domains)}",
+                    *base,
+                ],
+            )
+        )
     if "tikmix_d" in wanted:
         proxies.append(Proxy("tikmix_d", ["mixture=tikmix_d", *base]))
     if "random" in wanted:
@@ -186,10 +247,19 @@ def plan_proxies(out: Path, conditions: list[str], planted: Planted, n_random: i
         for k, w in enumerate(dirichlet_draws(planted.domains, n_random, seed)):
             path = draws_dir / f"draw_{k}.json"
             path.write_text(json.dumps(w, indent=1) + "\n")
-            proxies.append(Proxy(f"random/{k}", ["mixture=static", f"mixture.weights_from={path}", *base,
-                                                 f"train.steps={random_steps}",
-                                                 f"train.warmup_steps={max(1, random_steps // 10)}",
-                                                 f"train.eval_every={random_steps}"]))
+            proxies.append(
+                Proxy(
+                    f"random/{k}",
+                    [
+                        "mixture=static",
+                        f"mixture.weights_from={path}",
+                        *base,
+                        f"train.steps={random_steps}",
+                        f"train.warmup_steps={max(1, random_steps // 10)}",
+                        f"train.eval_every={random_steps}",
+                    ],
+                )
+            )
     return proxies
 
 
@@ -206,8 +276,11 @@ def run_proxies(out: Path, proxies: list[Proxy], jobs: int, env: dict) -> None:
     if not todo:
         print(f"[study] proxies: all {len(proxies)} finished already", flush=True)
         return
-    print(f"[study] proxies: {len(todo)} to run ({len(proxies) - len(todo)} finished), {jobs} at a time; "
-          f"logs in {out / 'proxies'}/<name>.log", flush=True)
+    print(
+        f"[study] proxies: {len(todo)} to run ({len(proxies) - len(todo)} finished), {jobs} at a time; "
+        f"logs in {out / 'proxies'}/<name>.log",
+        flush=True,
+    )
     failed: list[str] = []
 
     def one(p: Proxy) -> None:
@@ -252,14 +325,24 @@ def pick_random_best(out: Path, n_random: int, planted: Planted) -> tuple[int, l
 # ---- main runs ----------------------------------------------------------------------------------
 
 
-def main_command(out: Path, conditions: list[str], seeds: list[int], planted: Planted, overrides: list[str],
-                 jobs: int) -> list[str]:
+def main_command(
+    out: Path, conditions: list[str], seeds: list[int], planted: Planted, overrides: list[str], jobs: int
+) -> list[str]:
     # Several jobs at once go through Hydra's joblib launcher (processes, one intra-op thread each);
     # one at a time through the basic launcher.
     launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"] if jobs > 1 else []
-    return ["train", "-m", "+experiment=study", f"+study={','.join(conditions)}",
-            f"train.seed={','.join(map(str, seeds))}", f"data.path={planted.path}", *COMMON, *overrides, *launcher,
-            f"hydra.sweep.dir={out / 'main'}"]
+    return [
+        "train",
+        "-m",
+        "+experiment=study",
+        f"+study={','.join(conditions)}",
+        f"train.seed={','.join(map(str, seeds))}",
+        f"data.path={planted.path}",
+        *COMMON,
+        *overrides,
+        *launcher,
+        f"hydra.sweep.dir={out / 'main'}",
+    ]
 
 
 def _main_finished(out: Path, n: int) -> bool:
@@ -267,15 +350,19 @@ def _main_finished(out: Path, n: int) -> bool:
     return main.is_dir() and sum(_finished(p) for p in main.iterdir() if p.is_dir()) >= n
 
 
-def run_main(out: Path, conditions: list[str], seeds: list[int], planted: Planted, overrides: list[str], jobs: int,
-             env: dict) -> None:
+def run_main(
+    out: Path, conditions: list[str], seeds: list[int], planted: Planted, overrides: list[str], jobs: int, env: dict
+) -> None:
     n = len(conditions) * len(seeds)
     if _main_finished(out, n):
         print(f"[study] main: all {n} runs finished already", flush=True)
         return
     args = main_command(out, conditions, seeds, planted, overrides, jobs)
-    print(f"[study] main: {n} runs, one Hydra multirun (log: {out / 'main.log'}):\n"
-          f"  MIXTRAIN_STUDY={out} mixtrain {' '.join(args)}", flush=True)
+    print(
+        f"[study] main: {n} runs, one Hydra multirun (log: {out / 'main.log'}):\n"
+        f"  MIXTRAIN_STUDY={out} mixtrain {' '.join(args)}",
+        flush=True,
+    )
     t0 = time.time()
     # Stream the multirun's own job lines ("#3 : +study=doge train.seed=1") so progress is visible.
     (out / "main").mkdir(parents=True, exist_ok=True)
@@ -336,8 +423,9 @@ def gather(out: Path, runs) -> dict[str, Condition]:
         c.runs.append(r)
         seqs = load_sequences(r.path)
         if seqs is None:
-            raise StudyError(f"{r.path}: no {r.path / 'eval_sequences.npz'} "
-                             "(a run from before per-sequence evaluation?)")
+            raise StudyError(
+                f"{r.path}: no {r.path / 'eval_sequences.npz'} (a run from before per-sequence evaluation?)"
+            )
         c.sequences[r.seed] = seqs
     for c in by.values():
         c.proxy_seconds = _proxy_seconds(out, c.name)
@@ -376,8 +464,11 @@ def analyse(out: Path, runs, planted: Planted) -> Analysis:
     if "uniform" not in conditions:
         raise StudyError("the study's table is relative to uniform: add uniform to --conditions")
     keys = [f"eval/{d}/loss" for d in planted.real]
-    vs = {n: paired_difference(c.sequences, conditions["uniform"].sequences, keys)
-          for n, c in conditions.items() if n != "uniform"}
+    vs = {
+        n: paired_difference(c.sequences, conditions["uniform"].sequences, keys)
+        for n, c in conditions.items()
+        if n != "uniform"
+    }
     targets = sorted({t for c in conditions.values() for r in c.runs for t in r.target_losses})
     return Analysis(conditions, planted, vs, targets)
 
@@ -395,30 +486,51 @@ def render(analysis: Analysis) -> str:
     from uniform with their SE, oracle share, noise weight, targets, wall-clock; then the checks."""
     a = analysis
     order = sorted(a.conditions, key=lambda n: a.macro(n)[0])
-    head = ["rank", "condition", "seeds", "macro valid loss (mean ± sd)", "Δ vs uniform (± paired SE)", "oracle gain",
-            "noise weight", *[f"{t} loss" for t in a.targets], "main run s", "proxies s"]
+    head = [
+        "rank",
+        "condition",
+        "seeds",
+        "macro valid loss (mean ± sd)",
+        "Δ vs uniform (± paired SE)",
+        "oracle gain",
+        "noise weight",
+        *[f"{t} loss" for t in a.targets],
+        "main run s",
+        "proxies s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, name in enumerate(order, 1):
         c = a.conditions[name]
         m, s = a.macro(name)
         rec = a.recovered(name)
         noise = np.mean([a.planted.noise_weight(r.weights) for r in c.runs if r.weights])
-        cells = [str(i), name, ",".join(str(r.seed) for r in c.runs), f"{m:.4f} ± {s:.4f}",
-                 "–" if name == "uniform" else _pm(a.vs_uniform[name]),
-                 "–" if rec is None or name in ("uniform", "oracle") else f"{100 * rec:.0f}%",
-                 f"{noise:.3f}" if a.planted.noise else "–",
-                 *[f"{c.mean(lambda r, t=t: r.target_losses.get(t)):.4f}" for t in a.targets],
-                 _seconds(c.mean(lambda r: r.wall_seconds)), _seconds(c.proxy_seconds)]
+        cells = [
+            str(i),
+            name,
+            ",".join(str(r.seed) for r in c.runs),
+            f"{m:.4f} ± {s:.4f}",
+            "–" if name == "uniform" else _pm(a.vs_uniform[name]),
+            "–" if rec is None or name in ("uniform", "oracle") else f"{100 * rec:.0f}%",
+            f"{noise:.3f}" if a.planted.noise else "–",
+            *[f"{c.mean(lambda r, t=t: r.target_losses.get(t)):.4f}" for t in a.targets],
+            _seconds(c.mean(lambda r: r.wall_seconds)),
+            _seconds(c.proxy_seconds),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     seeds = sorted({r.seed for c in a.conditions.values() for r in c.runs}, key=str)
-    lines += ["", f"Macro = mean validation loss over the {len(a.planted.real)} real domains "
-              f"({', '.join(a.planted.real)}); "
-              f"seeds {','.join(map(str, seeds))}. Δ = paired difference from uniform (same seeds, same evaluation "
-              "sequences), SE over evaluation sequences and seeds (trainer/paired.py); ✓ = |Δ| ≥ 2 SE. Oracle gain = "
-              "the share of the oracle's Δ a condition recovers. Noise weight = the exported mixture's total weight "
-              f"on {', '.join(a.planted.noise) or 'the noise domains'}. Seconds: one main run's wall-clock (mean over "
-              "seeds), and the proxies the condition needed (wall-clock, jobs running side by side).",
-              "", "Checks:", ""]
+    lines += [
+        "",
+        f"Macro = mean validation loss over the {len(a.planted.real)} real domains "
+        f"({', '.join(a.planted.real)}); "
+        f"seeds {','.join(map(str, seeds))}. Δ = paired difference from uniform (same seeds, same evaluation "
+        "sequences), SE over evaluation sequences and seeds (trainer/paired.py); ✓ = |Δ| ≥ 2 SE. Oracle gain = "
+        "the share of the oracle's Δ a condition recovers. Noise weight = the exported mixture's total weight "
+        f"on {', '.join(a.planted.noise) or 'the noise domains'}. Seconds: one main run's wall-clock (mean over "
+        "seeds), and the proxies the condition needed (wall-clock, jobs running side by side).",
+        "",
+        "Checks:",
+        "",
+    ]
     lines += [f"- {text}" for text in checks(a)]
     return "\n".join(lines) + "\n"
 
@@ -438,8 +550,10 @@ def checks(a: Analysis) -> list[str]:
         if rec is not None:
             d = a.vs_uniform[name]
             met = rec >= 0.5 and d.mean < 0 and d.resolved()
-            out.append(f"{name} recovers {100 * rec:.0f}% of the oracle's gain (Δ {_pm(d)} vs oracle "
-                       f"{_pm(a.vs_uniform['oracle'])}; target ≥ 50%, resolved) → {_verdict(met)}")
+            out.append(
+                f"{name} recovers {100 * rec:.0f}% of the oracle's gain (Δ {_pm(d)} vs oracle "
+                f"{_pm(a.vs_uniform['oracle'])}; target ≥ 50%, resolved) → {_verdict(met)}"
+            )
     baselines = [b for b in ("unimax", "temperature") if b in a.conditions]
     if baselines:
         winners = []
@@ -448,10 +562,13 @@ def checks(a: Analysis) -> list[str]:
                 diffs = [a.diff(name, b) for b in baselines]
                 if all(d.mean < 0 and d.resolved() for d in diffs):
                     winners.append(name)
-        detail = "; ".join(f"{n}: " + ", ".join(f"vs {b} {_pm(a.diff(n, b))}" for b in baselines)
-                           for n in LEARNED if n in a.conditions)
-        out.append(f"a learned mixture beats {' and '.join(baselines)} on the macro (resolved): "
-                   f"{', '.join(winners) or 'none'} ({detail}) → {_verdict(bool(winners))}")
+        detail = "; ".join(
+            f"{n}: " + ", ".join(f"vs {b} {_pm(a.diff(n, b))}" for b in baselines) for n in LEARNED if n in a.conditions
+        )
+        out.append(
+            f"a learned mixture beats {' and '.join(baselines)} on the macro (resolved): "
+            f"{', '.join(winners) or 'none'} ({detail}) → {_verdict(bool(winners))}"
+        )
     if "dga_humaneval" in a.conditions and HUMANEVAL in a.targets:
         key = [f"target/{HUMANEVAL}/loss"]
         parts, ok = [], True
@@ -460,8 +577,10 @@ def checks(a: Analysis) -> list[str]:
                 d = a.diff("dga_humaneval", name, key)
                 parts.append(f"{name} {_pm(d)}")
                 ok &= d.mean < 0 and d.resolved()
-        out.append(f"DGA → humaneval beats every static condition on humaneval loss (Δ ± SE): {', '.join(parts)} "
-                   f"→ {_verdict(ok)}")
+        out.append(
+            f"DGA → humaneval beats every static condition on humaneval loss (Δ ± SE): {', '.join(parts)} "
+            f"→ {_verdict(ok)}"
+        )
     return out
 
 
@@ -479,8 +598,10 @@ def plot(analysis: Analysis, path: Path) -> Path:
     left.barh(names, means, xerr=errors, color=["tab:green" if m < 0 else "tab:red" for m in means], capsize=3)
     left.axvline(0, color="black", lw=0.8)
     left.set_xlabel("Δ macro validation loss vs uniform (nats, ± 2 paired SE)")
-    minutes = [(analysis.conditions[n].mean(lambda r: r.wall_seconds) + analysis.conditions[n].proxy_seconds) / 60
-               for n in names]
+    minutes = [
+        (analysis.conditions[n].mean(lambda r: r.wall_seconds) + analysis.conditions[n].proxy_seconds) / 60
+        for n in names
+    ]
     right.scatter(minutes, means)
     for n, x, y in zip(names, minutes, means):
         right.annotate(n, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
@@ -496,8 +617,20 @@ def plot(analysis: Analysis, path: Path) -> Path:
 # ---- the command --------------------------------------------------------------------------------
 
 
-def study(out: Path, conditions: list[str], seeds: list[int], jobs: int, n_random: int, random_steps: int, seed: int,
-          overrides: list[str], *, data: str | None = None, source: str | None = None, quick: bool = False) -> Path:
+def study(
+    out: Path,
+    conditions: list[str],
+    seeds: list[int],
+    jobs: int,
+    n_random: int,
+    random_steps: int,
+    seed: int,
+    overrides: list[str],
+    *,
+    data: str | None = None,
+    source: str | None = None,
+    quick: bool = False,
+) -> Path:
     unknown = [c for c in conditions if c not in CONDITIONS]
     if unknown:
         raise StudyError(f"--conditions {','.join(unknown)}; allowed: {', '.join(CONDITIONS)}")
@@ -513,8 +646,12 @@ def study(out: Path, conditions: list[str], seeds: list[int], jobs: int, n_rando
     run_proxies(out, plan_proxies(out, conditions, planted, n_random, random_steps, seed, proxy_overrides), jobs, env)
     if "random_best" in conditions:
         best, scores = pick_random_best(out, n_random, planted)
-        print("[study] random draws (proxy macro valid loss): " + ", ".join(f"#{k} {v:.3f}" for k, v in scores)
-              + f" → best #{best}", flush=True)
+        print(
+            "[study] random draws (proxy macro valid loss): "
+            + ", ".join(f"#{k} {v:.3f}" for k, v in scores)
+            + f" → best #{best}",
+            flush=True,
+        )
     run_main(out, conditions, seeds, planted, main_overrides, jobs, env)
     from .compare import compare
 
@@ -523,8 +660,11 @@ def study(out: Path, conditions: list[str], seeds: list[int], jobs: int, n_rando
     table = render(analysis)
     (out / "study.md").write_text(table)
     figure = plot(analysis, out / "study_delta.png")
-    print(f"\n{table}\n[study] {time.time() - t0:.0f} s; in {out}: {', '.join(p.name for p in comparison.files)} "
-          f"(per-run table and plots), study.md (this table), {figure.name}", flush=True)
+    print(
+        f"\n{table}\n[study] {time.time() - t0:.0f} s; in {out}: {', '.join(p.name for p in comparison.files)} "
+        f"(per-run table and plots), study.md (this table), {figure.name}",
+        flush=True,
+    )
     return out
 
 
@@ -532,21 +672,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mixtrain study",
         description="The quality study on planted data: proxies (DoReMi, DoGE, TiKMiX-D, random Dirichlet mixtures), "
-                    "then one Hydra multirun of the main model under every condition and seed, then paired comparisons "
-                    "against uniform and the oracle.")
+        "then one Hydra multirun of the main model under every condition and seed, then paired comparisons "
+        "against uniform and the oracle.",
+    )
     parser.add_argument("--out", default="runs/study", help="study folder (default: runs/study); rerun to continue")
     parser.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma list from {', '.join(CONDITIONS)}")
     parser.add_argument("--seeds", default=None, help="training seeds of the main runs (default: 1,2,3; --quick: 1)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, proxies and main runs (default: 2)")
-    parser.add_argument("--random", type=int, default=None,
-                        help="Dirichlet draws for random_best (default: 8; --quick: 4)")
-    parser.add_argument("--random-steps", type=int, default=None,
-                        help="steps of each random-draw proxy (default: 100; --quick: 20)")
+    parser.add_argument(
+        "--random", type=int, default=None, help="Dirichlet draws for random_best (default: 8; --quick: 4)"
+    )
+    parser.add_argument(
+        "--random-steps", type=int, default=None, help="steps of each random-draw proxy (default: 100; --quick: 20)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the Dirichlet draws (default: 0)")
-    parser.add_argument("--data", default=None,
-                        help="a planted shard set (default: built from --source or the demo corpus)")
-    parser.add_argument("--source", default=None,
-                        help="shard set to build the planted set from (default: the demo corpus)")
+    parser.add_argument(
+        "--data", default=None, help="a planted shard set (default: built from --source or the demo corpus)"
+    )
+    parser.add_argument(
+        "--source", default=None, help="shard set to build the planted set from (default: the demo corpus)"
+    )
     parser.add_argument("--quick", action="store_true", help="every phase at lower resolution, about ten minutes")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. model.d_model=128)")
     args = parser.parse_args(argv)
@@ -556,9 +701,19 @@ def main(argv: list[str] | None = None) -> int:
     if random_steps is None:
         random_steps = QUICK["random_steps"] if args.quick else 100
     try:
-        study(Path(args.out), [c for c in args.conditions.split(",") if c], [int(s) for s in seeds.split(",")],
-              args.jobs, n_random, random_steps, args.seed, args.overrides, data=args.data, source=args.source,
-              quick=args.quick)
+        study(
+            Path(args.out),
+            [c for c in args.conditions.split(",") if c],
+            [int(s) for s in seeds.split(",")],
+            args.jobs,
+            n_random,
+            random_steps,
+            args.seed,
+            args.overrides,
+            data=args.data,
+            source=args.source,
+            quick=args.quick,
+        )
     except StudyError as e:
         print(f"mixtrain study: {e}", file=sys.stderr)
         return 1

@@ -27,8 +27,16 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, cfg_dict: dict, *, enabled: bool, wandb, resume_positions: dict | None,
-                 run_id: str | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg_dict: dict,
+        *,
+        enabled: bool,
+        wandb,
+        resume_positions: dict | None,
+        run_id: str | None = None,
+    ):
         """``wandb``: the run config's wandb knobs (RunConfig); each unset one is left to wandb,
         which reads its environment variables (WANDB_PROJECT, WANDB_ENTITY, …)."""
         self.enabled = enabled
@@ -58,10 +66,19 @@ class Tracker:
         id_file.write_text(run_id)
         # silent: wandb's own banner and history table would bury the run summary; close() says
         # where the run is and how to upload it.
-        self._wandb = wandb.init(project=knobs.wandb_project or os.environ.get("WANDB_PROJECT") or "mixtrain",
-                                 entity=knobs.wandb_entity, group=knobs.wandb_group, tags=knobs.wandb_tags,
-                                 id=run_id, resume="allow", mode=knobs.wandb_mode, dir=str(self.run_dir),
-                                 config=cfg_dict, name=self.run_dir.name, settings=wandb.Settings(silent=True))
+        self._wandb = wandb.init(
+            project=knobs.wandb_project or os.environ.get("WANDB_PROJECT") or "mixtrain",
+            entity=knobs.wandb_entity,
+            group=knobs.wandb_group,
+            tags=knobs.wandb_tags,
+            id=run_id,
+            resume="allow",
+            mode=knobs.wandb_mode,
+            dir=str(self.run_dir),
+            config=cfg_dict,
+            name=self.run_dir.name,
+            settings=wandb.Settings(silent=True),
+        )
         self._wandb.define_metric("trainer/global_step")
         self._wandb.define_metric("*", step_metric="trainer/global_step")
 
@@ -110,4 +127,7 @@ class Tracker:
             where = self._wandb.dir
             self._wandb.finish()
             if offline:
-                print(f"[mixtrain] wandb offline run in {Path(where).parent} (upload: wandb sync {Path(where).parent})", flush=True)
+                print(
+                    f"[mixtrain] wandb offline run in {Path(where).parent} (upload: wandb sync {Path(where).parent})",
+                    flush=True,
+                )

@@ -20,8 +20,10 @@ def _weights(pairs, source: str) -> dict[str, float]:
     out = {}
     for k, v in pairs:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ConfigError(f"mixture.weights_from={source!r}: the weight of {k!r} is {v!r}; "
-                              "each weight must be a finite number >= 0")
+            raise ConfigError(
+                f"mixture.weights_from={source!r}: the weight of {k!r} is {v!r}; "
+                "each weight must be a finite number >= 0"
+            )
         out[str(k)] = float(v)
     return out
 
@@ -38,8 +40,10 @@ def _from_mapping(obj, source: str) -> dict[str, float]:
             return _weights(zip(names, obj["train_dw"]), source)
         if obj and all(isinstance(v, (int, float)) for v in obj.values()):
             return _weights(obj.items(), source)
-    raise ConfigError(f"mixture.weights_from={source!r}: no domain weights found (expected weights.json, "
-                      "a {domain: weight} map, train_domain_weights, RegMix 'train:' or DoGE train_domains/train_dw)")
+    raise ConfigError(
+        f"mixture.weights_from={source!r}: no domain weights found (expected weights.json, "
+        "a {domain: weight} map, train_domain_weights, RegMix 'train:' or DoGE train_domains/train_dw)"
+    )
 
 
 def read_weights(path: str | Path) -> dict[str, float]:
@@ -61,8 +65,9 @@ def read_weights(path: str | Path) -> dict[str, float]:
     return _from_mapping(obj, str(path))
 
 
-def write_weights(path: Path, domains: list[str], average, final, controller: str, steps: int,
-                  run_id: str | None = None) -> None:
+def write_weights(
+    path: Path, domains: list[str], average, final, controller: str, steps: int, run_id: str | None = None
+) -> None:
     """DoReMi-compatible: ``train_domain_weights`` is what a main run should use (the average)."""
     obj = {
         "train_domain_weights": {d: float(w) for d, w in zip(domains, average)},

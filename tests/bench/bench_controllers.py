@@ -54,9 +54,11 @@ CONTROLLERS = {
     "odm": {"name": "odm"},
     "doremi": {"name": "doremi"},  # reference: the bench's static run, checkpointed at step 5
 }
-PARTS = {"reference gradients": (signals_module.Signals, "_reference_gradients"),
-         "probe batch": (signals_module.Signals, "_run_probe_batch"),
-         "probe reduction": (Probe, "finish")}
+PARTS = {
+    "reference gradients": (signals_module.Signals, "_reference_gradients"),
+    "probe batch": (signals_module.Signals, "_run_probe_batch"),
+    "probe reduction": (Probe, "finish"),
+}
 """Methods whose time is attributed to a part (wrapped once; the wrapper charges the loop in flight)."""
 
 
@@ -84,11 +86,22 @@ class Clock:
 
 
 def values(cfg: dict, run: Path, mixture: dict, steps: int) -> dict:
-    return {"model": cfg["model"],
-            "data": {"source": "demo", "seq_len": 128, "steps_per_shard": 10, "eval_sequences": 4},
-            "train": {"steps": steps, "micro_batch": cfg["micro_batch"], "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 10,
-                      "eval_every": 0, "checkpoint_every": 0, "resume": "never"},
-            "run": {"dir": str(run), "wandb": "disabled", "plots": False, "progress": False}, "mixture": mixture}
+    return {
+        "model": cfg["model"],
+        "data": {"source": "demo", "seq_len": 128, "steps_per_shard": 10, "eval_sequences": 4},
+        "train": {
+            "steps": steps,
+            "micro_batch": cfg["micro_batch"],
+            "lr": 2e-3,
+            "min_lr": 2e-4,
+            "warmup_steps": 10,
+            "eval_every": 0,
+            "checkpoint_every": 0,
+            "resume": "never",
+        },
+        "run": {"dir": str(run), "wandb": "disabled", "plots": False, "progress": False},
+        "mixture": mixture,
+    }
 
 
 def wrap_controller(loop: Loop, clock: Clock) -> None:
@@ -120,8 +133,9 @@ def wrap_controller(loop: Loop, clock: Clock) -> None:
     loop.signals.on_losses = hooked
 
 
-def bench(config: str, names: list[str], steps: int, block: int, tmp: Path,
-          run_steps: int) -> list[tuple[str, float, dict]]:
+def bench(
+    config: str, names: list[str], steps: int, block: int, tmp: Path, run_steps: int
+) -> list[tuple[str, float, dict]]:
     cfg = CONFIGS[config]
     clock = Clock()
     for part, (cls, method) in PARTS.items():
@@ -192,8 +206,10 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for config, rows in results.items():
-        print(f"\n{config}: {CONFIGS[config]['model']}, global batch {CONFIGS[config]['micro_batch']} x 128, "
-              f"{args.steps} steps, interleaved blocks of {args.block}")
+        print(
+            f"\n{config}: {CONFIGS[config]['model']}, global batch {CONFIGS[config]['micro_batch']} x 128, "
+            f"{args.steps} steps, interleaved blocks of {args.block}"
+        )
         print(f"{'controller':<10} {'x static':>9}   where the extra time goes (s/step)")
         for name, ratio, parts in rows:
             detail = ", ".join(f"{k} {v:.3f}" for k, v in parts.items())

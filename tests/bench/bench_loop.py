@@ -40,9 +40,21 @@ MODEL = {"model.n_layer": 4, "model.n_head": 4, "model.d_model": 256, "model.max
 
 
 def mixtrain_loop(data: Path, run_dir: Path, steps: int) -> Loop:
-    cfg = tiny_config(data, run_dir, **MODEL, **{"data.seq_len": 128, "train.steps": steps, "train.micro_batch": 8,
-                                                 "train.eval_every": 0, "data.eval_sequences": 1, "engine.threads": 0,
-                                                 "run.progress": True, "train.resume": "never"})
+    cfg = tiny_config(
+        data,
+        run_dir,
+        **MODEL,
+        **{
+            "data.seq_len": 128,
+            "train.steps": steps,
+            "train.micro_batch": 8,
+            "train.eval_every": 0,
+            "data.eval_sequences": 1,
+            "engine.threads": 0,
+            "run.progress": True,
+            "train.resume": "never",
+        },
+    )
     return Loop(cfg)
 
 
@@ -105,14 +117,17 @@ def main() -> None:
         hand = HandLoop(data, args.steps + 1, cfg)
         loop = mixtrain_loop(data, tmp / "run", args.steps + 1)
         bar = tqdm(total=args.steps + 1, desc="train", unit="step", file=sys.stdout, mininterval=15)
-        mine = lambda: loop.advance(bar)
+
+        def mine():
+            loop.advance(bar)
+
         hand.advance(), mine()  # warm-up: first-step allocations on both sides
         totals, ratios, done, flip = [0.0, 0.0], [], 0, False
         while done < args.steps:
             n = min(args.block, args.steps - done)
             sides = [(0, hand.advance), (1, mine)]
             pair = [0.0, 0.0]
-            for side, advance in (reversed(sides) if flip else sides):
+            for side, advance in reversed(sides) if flip else sides:
                 pair[side] = timed_block(advance, n)
             totals = [a + b for a, b in zip(totals, pair)]
             ratios.append(pair[0] / pair[1])
@@ -121,11 +136,17 @@ def main() -> None:
         loop.close()
         ratio = totals[0] / totals[1]
         q = np.percentile(ratios, [25, 75])
-        print(f"hand-written {args.steps / totals[0]:.2f} steps/s, mixtrain {args.steps / totals[1]:.2f} steps/s "
-              f"over {args.steps} interleaved steps in blocks of {args.block}")
-        print(f"loop/hand-written steps-per-second ratio: {ratio:.3f} "
-              f"(per block: median {statistics.median(ratios):.3f}, quartiles {q[0]:.3f}-{q[1]:.3f})")
-    print(f"sampler: plan a 1,000,000-sample shard over 8 domains: {sampler_plan_seconds() * 1000:.1f} ms (median of 5)")
+        print(
+            f"hand-written {args.steps / totals[0]:.2f} steps/s, mixtrain {args.steps / totals[1]:.2f} steps/s "
+            f"over {args.steps} interleaved steps in blocks of {args.block}"
+        )
+        print(
+            f"loop/hand-written steps-per-second ratio: {ratio:.3f} "
+            f"(per block: median {statistics.median(ratios):.3f}, quartiles {q[0]:.3f}-{q[1]:.3f})"
+        )
+    print(
+        f"sampler: plan a 1,000,000-sample shard over 8 domains: {sampler_plan_seconds() * 1000:.1f} ms (median of 5)"
+    )
 
 
 if __name__ == "__main__":

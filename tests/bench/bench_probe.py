@@ -43,7 +43,7 @@ def make_step(K: int, accum: int, gen: torch.Generator) -> list[tuple[torch.Tens
     doms = torch.arange(MICRO_BATCH * accum) % K
     out = []
     for m in range(accum):
-        d = doms[m * MICRO_BATCH:(m + 1) * MICRO_BATCH].sort().values
+        d = doms[m * MICRO_BATCH : (m + 1) * MICRO_BATCH].sort().values
         out.append((torch.randint(0, MODEL.vocab_size, (MICRO_BATCH, SEQ + 1), generator=gen), d))
     return out
 
@@ -94,13 +94,14 @@ class Bench:
             losses = token_losses(self.model, tokens)
             present = doms.unique().tolist()
             for j, i in enumerate(present):
-                grads = torch.autograd.grad(losses[doms == i].sum() / self.tokens_per_rank, self.params,
-                                            retain_graph=j < len(present) - 1)
+                grads = torch.autograd.grad(
+                    losses[doms == i].sum() / self.tokens_per_rank, self.params, retain_graph=j < len(present) - 1
+                )
                 acc[i] += torch.cat([g.reshape(-1) for g in grads])
         total = acc.sum(0)
         offset = 0
         for p in self.params:
-            p.grad = total[offset:offset + p.numel()].view_as(p).clone()
+            p.grad = total[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
         gram = acc @ acc.T
         self.optimizer_step()
@@ -142,16 +143,27 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     n_params = build_model(MODEL).num_params()
-    print(f"GPT {MODEL.n_layer}x{MODEL.d_model}, vocab {MODEL.vocab_size}, tied, {n_params / 1e6:.2f}M parameters; "
-          f"step = {args.accum} x {MICRO_BATCH} x {SEQ} tokens; {torch.get_num_threads()} threads; median of {args.rounds}")
+    print(
+        f"GPT {MODEL.n_layer}x{MODEL.d_model}, vocab {MODEL.vocab_size}, tied, {n_params / 1e6:.2f}M parameters; "
+        f"step = {args.accum} x {MICRO_BATCH} x {SEQ} tokens; {torch.get_num_threads()} threads; median of "
+        f"{args.rounds}"
+    )
     results = {K: run(K, args.accum, args.rounds, with_oracle=K == 8) for K in (8, 32)}
-    print(f"\n{'K':>3} {'plain s':>8} {'align s':>8} {'gram s':>8} {'ref pass s':>10} {'align/plain':>11} {'gram/plain':>10}")
+    print(
+        f"\n{'K':>3} {'plain s':>8} {'align s':>8} {'gram s':>8} {'ref pass s':>10} {'align/plain':>11} "
+        f"{'gram/plain':>10}"
+    )
     for K, t in results.items():
-        print(f"{K:>3} {t['plain']:>8.3f} {t['align']:>8.3f} {t['gram']:>8.3f} {t['reference pass']:>10.3f} "
-              f"{t['align'] / t['plain']:>11.3f} {t['gram'] / t['plain']:>10.3f}")
+        print(
+            f"{K:>3} {t['plain']:>8.3f} {t['align']:>8.3f} {t['gram']:>8.3f} {t['reference pass']:>10.3f} "
+            f"{t['align'] / t['plain']:>11.3f} {t['gram'] / t['plain']:>10.3f}"
+        )
     t8 = results[8]
-    print(f"\nK=8 oracle (one masked backward per domain): {t8['oracle']:.3f}s = {t8['oracle'] / t8['plain']:.2f}x plain; "
-          f"oracle/Gram-probe speed-up {t8['oracle'] / t8['gram']:.2f}x")
+    print(
+        f"\nK=8 oracle (one masked backward per domain): {t8['oracle']:.3f}s = {t8['oracle'] / t8['plain']:.2f}x "
+        "plain; "
+        f"oracle/Gram-probe speed-up {t8['oracle'] / t8['gram']:.2f}x"
+    )
     print("targets: align/plain <= 1.15, gram/plain <= 1.30, oracle/gram >= 4")
 
 

@@ -83,7 +83,9 @@ def main() -> None:
         report[f"zero{stage}"] = train(engine)
         report[f"zero{stage}"]["loaded_deviation"] = loaded_weights_stick(engine)
     for name, offload in (("zero3p", "none"), ("zero3p_offload", "cpu")):  # partitioned parameters
-        engine = DeepSpeedEngine(EngineConfig(name="deepspeed", threads=1, zero_stage=3, offload_param=offload), MODEL, TRAIN)
+        engine = DeepSpeedEngine(
+            EngineConfig(name="deepspeed", threads=1, zero_stage=3, offload_param=offload), MODEL, TRAIN
+        )
         report[name] = train(engine)
         report[name]["loaded_deviation"] = loaded_weights_stick(engine)
     partitioned = engine

@@ -36,8 +36,13 @@ def rel(a, b) -> float:
 
 def main() -> None:
     tp, out_dir = int(sys.argv[1]), Path(sys.argv[2])
-    cfg = load_config({"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64, "vocab_size": 320},
-                       "engine": {"name": "megatron", "threads": 1, "tensor_parallel": tp}, "train": {"grad_clip": 0.0}})
+    cfg = load_config(
+        {
+            "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64, "vocab_size": 320},
+            "engine": {"name": "megatron", "threads": 1, "tensor_parallel": tp},
+            "train": {"grad_clip": 0.0},
+        }
+    )
     eng = build_engine(cfg)
     gen = torch.Generator().manual_seed(0)
     # every TP rank of a replica sees the same rows; replicas (DP) see their own
@@ -71,8 +76,10 @@ def main() -> None:
         pieces.append([probe.dp_sum(t.clone()) for t in g])
 
     def dot(a, b):
-        sq = sum(((x.double() * y.double()).sum() for x, y, p in zip(a, b, probe.params) if probe._slots[id(p)].counted),
-                 torch.zeros((), dtype=torch.float64))
+        sq = sum(
+            ((x.double() * y.double()).sum() for x, y, p in zip(a, b, probe.params) if probe._slots[id(p)].counted),
+            torch.zeros((), dtype=torch.float64),
+        )
         return float(probe._tp_sum(sq.reshape(1)))
 
     gram = np.array([[dot(pieces[i], pieces[j]) for j in range(K)] for i in range(K)])
@@ -86,11 +93,20 @@ def main() -> None:
             probe.start(ProbeSpec(norms=True, sketch_dim=64))
         except ValueError as e:
             refused = str(e)
-    out = {"tp": tp, "grad_err": grad_err, "gram_err": rel(result.gram, gram), "norm_err": rel(result.norms, np.sqrt(np.diag(gram))),
-           "align_err": rel(result.align[:, 0], align), "ref_norm": ref_norm, "local_ref_norm": full_ref,
-           "norms": result.norms.tolist(), "sketch_refused": refused, "tp_rank": eng.layout.tp_rank}
+    out = {
+        "tp": tp,
+        "grad_err": grad_err,
+        "gram_err": rel(result.gram, gram),
+        "norm_err": rel(result.norms, np.sqrt(np.diag(gram))),
+        "align_err": rel(result.align[:, 0], align),
+        "ref_norm": ref_norm,
+        "local_ref_norm": full_ref,
+        "norms": result.norms.tolist(),
+        "sketch_refused": refused,
+        "tp_rank": eng.layout.tp_rank,
+    }
     (out_dir / f"probe_rank{eng.rank}.json").write_text(json.dumps(out))
-    del eng
+    eng = None  # released before the process group goes
     dist.shutdown()
 
 

@@ -31,8 +31,9 @@ SKETCH = ProbeSpec(norms=True, gram=True, sketch_dim=256, seed=11)
 
 def tiny_model(tied: bool = True, bias: bool = True) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(ModelConfig(n_layer=2, n_head=2, d_model=64, vocab_size=VOCAB, max_seq_len=SEQ,
-                                   tie_embeddings=tied, bias=bias))
+    return build_model(
+        ModelConfig(n_layer=2, n_head=2, d_model=64, vocab_size=VOCAB, max_seq_len=SEQ, tie_embeddings=tied, bias=bias)
+    )
 
 
 def micro_batches(layout: list[list[int]], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -67,8 +68,14 @@ def global_tokens(mbs) -> torch.Tensor:
     return counts
 
 
-def probed_step(probe: Probe | None, wrapped: torch.nn.Module, mbs, spec: ProbeSpec | None = None,
-                refs=None, n_global: torch.Tensor | None = None) -> ProbeResult | None:
+def probed_step(
+    probe: Probe | None,
+    wrapped: torch.nn.Module,
+    mbs,
+    spec: ProbeSpec | None = None,
+    refs=None,
+    n_global: torch.Tensor | None = None,
+) -> ProbeResult | None:
     """The training loop's forward/backward for one optimizer step (torch_ddp.py: loss-weighted sum
     over tokens / tokens per rank, DDP no_sync on all but the last micro-batch), with each
     micro-batch inside probe.micro_batch(); probe=None runs it unprobed."""
@@ -103,7 +110,11 @@ def oracle_gradients(model: torch.nn.Module, mbs) -> np.ndarray:
         for tokens, doms in mbs:
             losses = token_losses(model, tokens)
             (losses[doms == i].sum() / n[i]).backward()
-        rows.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]).double().numpy())
+        rows.append(
+            torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            .double()
+            .numpy()
+        )
     model.zero_grad(set_to_none=True)
     return np.stack(rows)
 

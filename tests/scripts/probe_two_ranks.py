@@ -16,8 +16,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from probe_case import (Probe, ProbeSpec, global_tokens, micro_batches, probed_step,  # noqa: E402
-                        reference_vectors, tiny_model, K, TWO_RANK_LAYOUT, SKETCH)
+from probe_case import (
+    SKETCH,
+    TWO_RANK_LAYOUT,
+    K,
+    Probe,
+    ProbeSpec,
+    global_tokens,
+    micro_batches,
+    probed_step,  # noqa: E402
+    reference_vectors,
+    tiny_model,
+)
+
 from trainer import dist  # noqa: E402
 
 
@@ -28,14 +39,20 @@ def run(tied: bool, rank: int) -> dict:
     refs = reference_vectors(probe, model)
     untouched = all(p.grad is None for p in model.parameters())
     everything = micro_batches(TWO_RANK_LAYOUT, seed=3)
-    mine, n_global = everything[2 * rank:2 * rank + 2], global_tokens(everything)
+    mine, n_global = everything[2 * rank : 2 * rank + 2], global_tokens(everything)
     exact = probed_step(probe, wrapped, mine, ProbeSpec(refs=2, norms=True, gram=True), refs, n_global)
     grad = torch.cat([p.grad.reshape(-1) for p in probe.params])
     same_grad = bool(all(torch.equal(g, grad) for g in dist.all_gather_object(grad)))
     model.zero_grad(set_to_none=True)
     sketched = probed_step(probe, wrapped, mine, SKETCH, None, n_global)
-    return {"align": exact.align.tolist(), "norms": exact.norms.tolist(), "gram": exact.gram.tolist(),
-            "sketch_gram": sketched.gram.tolist(), "ref_grad_untouched": untouched, "same_grad": same_grad}
+    return {
+        "align": exact.align.tolist(),
+        "norms": exact.norms.tolist(),
+        "gram": exact.gram.tolist(),
+        "sketch_gram": sketched.gram.tolist(),
+        "ref_grad_untouched": untouched,
+        "same_grad": same_grad,
+    }
 
 
 def main() -> None:

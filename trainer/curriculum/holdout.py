@@ -68,7 +68,9 @@ def subset_pools(domains: list[str], sizes, fraction: float, subset: str) -> lis
         mask = holdout_mask(name, int(n), fraction)
         pool = np.flatnonzero(mask if subset == "holdout" else ~mask).astype(np.int64)
         if pool.size == 0:
-            raise ValueError(f"data.holdout_fraction={fraction}: domain {name!r} ({int(n)} samples) has no "
-                             f"{'held-out' if subset == 'holdout' else 'main'} sample left under data.subset={subset}")
+            raise ValueError(
+                f"data.holdout_fraction={fraction}: domain {name!r} ({int(n)} samples) has no "
+                f"{'held-out' if subset == 'holdout' else 'main'} sample left under data.subset={subset}"
+            )
         pools.append(pool)
     return pools

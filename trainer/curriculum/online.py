@@ -59,16 +59,23 @@ class OnlineProxy:
         self.K = len(data.domains)
         c = cfg.curriculum
         micro = c.proxy_micro_batch or cfg.train.micro_batch
-        self.train_cfg = dataclasses.replace(cfg.train, lr=c.proxy_lr, min_lr=c.proxy_lr / 10, micro_batch=micro, grad_accum=1,
-                                             seed=cfg.train.seed + PROXY_SEED_OFFSET)
+        self.train_cfg = dataclasses.replace(
+            cfg.train,
+            lr=c.proxy_lr,
+            min_lr=c.proxy_lr / 10,
+            micro_batch=micro,
+            grad_accum=1,
+            seed=cfg.train.seed + PROXY_SEED_OFFSET,
+        )
         self.model_cfg = proxy_model_config(cfg)
         self.engine = TorchEngine(cfg.engine, self.model_cfg, self.train_cfg)
         self.snapshot = copy.deepcopy(self.engine.model).eval()
         for p in self.snapshot.parameters():
             p.requires_grad_(False)
         self.global_batch = micro * world
-        self.sampler = DomainSampler(None, cfg.data.steps_per_shard * self.global_batch, seed=self.train_cfg.seed,
-                                     pools=holdout_pools)
+        self.sampler = DomainSampler(
+            None, cfg.data.steps_per_shard * self.global_batch, seed=self.train_cfg.seed, pools=holdout_pools
+        )
         self.plan: ShardPlan | None = None
         self.start_state: SamplerState | None = None
 
@@ -124,9 +131,12 @@ class OnlineProxy:
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"engine": self.engine.state_dict(), "snapshot": self.snapshot.state_dict(),
-                "shard_start_state": None if self.start_state is None else self.start_state.to_dict(),
-                "state": self.sampler.state.to_dict()}
+        return {
+            "engine": self.engine.state_dict(),
+            "snapshot": self.snapshot.state_dict(),
+            "shard_start_state": None if self.start_state is None else self.start_state.to_dict(),
+            "state": self.sampler.state.to_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.engine.load_state_dict(state["engine"])

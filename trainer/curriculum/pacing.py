@@ -57,8 +57,18 @@ class ScoreOrder(SampleOrder):
     ``steps_per_shard`` and ``total_steps`` turn a shard index into u = first step / total steps.
     ``order='anti'`` is the paper's anti-curriculum baseline (least learnable first)."""
 
-    def __init__(self, scores: list[np.ndarray], pools: list[np.ndarray], *, seed: int, steps_per_shard: int,
-                 total_steps: int, f0: float = 0.25, u_full: float = 0.5, order: str = "learnable_first"):
+    def __init__(
+        self,
+        scores: list[np.ndarray],
+        pools: list[np.ndarray],
+        *,
+        seed: int,
+        steps_per_shard: int,
+        total_steps: int,
+        f0: float = 0.25,
+        u_full: float = 0.5,
+        order: str = "learnable_first",
+    ):
         if order not in ORDERS:
             raise ValueError(f"curriculum.order={order!r}; allowed: {', '.join(ORDERS)}")
         self.seed, self.f0, self.u_full = int(seed), float(f0), float(u_full)

@@ -139,10 +139,12 @@ def load_data(cfg: DataConfig, *, quiet: bool = False) -> DataBundle:
         ss = _shardset(cfg, quiet)
         # A manifest's token count bounds its split: ingest may carve a valid split off the end
         # of an existing Megatron prefix and use the front of it, in place, for training.
-        splits = {d: {s: (sp.prefix, sp.tokens or None, sp.max_token) for s, sp in v.items()}
-                  for d, v in ss.domains.items()}
-        target_splits = {t: {s: (sp.prefix, sp.tokens or None, sp.max_token) for s, sp in v.items()}
-                         for t, v in ss.targets.items()}
+        splits = {
+            d: {s: (sp.prefix, sp.tokens or None, sp.max_token) for s, sp in v.items()} for d, v in ss.domains.items()
+        }
+        target_splits = {
+            t: {s: (sp.prefix, sp.tokens or None, sp.max_token) for s, sp in v.items()} for t, v in ss.targets.items()
+        }
         tokenizer = ss.tokenizer
         root = str(ss.root)
     names = _select(list(splits), cfg.domains, "data.domains")
@@ -150,7 +152,10 @@ def load_data(cfg: DataConfig, *, quiet: bool = False) -> DataBundle:
     for d in names:
         view = SequenceView(IndexedTokens(*splits[d]["train"]), cfg.seq_len)
         if len(view) == 0:
-            raise ConfigError(f"domain {d!r} is empty: {view.stream.num_tokens} tokens, a sample needs data.seq_len + 1 = {cfg.seq_len + 1}")
+            raise ConfigError(
+                f"domain {d!r} is empty: {view.stream.num_tokens} tokens, a sample needs data.seq_len + 1 = "
+                f"{cfg.seq_len + 1}"
+            )
         train.append(view)
         if "valid" in splits[d]:
             v = SequenceView(IndexedTokens(*splits[d]["valid"]), cfg.seq_len)
@@ -170,15 +175,19 @@ def check_vocab(bundle: DataBundle, model_vocab: int) -> None:
     before step 0: every split a run reads, by the largest id its manifest recorded, else scanned
     once (bare prefixes, older manifests)."""
     if bundle.vocab_size > model_vocab:
-        raise ConfigError(f"model.vocab_size={model_vocab} is smaller than the data tokenizer's vocabulary "
-                          f"{bundle.vocab_size} ({bundle.tokenizer.get('name')}); raise it or set it to null")
+        raise ConfigError(
+            f"model.vocab_size={model_vocab} is smaller than the data tokenizer's vocabulary "
+            f"{bundle.vocab_size} ({bundle.tokenizer.get('name')}); raise it or set it to null"
+        )
     for name, view in bundle.views():
         top = view.stream.max_token()
         if top >= bundle.vocab_size:
-            raise ConfigError(f"data: {name} ({view.stream.prefix}) holds token id {top}, beyond the "
-                              f"{bundle.vocab_size} ids of its tokenizer {bundle.tokenizer.get('name')} "
-                              f"(model.vocab_size={model_vocab}): it was tokenized with another vocabulary; "
-                              "re-ingest it, or declare the tokenizer it was made with (data.tokenizer)")
+            raise ConfigError(
+                f"data: {name} ({view.stream.prefix}) holds token id {top}, beyond the "
+                f"{bundle.vocab_size} ids of its tokenizer {bundle.tokenizer.get('name')} "
+                f"(model.vocab_size={model_vocab}): it was tokenized with another vocabulary; "
+                "re-ingest it, or declare the tokenizer it was made with (data.tokenizer)"
+            )
 
 
 _EDGE = 256 << 10

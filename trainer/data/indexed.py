@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import struct
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -83,7 +83,9 @@ class IndexedTokens:
     def __post_init__(self):
         self.prefix = str(self.prefix)
         if not exists(self.prefix):
-            raise FileNotFoundError(f"no Megatron shard at prefix {self.prefix!r} (expected {self.prefix}.bin and .idx)")
+            raise FileNotFoundError(
+                f"no Megatron shard at prefix {self.prefix!r} (expected {self.prefix}.bin and .idx)"
+            )
         with open(self.prefix + ".idx", "rb") as f:
             header = f.read(len(_HEADER))
             if header != _HEADER:
@@ -103,13 +105,17 @@ class IndexedTokens:
         self.num_tokens = bin_bytes // self.dtype.itemsize
         described = int(self.sequence_lengths.sum(dtype=np.int64))
         if described != self.num_tokens:
-            raise ShardFormatError(f"{self.prefix}.bin holds {self.num_tokens:,} tokens but its .idx describes "
-                                   f"{described:,}: the pair is damaged or mismatched (truncated, or one file "
-                                   "replaced); rebuild or re-ingest it")
+            raise ShardFormatError(
+                f"{self.prefix}.bin holds {self.num_tokens:,} tokens but its .idx describes "
+                f"{described:,}: the pair is damaged or mismatched (truncated, or one file "
+                "replaced); rebuild or re-ingest it"
+            )
         if self.max_tokens is not None:
             if int(self.max_tokens) > self.num_tokens:
-                raise ShardFormatError(f"{self.prefix}.bin holds {self.num_tokens:,} tokens, fewer than the "
-                                       f"{int(self.max_tokens):,} its manifest records: truncated; rebuild it")
+                raise ShardFormatError(
+                    f"{self.prefix}.bin holds {self.num_tokens:,} tokens, fewer than the "
+                    f"{int(self.max_tokens):,} its manifest records: truncated; rebuild it"
+                )
             self.num_tokens = int(self.max_tokens)
 
     @cached_property

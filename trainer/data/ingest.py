@@ -42,10 +42,10 @@ import secrets
 import shutil
 import tempfile
 from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -54,8 +54,15 @@ from trainer.data.indexed import IndexedTokens, ShardFormatError, exists, write_
 from trainer.data.shardset import MANIFEST, write_manifest
 from trainer.data.tokenizer import TOKENIZERS, Tokenizer, get_tokenizer
 
-SUFFIXES = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl", ".json.gz": "jsonl",
-            ".parquet": "parquet", ".txt": "txt", ".txt.gz": "txt"}
+SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".jsonl.gz": "jsonl",
+    ".json": "jsonl",
+    ".json.gz": "jsonl",
+    ".parquet": "parquet",
+    ".txt": "txt",
+    ".txt.gz": "txt",
+}
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 BATCH = 1024  # texts per tokenizer call and rows per Parquet/datasets batch
@@ -90,8 +97,10 @@ class Source:
 def _check_name(name: str, what: str, origin: str = "") -> str:
     """Names become folder names in the shard set, so only a safe character set is accepted."""
     if not SAFE_NAME.fullmatch(name):
-        raise IngestError(f"{what} {name!r}{origin} is not a safe folder name: use letters, digits, '_', '.', '-' "
-                          "and start with a letter, digit or '_'")
+        raise IngestError(
+            f"{what} {name!r}{origin} is not a safe folder name: use letters, digits, '_', '.', '-' "
+            "and start with a letter, digit or '_'"
+        )
     return name
 
 
@@ -111,14 +120,19 @@ def _format_of(path: Path) -> str:
     for suffix, fmt in SUFFIXES.items():
         if name.endswith(suffix):
             return fmt
-    raise IngestError(f"unknown file type for {path}: supported are {', '.join(SUFFIXES)} files and "
-                      "folders saved by datasets' save_to_disk")
+    raise IngestError(
+        f"unknown file type for {path}: supported are {', '.join(SUFFIXES)} files and "
+        "folders saved by datasets' save_to_disk"
+    )
 
 
 def _files(folder: Path) -> list[Path]:
     """Every non-hidden file under folder, sorted, so the document order (and the .bin) is reproducible."""
-    files = sorted(p for p in folder.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     if not files:
         raise IngestError(f"folder {folder} holds no input files")
     return files
@@ -206,19 +220,24 @@ def _jsonl_rows(source: Source, keys: Keys) -> Iterator[tuple[str, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise IngestError(f"{source.path} line {n} is not valid JSON ({e.msg}); .json/.jsonl inputs "
-                                  "are read as JSON lines, one object per line") from None
+                raise IngestError(
+                    f"{source.path} line {n} is not valid JSON ({e.msg}); .json/.jsonl inputs "
+                    "are read as JSON lines, one object per line"
+                ) from None
             if not isinstance(row, dict):
-                raise IngestError(f"{source.path} line {n} is a JSON {type(row).__name__}, expected an object "
-                                  f"with a {keys.text!r} field")
+                raise IngestError(
+                    f"{source.path} line {n} is a JSON {type(row).__name__}, expected an object "
+                    f"with a {keys.text!r} field"
+                )
             yield f"line {n}", row
 
 
 def _require_columns(source: Source, present: list[str], wanted: list[str]) -> None:
     for kind, key in zip(("text", "domain", "id"), wanted):
         if key is not None and key not in present:
-            raise IngestError(f"{source.path} has no {kind} field {key!r} (set by {KNOBS[kind]}); "
-                              f"its columns: {', '.join(present)}")
+            raise IngestError(
+                f"{source.path} has no {kind} field {key!r} (set by {KNOBS[kind]}); its columns: {', '.join(present)}"
+            )
 
 
 def _columns(source: Source, keys: Keys) -> list[str | None]:
@@ -266,7 +285,7 @@ def _hf_rows(source: Source, keys: Keys) -> Iterator[tuple[str, dict]]:
         _require_columns(source, ds.column_names, wanted)
         part = ds.select_columns([c for c in wanted if c is not None])
         for start in range(0, len(part), BATCH):
-            yield from _batch_rows(part[start:start + BATCH], f"{split} " if split else "", start)
+            yield from _batch_rows(part[start : start + BATCH], f"{split} " if split else "", start)
 
 
 def _txt_rows(source: Source, keys: Keys) -> Iterator[tuple[str, dict]]:
@@ -289,8 +308,10 @@ def _row_count(source: Source) -> int | None:
 
 def _field(row: dict, key: str, kind: str, source: Source, where: str, types=(str,)):
     if key not in row:
-        raise IngestError(f"{source.path} {where} has no {kind} field {key!r} (set by {KNOBS[kind]}); "
-                          f"its fields: {', '.join(map(str, row))}")
+        raise IngestError(
+            f"{source.path} {where} has no {kind} field {key!r} (set by {KNOBS[kind]}); "
+            f"its fields: {', '.join(map(str, row))}"
+        )
     value = row[key]
     if not isinstance(value, types):
         got = "null" if value is None else type(value).__name__
@@ -305,8 +326,12 @@ def _documents(rows: Iterable[tuple[str, dict]], source: Source, keys: Keys) -> 
         text = _field(row, keys.text, "text", source, where)
         name = source.name
         if name is None:
-            name = _check_name(_field(row, keys.domain, "domain", source, where), "domain", f" (in {source.path} {where})")
-        doc_id = f"{source.label}:{where}" if keys.id is None else str(_field(row, keys.id, "id", source, where, (str, int)))
+            name = _check_name(
+                _field(row, keys.domain, "domain", source, where), "domain", f" (in {source.path} {where})"
+            )
+        doc_id = (
+            f"{source.label}:{where}" if keys.id is None else str(_field(row, keys.id, "id", source, where, (str, int)))
+        )
         yield name, doc_id, text
 
 
@@ -372,7 +397,10 @@ class Spill:
         for split, mask in (("train", ~valid), ("valid", valid)):
             if mask.any():
                 docs = (tokens[s:e] for s, e in zip(starts[mask], ends[mask]))
-                splits[split] = {"prefix": f"{rel}/{split}", **write_indexed(root / rel / split, docs, self.tokenizer.dtype)}
+                splits[split] = {
+                    "prefix": f"{rel}/{split}",
+                    **write_indexed(root / rel / split, docs, self.tokenizer.dtype),
+                }
         del tokens
         self.path.unlink()
         return splits
@@ -394,8 +422,14 @@ def _tokenize_source(source: Source, keys: Keys, tokenizer: Tokenizer, spills: d
 
     if source.name is not None:
         spill(source.name)  # registered even if the file turns out empty, so the error can name it
-    rows = tqdm(READERS[source.fmt](source, keys), total=_row_count(source), desc=source.label,
-                unit="doc", disable=quiet, leave=False)
+    rows = tqdm(
+        READERS[source.fmt](source, keys),
+        total=_row_count(source),
+        desc=source.label,
+        unit="doc",
+        disable=quiet,
+        leave=False,
+    )
     docs = _documents(rows, source, keys)
     try:
         while batch := list(islice(docs, BATCH)):
@@ -420,7 +454,7 @@ class MegatronDomain:
     valid: Path | None
 
     @classmethod
-    def open(cls, name: str, spec: str | os.PathLike, tokenizer: Tokenizer) -> "MegatronDomain":
+    def open(cls, name: str, spec: str | os.PathLike, tokenizer: Tokenizer) -> MegatronDomain:
         _check_name(name, "megatron domain")
         train, _, valid = str(spec).partition(":")
         train_p = _check_prefix(name, train, tokenizer)
@@ -432,8 +466,11 @@ class MegatronDomain:
         return IndexedTokens(self.train).dtype
 
     def entry(self, root: Path, valid_fraction: float) -> dict:
-        entry = {"format_in": ["megatron"], "dtype": self.dtype.name,
-                 "sources": [str(p) for p in (self.train, self.valid) if p is not None]}
+        entry = {
+            "format_in": ["megatron"],
+            "dtype": self.dtype.name,
+            "sources": [str(p) for p in (self.train, self.valid) if p is not None],
+        }
         if self.valid is not None:
             entry["splits"] = {"train": _whole_split(self.train), "valid": _whole_split(self.valid)}
         else:
@@ -452,8 +489,10 @@ def _check_prefix(name: str, prefix: str, tokenizer: Tokenizer) -> Path:
     except (ShardFormatError, OSError) as e:
         raise IngestError(f"megatron domain {name!r}: {e}") from None
     if reader.dtype.kind not in "iu" or np.iinfo(reader.dtype).max < tokenizer.vocab_size - 1:
-        raise IngestError(f"megatron domain {name!r}: {path} stores {reader.dtype.name}, which cannot hold token ids "
-                          f"of tokenizer {tokenizer.name!r} (vocabulary {tokenizer.vocab_size})")
+        raise IngestError(
+            f"megatron domain {name!r}: {path} stores {reader.dtype.name}, which cannot hold token ids "
+            f"of tokenizer {tokenizer.name!r} (vocabulary {tokenizer.vocab_size})"
+        )
     if reader.num_tokens == 0:
         raise IngestError(f"domain {name!r} is empty: megatron prefix {path} holds 0 tokens")
     return path
@@ -490,7 +529,7 @@ def _carve_valid(name: str, prefix: Path, root: Path, valid_fraction: float) -> 
     splits = {"train": _in_place(prefix, n_train, int(starts[n_train]))}
     if n_valid:
         tokens = IndexedTokens(prefix).tokens
-        docs = (tokens[starts[k]:starts[k + 1]] for k in range(n_train, n_docs))
+        docs = (tokens[starts[k] : starts[k + 1]] for k in range(n_train, n_docs))
         splits["valid"] = {"prefix": f"{name}/valid", **write_indexed(root / name / "valid", docs, tokens.dtype)}
     return splits
 
@@ -504,12 +543,15 @@ def _fingerprint(path: Path) -> list:
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def _recipe_hash(sources: list[Source], megatron: list[MegatronDomain], keys: Keys, valid_fraction: float,
-                 tokenizer: Tokenizer) -> str:
+def _recipe_hash(
+    sources: list[Source], megatron: list[MegatronDomain], keys: Keys, valid_fraction: float, tokenizer: Tokenizer
+) -> str:
     recipe = {
         "inputs": [{"group": s.group, "name": s.name, "files": _fingerprint(s.path)} for s in sources],
-        "megatron": {m.name: [_fingerprint(Path(f"{p}.{ext}")) for p in (m.train, m.valid) if p for ext in ("bin", "idx")]
-                     for m in megatron},
+        "megatron": {
+            m.name: [_fingerprint(Path(f"{p}.{ext}")) for p in (m.train, m.valid) if p for ext in ("bin", "idx")]
+            for m in megatron
+        },
         "keys": {"text": keys.text, "domain": keys.domain, "id": keys.id},
         "valid_fraction": valid_fraction,
         "tokenizer": tokenizer.identity(),
@@ -525,8 +567,10 @@ def _check_out_dir(out_dir: Path, overwrite: bool, megatron: list[MegatronDomain
     for m in megatron:
         for p in (m.train, m.valid):
             if p is not None and out_dir in p.parents:
-                raise IngestError(f"megatron domain {m.name!r}: prefix {p} lies inside out_dir {out_dir}, "
-                                  "which the new set replaces; write the new set elsewhere")
+                raise IngestError(
+                    f"megatron domain {m.name!r}: prefix {p} lies inside out_dir {out_dir}, "
+                    "which the new set replaces; write the new set elsewhere"
+                )
 
 
 def _write_spills(spills: dict, root: Path, valid_fraction: float) -> dict:
@@ -535,17 +579,30 @@ def _write_spills(spills: dict, root: Path, valid_fraction: float) -> dict:
     for (group, name), spill in sorted(spills.items()):
         what = "domain" if group == "domains" else "target"
         if not spill.lengths:
-            raise IngestError(f"{what} {name!r} is empty: 0 documents with text ({spill.empty} empty texts) "
-                              f"in {', '.join(spill.sources)}")
+            raise IngestError(
+                f"{what} {name!r} is empty: 0 documents with text ({spill.empty} empty texts) "
+                f"in {', '.join(spill.sources)}"
+            )
         rel = name if group == "domains" else f"targets/{name}"
-        out[group][name] = {"splits": spill.write(root, rel, valid_fraction), "sources": list(spill.sources),
-                            "format_in": sorted(spill.formats), "dtype": spill.tokenizer.dtype.name,
-                            "empty_texts_skipped": spill.empty}
+        out[group][name] = {
+            "splits": spill.write(root, rel, valid_fraction),
+            "sources": list(spill.sources),
+            "format_in": sorted(spill.formats),
+            "dtype": spill.tokenizer.dtype.name,
+            "empty_texts_skipped": spill.empty,
+        }
     return out
 
 
-def _build(root: Path, sources: list[Source], megatron: list[MegatronDomain], keys: Keys,
-           valid_fraction: float, tokenizer: Tokenizer, quiet: bool) -> dict:
+def _build(
+    root: Path,
+    sources: list[Source],
+    megatron: list[MegatronDomain],
+    keys: Keys,
+    valid_fraction: float,
+    tokenizer: Tokenizer,
+    quiet: bool,
+) -> dict:
     spill_dir = root / ".spill"
     spill_dir.mkdir()
     spills: dict[tuple[str, str], Spill] = {}
@@ -581,18 +638,32 @@ def _table(meta: dict) -> str:
     for group, prefix in (("domains", ""), ("targets", "targets/")):
         for name, entry in sorted(meta[group].items()):
             splits = entry["splits"]
-            counts = (sum(s["documents"] for s in splits.values()),
-                      splits.get("train", {}).get("tokens", 0), splits.get("valid", {}).get("tokens", 0))
+            counts = (
+                sum(s["documents"] for s in splits.values()),
+                splits.get("train", {}).get("tokens", 0),
+                splits.get("valid", {}).get("tokens", 0),
+            )
             rows.append((prefix + name, *(f"{n:,}" for n in counts)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [" | ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]) for row in rows]
     return "\n".join(lines)
 
 
-def ingest(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, *, tokenizer: str = "gpt2",
-           text_key: str = "text", domain_key: str = "domain", valid_fraction: float = 0.02,
-           id_key: str | None = None, megatron: dict | None = None, targets: dict | None = None,
-           per_domain_dirs: bool = False, overwrite: bool = False, quiet: bool = False) -> Path:
+def ingest(
+    inputs: Iterable[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: str = "gpt2",
+    text_key: str = "text",
+    domain_key: str = "domain",
+    valid_fraction: float = 0.02,
+    id_key: str | None = None,
+    megatron: dict | None = None,
+    targets: dict | None = None,
+    per_domain_dirs: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> Path:
     """Build a shard set in ``out_dir`` from ``inputs`` (paths or ``NAME=PATH``), ``megatron``
     ({name: "PREFIX[:VALID_PREFIX]"}) and ``targets`` ({name: path}); returns ``out_dir``.
 
@@ -604,8 +675,11 @@ def ingest(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, *, t
     tok = get_tokenizer(tokenizer)
     keys = Keys(text_key, domain_key, id_key)
     sources = [s for spec in inputs for s in _expand_input(spec, per_domain_dirs)]
-    sources += [s for name, path in (targets or {}).items()
-                for s in _sources(_existing(path), "targets", _check_name(name, "target"))]
+    sources += [
+        s
+        for name, path in (targets or {}).items()
+        for s in _sources(_existing(path), "targets", _check_name(name, "target"))
+    ]
     domains = [MegatronDomain.open(name, spec, tok) for name, spec in (megatron or {}).items()]
     if not any(s.group == "domains" for s in sources) and not domains:
         raise IngestError("nothing to ingest: give input paths, NAME=PATH inputs or megatron prefixes")
@@ -616,12 +690,21 @@ def ingest(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, *, t
     tmp.mkdir()  # not mkdtemp: its 0700 mode would stick to the published set
     try:
         meta = _build(tmp, sources, domains, keys, valid_fraction, tok, quiet)
-        write_manifest(tmp, {
-            **meta, "tokenizer": tok.identity(), "missing": {},
-            "recipe_hash": _recipe_hash(sources, domains, keys, valid_fraction, tok),
-            "ingest": {"text_key": text_key, "domain_key": domain_key, "id_key": id_key,
-                       "valid_fraction": valid_fraction},
-        })
+        write_manifest(
+            tmp,
+            {
+                **meta,
+                "tokenizer": tok.identity(),
+                "missing": {},
+                "recipe_hash": _recipe_hash(sources, domains, keys, valid_fraction, tok),
+                "ingest": {
+                    "text_key": text_key,
+                    "domain_key": domain_key,
+                    "id_key": id_key,
+                    "valid_fraction": valid_fraction,
+                },
+            },
+        )
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -653,31 +736,62 @@ def _pairs(pairs: list[tuple[str, str]] | None, flag: str) -> dict:
 def _run(args: argparse.Namespace) -> Path:
     """CLI entry: user errors end the command with their message instead of a traceback."""
     try:
-        return ingest(args.inputs, args.out, tokenizer=args.tokenizer, text_key=args.text_key,
-                      domain_key=args.domain_key, valid_fraction=args.valid_fraction, id_key=args.id_key,
-                      megatron=_pairs(args.megatron, "--megatron"), targets=_pairs(args.target, "--target"),
-                      per_domain_dirs=args.per_domain_dirs, overwrite=args.overwrite, quiet=args.quiet)
+        return ingest(
+            args.inputs,
+            args.out,
+            tokenizer=args.tokenizer,
+            text_key=args.text_key,
+            domain_key=args.domain_key,
+            valid_fraction=args.valid_fraction,
+            id_key=args.id_key,
+            megatron=_pairs(args.megatron, "--megatron"),
+            targets=_pairs(args.target, "--target"),
+            per_domain_dirs=args.per_domain_dirs,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+        )
     except IngestError as e:
         raise SystemExit(f"mixtrain data ingest: error: {e}") from None
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``ingest`` on an argparse subparsers object (wired as ``mixtrain data ingest``)."""
-    p = subparsers.add_parser("ingest", help="tokenize JSONL/Parquet/text/datasets/Megatron data into a shard set",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help="file or folder with a domain field, or NAME=PATH for a file/folder of one domain")
+    p = subparsers.add_parser(
+        "ingest",
+        help="tokenize JSONL/Parquet/text/datasets/Megatron data into a shard set",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="file or folder with a domain field, or NAME=PATH for a file/folder of one domain",
+    )
     p.add_argument("--out", required=True, help="shard-set folder to create")
     p.add_argument("--tokenizer", default="gpt2", choices=TOKENIZERS)
     p.add_argument("--text-key", default="text", help="field holding the document text (default: text)")
     p.add_argument("--domain-key", default="domain", help="field holding the domain name (default: domain)")
-    p.add_argument("--id-key", default=None, help="field with a stable document id for the train/valid split "
-                   "(default: file path + line/row number)")
+    p.add_argument(
+        "--id-key",
+        default=None,
+        help="field with a stable document id for the train/valid split (default: file path + line/row number)",
+    )
     p.add_argument("--valid-fraction", type=float, default=0.02, help="share of each domain's documents held out")
-    p.add_argument("--megatron", action="append", type=_name_value, metavar="NAME=PREFIX[:VALID_PREFIX]",
-                   help="existing .bin/.idx prefix used in place as domain NAME (repeatable)")
-    p.add_argument("--target", action="append", type=_name_value, metavar="NAME=PATH",
-                   help="target data (few-shot pool / held-out eval) written to targets/NAME (repeatable)")
+    p.add_argument(
+        "--megatron",
+        action="append",
+        type=_name_value,
+        metavar="NAME=PREFIX[:VALID_PREFIX]",
+        help="existing .bin/.idx prefix used in place as domain NAME (repeatable)",
+    )
+    p.add_argument(
+        "--target",
+        action="append",
+        type=_name_value,
+        metavar="NAME=PATH",
+        help="target data (few-shot pool / held-out eval) written to targets/NAME (repeatable)",
+    )
     p.add_argument("--per-domain-dirs", action="store_true", help="folder inputs: each sub-folder is one domain")
     p.add_argument("--overwrite", action="store_true", help=f"replace an existing non-empty --out (and its {MANIFEST})")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no summary table")

@@ -140,14 +140,21 @@ def train_bpe(texts: list[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     # EOD is added after training so that it takes the last id, as in GPT-2.
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, min_frequency=BPE_MIN_FREQUENCY, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1,
+        min_frequency=BPE_MIN_FREQUENCY,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
     tok.train_from_iterator(texts, trainer, length=len(texts))
     tok.add_special_tokens([EOD_TOKEN])
     got = tok.get_vocab_size(with_added_tokens=True)
     if got != vocab_size:
-        raise ValueError(f"the training text yields only {got} BPE tokens (merges seen at least {BPE_MIN_FREQUENCY} "
-                         f"times), fewer than vocab_size={vocab_size}: lower vocab_size")
+        raise ValueError(
+            f"the training text yields only {got} BPE tokens (merges seen at least {BPE_MIN_FREQUENCY} "
+            f"times), fewer than vocab_size={vocab_size}: lower vocab_size"
+        )
     return tok
 
 
@@ -207,8 +214,9 @@ def unigram_counts(docs: list[np.ndarray], vocab_size: int, eod: int) -> np.ndar
     return counts
 
 
-def noise_documents(counts: np.ndarray, n_tokens: int, doc_tokens: int, eod: int, dtype,
-                    rng: np.random.Generator) -> list[np.ndarray]:
+def noise_documents(
+    counts: np.ndarray, n_tokens: int, doc_tokens: int, eod: int, dtype, rng: np.random.Generator
+) -> list[np.ndarray]:
     """About ``n_tokens`` tokens drawn i.i.d. with probability proportional to ``counts``, in documents of
     ``doc_tokens`` tokens whose last is EOD. Sampling is by integer inverse CDF, so it is exact."""
     cdf = np.cumsum(counts)
@@ -222,18 +230,36 @@ def noise_documents(counts: np.ndarray, n_tokens: int, doc_tokens: int, eod: int
 # --- recipe and build ------------------------------------------------------------------------------
 
 
-def make_recipe(ss: shardset.ShardSet, manifest_bytes: bytes, *, vocab_size: int, noise_domains: int,
-                noise_tokens: int, noise_doc_tokens: int, duplicate: str | None, max_tokens_per_domain: int | None,
-                target_valid_fraction: float | None, seed: int) -> dict:
+def make_recipe(
+    ss: shardset.ShardSet,
+    manifest_bytes: bytes,
+    *,
+    vocab_size: int,
+    noise_domains: int,
+    noise_tokens: int,
+    noise_doc_tokens: int,
+    duplicate: str | None,
+    max_tokens_per_domain: int | None,
+    target_valid_fraction: float | None,
+    seed: int,
+) -> dict:
     """Everything that decides the bytes of the planted set."""
     import tokenizers
 
     return {
         "version": VERSION,
-        "source": {"recipe_hash": ss.recipe_hash, "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
-                   "shard_sizes": _shard_sizes(ss)},
-        "bpe": {"vocab_size": vocab_size, "min_frequency": BPE_MIN_FREQUENCY, "eod_token": EOD_TOKEN,
-                "pre_tokenizer": "byte-level, GPT-2 regex", "tokenizers": tokenizers.__version__},
+        "source": {
+            "recipe_hash": ss.recipe_hash,
+            "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+            "shard_sizes": _shard_sizes(ss),
+        },
+        "bpe": {
+            "vocab_size": vocab_size,
+            "min_frequency": BPE_MIN_FREQUENCY,
+            "eod_token": EOD_TOKEN,
+            "pre_tokenizer": "byte-level, GPT-2 regex",
+            "tokenizers": tokenizers.__version__,
+        },
         "max_train_tokens_per_domain": max_tokens_per_domain,
         "duplicate": duplicate,
         "noise_domains": noise_domains,
@@ -284,14 +310,20 @@ def _build_into(root: Path, ss: shardset.ShardSet, src_meta: dict, recipe: dict,
             texts[name][s], n = decode_split(sp, src_tok)
             if s == "train":
                 src_tokens[name] = n
-    targets_text = {t: {s: decode_split(sp, src_tok)[0] for s, sp in splits.items()}
-                    for t, splits in ss.targets.items()}
+    targets_text = {
+        t: {s: decode_split(sp, src_tok)[0] for s, sp in splits.items()} for t, splits in ss.targets.items()
+    }
     if recipe["target_valid_fraction"] is not None:
-        targets_text = {t: resplit_examples(splits, recipe["target_valid_fraction"], salt=f"planted/{seed}/targets/{t}")
-                        for t, splits in targets_text.items()}
+        targets_text = {
+            t: resplit_examples(splits, recipe["target_valid_fraction"], salt=f"planted/{seed}/targets/{t}")
+            for t, splits in targets_text.items()
+        }
     train_texts = [t for name in real for t in texts[name].get("train", [])]
-    _log(quiet, f"[decode] {len(train_texts):,} training documents, {_text_bytes(train_texts) / 1e6:.1f} MB "
-                f"of text ({src_tok.name}) in {time.perf_counter() - t0:.1f}s")
+    _log(
+        quiet,
+        f"[decode] {len(train_texts):,} training documents, {_text_bytes(train_texts) / 1e6:.1f} MB "
+        f"of text ({src_tok.name}) in {time.perf_counter() - t0:.1f}s",
+    )
 
     t0 = time.perf_counter()
     hf = train_bpe(train_texts, vocab_size)
@@ -312,41 +344,64 @@ def _build_into(root: Path, ss: shardset.ShardSet, src_meta: dict, recipe: dict,
             mask = duplicate_mask(train_texts_kept, [int(d.size) for d in train], salt=f"planted/{seed}/{dup}")
             copy = [d for d, m in zip(train, mask) if m]
             copy_bytes = _text_bytes([t for t, m in zip(train_texts_kept, mask) if m])
-            domains[dup_name] = {"kind": "duplicate", "duplicate_of": dup, "train_bytes": copy_bytes,
-                                 "bytes_per_token": _per_token(copy_bytes, copy),
-                                 "splits": {"train": _write(root, f"{dup_name}/train", copy, tok)}}
+            domains[dup_name] = {
+                "kind": "duplicate",
+                "duplicate_of": dup,
+                "train_bytes": copy_bytes,
+                "bytes_per_token": _per_token(copy_bytes, copy),
+                "splits": {"train": _write(root, f"{dup_name}/train", copy, tok)},
+            }
             train = [d for d, m in zip(train, mask) if not m]
             train_texts_kept = [t for t, m in zip(train_texts_kept, mask) if not m]
         n_bytes = _text_bytes(train_texts_kept)
         splits = {"train": _write(root, f"{name}/train", train, tok)}
         if "valid" in texts[name]:
             splits["valid"] = _write(root, f"{name}/valid", encode_capped(texts[name]["valid"], tok, None), tok)
-        domains[name] = {"kind": "real", "train_bytes": n_bytes, "bytes_per_token": _per_token(n_bytes, train),
-                         "available": {"documents": len(source_train), "source_tokens": src_tokens.get(name, 0),
-                                       "bytes": _text_bytes(source_train)},
-                         "splits": splits}
-        _log(quiet, f"[tokenize] {name}: {sum(int(d.size) for d in kept_train[name]):,} train tokens in "
-                    f"{len(kept_train[name]):,} of {len(source_train):,} documents, "
-                    f"{_per_token(_text_bytes(source_train[: len(kept_train[name])]), kept_train[name]):.2f} "
-                    f"bytes/token, {time.perf_counter() - t0:.1f}s")
+        domains[name] = {
+            "kind": "real",
+            "train_bytes": n_bytes,
+            "bytes_per_token": _per_token(n_bytes, train),
+            "available": {
+                "documents": len(source_train),
+                "source_tokens": src_tokens.get(name, 0),
+                "bytes": _text_bytes(source_train),
+            },
+            "splits": splits,
+        }
+        _log(
+            quiet,
+            f"[tokenize] {name}: {sum(int(d.size) for d in kept_train[name]):,} train tokens in "
+            f"{len(kept_train[name]):,} of {len(source_train):,} documents, "
+            f"{_per_token(_text_bytes(source_train[: len(kept_train[name])]), kept_train[name]):.2f} "
+            f"bytes/token, {time.perf_counter() - t0:.1f}s",
+        )
 
     all_train = [d for name in real for d in kept_train[name]]
     counts = unigram_counts(all_train, tok.vocab_size, tok.eod)
     for k, name in enumerate(noise, start=1):
         rng = np.random.default_rng([seed, k])
         docs = noise_documents(counts, recipe["noise_tokens"], recipe["noise_doc_tokens"], tok.eod, tok.dtype, rng)
-        domains[name] = {"kind": "noise", "seed": [seed, k],
-                         "splits": {"train": _write(root, f"{name}/train", docs, tok)}}
+        domains[name] = {
+            "kind": "noise",
+            "seed": [seed, k],
+            "splits": {"train": _write(root, f"{name}/train", docs, tok)},
+        }
     if noise:
-        _log(quiet, f"[noise] {len(noise)} domains of {domains[noise[0]]['splits']['train']['tokens']:,} tokens "
-                    f"from the unigram distribution of {int(counts.sum()):,} tokens over "
-                    f"{int(np.count_nonzero(counts))} ids")
+        _log(
+            quiet,
+            f"[noise] {len(noise)} domains of {domains[noise[0]]['splits']['train']['tokens']:,} tokens "
+            f"from the unigram distribution of {int(counts.sum()):,} tokens over "
+            f"{int(np.count_nonzero(counts))} ids",
+        )
 
     targets = {}
     for t, splits in targets_text.items():
-        targets[t] = {"bytes": sum(_text_bytes(v) for v in splits.values()),
-                      "splits": {s: _write(root, f"targets/{t}/{s}", encode_capped(v, tok, None), tok)
-                                 for s, v in splits.items()}}
+        targets[t] = {
+            "bytes": sum(_text_bytes(v) for v in splits.values()),
+            "splits": {
+                s: _write(root, f"targets/{t}/{s}", encode_capped(v, tok, None), tok) for s, v in splits.items()
+            },
+        }
     _log(quiet, f"[targets] {len(targets)} target sets re-tokenized")
 
     order = [*real, *([dup_name] if dup else []), *noise]
@@ -356,25 +411,37 @@ def _build_into(root: Path, ss: shardset.ShardSet, src_meta: dict, recipe: dict,
         "tokenizer": tok.identity(),
         "recipe_hash": recipe_hash(recipe),
         "recipe": recipe,
-        "description": _DESCRIPTION.format(dup=dup_name, orig=dup, noise=", ".join(noise) or "no noise domains",
-                                           doc=recipe["noise_doc_tokens"]),
+        "description": _DESCRIPTION.format(
+            dup=dup_name, orig=dup, noise=", ".join(noise) or "no noise domains", doc=recipe["noise_doc_tokens"]
+        ),
         "domain_order": order,
         "planted": {"real": real, "duplicate": {"domain": dup, "copy": dup_name} if dup else None, "noise": noise},
-        "bpe": {"bytes_per_token": _per_token(kept_bytes, all_train),
-                "source_tokenizer": src_tok.identity(),
-                "source_bytes_per_token": round(src_bytes / src_token_total, 4) if src_token_total else 0.0},
+        "bpe": {
+            "bytes_per_token": _per_token(kept_bytes, all_train),
+            "source_tokenizer": src_tok.identity(),
+            "source_bytes_per_token": round(src_bytes / src_token_total, 4) if src_token_total else 0.0,
+        },
         "domains": domains,
         "targets": targets,
         "missing": dict(ss.missing),
     }
 
 
-def build_planted(source: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, *,
-                  vocab_size: int = DEFAULT_VOCAB, noise_domains: int = 2, noise_tokens: int = 1_000_000,
-                  noise_doc_tokens: int = NOISE_DOC_TOKENS, duplicate: str | None = "code",
-                  max_tokens_per_domain: int | None = DEFAULT_MAX_TOKENS,
-                  target_valid_fraction: float | None = DEFAULT_TARGET_VALID, seed: int = 0,
-                  quiet: bool = False, force: bool = False) -> Path:
+def build_planted(
+    source: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    vocab_size: int = DEFAULT_VOCAB,
+    noise_domains: int = 2,
+    noise_tokens: int = 1_000_000,
+    noise_doc_tokens: int = NOISE_DOC_TOKENS,
+    duplicate: str | None = "code",
+    max_tokens_per_domain: int | None = DEFAULT_MAX_TOKENS,
+    target_valid_fraction: float | None = DEFAULT_TARGET_VALID,
+    seed: int = 0,
+    quiet: bool = False,
+    force: bool = False,
+) -> Path:
     """Build (or find) the planted shard set and return its folder ``<cache>/planted/<recipe-hash[:12]>``.
 
     - ``source``: folder of the shard set to re-tokenize (any tokenizer :func:`source_tokenizer` can
@@ -397,8 +464,10 @@ def build_planted(source: str | os.PathLike | None = None, cache_dir: str | os.P
     - ``force``: rebuild even if the folder is complete.
     """
     if noise_domains < 0 or noise_tokens <= 0 or noise_doc_tokens < 2:
-        raise ValueError(f"noise_domains={noise_domains} must be >= 0, noise_tokens={noise_tokens} > 0 and "
-                         f"noise_doc_tokens={noise_doc_tokens} >= 2")
+        raise ValueError(
+            f"noise_domains={noise_domains} must be >= 0, noise_tokens={noise_tokens} > 0 and "
+            f"noise_doc_tokens={noise_doc_tokens} >= 2"
+        )
     if target_valid_fraction is not None and not 0 < target_valid_fraction < 1:
         raise ValueError(f"target_valid_fraction={target_valid_fraction} must be in (0, 1) or None")
     if max_tokens_per_domain is not None and max_tokens_per_domain <= 0:
@@ -409,10 +478,18 @@ def build_planted(source: str | os.PathLike | None = None, cache_dir: str | os.P
     source = Path(source) if source is not None else build_demo(cache, quiet=quiet)
     ss = shardset.ShardSet.load(source)
     manifest_bytes = (Path(source) / shardset.MANIFEST).read_bytes()
-    recipe = make_recipe(ss, manifest_bytes, vocab_size=vocab_size, noise_domains=noise_domains,
-                         noise_tokens=noise_tokens, noise_doc_tokens=noise_doc_tokens, duplicate=duplicate,
-                         max_tokens_per_domain=max_tokens_per_domain, target_valid_fraction=target_valid_fraction,
-                         seed=seed)
+    recipe = make_recipe(
+        ss,
+        manifest_bytes,
+        vocab_size=vocab_size,
+        noise_domains=noise_domains,
+        noise_tokens=noise_tokens,
+        noise_doc_tokens=noise_doc_tokens,
+        duplicate=duplicate,
+        max_tokens_per_domain=max_tokens_per_domain,
+        target_valid_fraction=target_valid_fraction,
+        seed=seed,
+    )
     planted_dir = cache / "planted"
     out = planted_dir / recipe_hash(recipe)[:12]
     if (out / shardset.MANIFEST).is_file() and not force:
@@ -478,24 +555,36 @@ def format_table(meta: dict) -> str:
     rows.append(f"{'target':<14} {'train ex.':>9} {'valid ex.':>9} {'train tokens':>13} {'valid tokens':>13}")
     for name, t in meta.get("targets", {}).items():
         tr, va = t["splits"].get("train", {}), t["splits"].get("valid", {})
-        rows.append(f"{name:<14} {tr.get('documents', 0):>9,} {va.get('documents', 0):>9,} "
-                    f"{tr.get('tokens', 0):>13,} {va.get('tokens', 0):>13,}")
+        rows.append(
+            f"{name:<14} {tr.get('documents', 0):>9,} {va.get('documents', 0):>9,} "
+            f"{tr.get('tokens', 0):>13,} {va.get('tokens', 0):>13,}"
+        )
     bpe = meta.get("bpe", {})
     if bpe:
         src = bpe.get("source_tokenizer", {}).get("name", "source")
         rows.append("")
-        rows.append(f"tokenizer {meta['tokenizer']['name']}: {bpe['bytes_per_token']:.2f} bytes/token on the kept "
-                    f"real training text ({src}: {bpe['source_bytes_per_token']:.2f} on all of it)")
+        rows.append(
+            f"tokenizer {meta['tokenizer']['name']}: {bpe['bytes_per_token']:.2f} bytes/token on the kept "
+            f"real training text ({src}: {bpe['source_bytes_per_token']:.2f} on all of it)"
+        )
     for name, reason in meta.get("missing", {}).items():
         rows.append(f"MISSING {name}: {reason}")
     return "\n".join(rows)
 
 
 def _run(args: argparse.Namespace) -> int:
-    path = build_planted(args.source, args.cache_dir, vocab_size=args.vocab, noise_domains=args.noise_domains,
-                         noise_tokens=args.noise_tokens, duplicate=args.duplicate or None,
-                         max_tokens_per_domain=args.max_tokens_per_domain or None,
-                         target_valid_fraction=args.target_valid or None, seed=args.seed, force=args.force)
+    path = build_planted(
+        args.source,
+        args.cache_dir,
+        vocab_size=args.vocab,
+        noise_domains=args.noise_domains,
+        noise_tokens=args.noise_tokens,
+        duplicate=args.duplicate or None,
+        max_tokens_per_domain=args.max_tokens_per_domain or None,
+        target_valid_fraction=args.target_valid or None,
+        seed=args.seed,
+        force=args.force,
+    )
     print(path)
     return 0
 
@@ -505,24 +594,46 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "planted",
         help="build the quality study's shard set: small BPE, a duplicate domain and noise domains",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--source", type=Path, default=None,
-                        help="shard set to re-tokenize (default: the demo corpus, built if missing)")
-    parser.add_argument("--cache", "--cache-dir", dest="cache_dir", type=Path, default=None,
-                        help="cache root (default: $MIXTRAIN_CACHE, else ./.cache/mixtrain)")
-    parser.add_argument("--vocab", type=int, default=DEFAULT_VOCAB,
-                        help=f"BPE vocabulary, EOD included (default: {DEFAULT_VOCAB})")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="shard set to re-tokenize (default: the demo corpus, built if missing)",
+    )
+    parser.add_argument(
+        "--cache",
+        "--cache-dir",
+        dest="cache_dir",
+        type=Path,
+        default=None,
+        help="cache root (default: $MIXTRAIN_CACHE, else ./.cache/mixtrain)",
+    )
+    parser.add_argument(
+        "--vocab", type=int, default=DEFAULT_VOCAB, help=f"BPE vocabulary, EOD included (default: {DEFAULT_VOCAB})"
+    )
     parser.add_argument("--noise-domains", type=int, default=2, help="noise domains (default: 2)")
-    parser.add_argument("--noise-tokens", type=int, default=1_000_000,
-                        help="tokens per noise domain (default: 1,000,000)")
-    parser.add_argument("--target-valid", type=float, default=DEFAULT_TARGET_VALID,
-                        help="share of each target set's examples in its valid split; 0 keeps the source's "
-                             f"splits (default: {DEFAULT_TARGET_VALID:.3f})")
-    parser.add_argument("--duplicate", default="code",
-                        help="domain halved into <name>_dup; empty for none (default: code)")
-    parser.add_argument("--max-tokens-per-domain", type=int, default=DEFAULT_MAX_TOKENS,
-                        help=f"cap on each real domain's train tokens; 0 = no cap (default: {DEFAULT_MAX_TOKENS:,})")
+    parser.add_argument(
+        "--noise-tokens", type=int, default=1_000_000, help="tokens per noise domain (default: 1,000,000)"
+    )
+    parser.add_argument(
+        "--target-valid",
+        type=float,
+        default=DEFAULT_TARGET_VALID,
+        help="share of each target set's examples in its valid split; 0 keeps the source's "
+        f"splits (default: {DEFAULT_TARGET_VALID:.3f})",
+    )
+    parser.add_argument(
+        "--duplicate", default="code", help="domain halved into <name>_dup; empty for none (default: code)"
+    )
+    parser.add_argument(
+        "--max-tokens-per-domain",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"cap on each real domain's train tokens; 0 = no cap (default: {DEFAULT_MAX_TOKENS:,})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="noise draws and duplicate split (default: 0)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the shard set exists")
     parser.set_defaults(func=_run)

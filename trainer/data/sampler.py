@@ -84,13 +84,18 @@ class SamplerState:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SamplerState":
+    def from_dict(cls, d: dict) -> SamplerState:
         consumed = None
         if d.get("consumed") is not None:
-            consumed = [np.unpackbits(np.frombuffer(bytes.fromhex(c["bits"]), dtype=np.uint8), count=int(c["n"])).astype(bool)
-                        for c in d["consumed"]]
-        return cls(shard_index=int(d["shard_index"]), cursors=[Cursor(int(e), int(p)) for e, p in d["cursors"]],
-                   consumed=consumed)
+            consumed = [
+                np.unpackbits(np.frombuffer(bytes.fromhex(c["bits"]), dtype=np.uint8), count=int(c["n"])).astype(bool)
+                for c in d["consumed"]
+            ]
+        return cls(
+            shard_index=int(d["shard_index"]),
+            cursors=[Cursor(int(e), int(p)) for e, p in d["cursors"]],
+            consumed=consumed,
+        )
 
 
 @dataclass
@@ -142,8 +147,16 @@ class DomainSampler:
     ``SampleOrder`` replacing the per-epoch permutation inside each domain. ``names``: the domains'
     names, for messages (default: their indices)."""
 
-    def __init__(self, sizes, shard_size: int, seed: int, exhaustion: str = "cycle", pools=None,
-                 order: SampleOrder | None = None, names: list[str] | None = None):
+    def __init__(
+        self,
+        sizes,
+        shard_size: int,
+        seed: int,
+        exhaustion: str = "cycle",
+        pools=None,
+        order: SampleOrder | None = None,
+        names: list[str] | None = None,
+    ):
         if exhaustion not in POLICIES:
             raise ValueError(f"data.exhaustion={exhaustion!r}; allowed: {', '.join(POLICIES)}")
         self.pools = None if pools is None else [np.asarray(p, dtype=np.int64) for p in pools]
@@ -178,12 +191,16 @@ class DomainSampler:
             over = np.flatnonzero(counts > remaining)
             if over.size:
                 k = int(over[0])
-                raise DataExhausted(f"domain {self.names[k]!r} has {int(remaining[k])} samples left in its first "
-                                    f"epoch but the next shard needs {int(counts[k])} (data.exhaustion=stop)")
+                raise DataExhausted(
+                    f"domain {self.names[k]!r} has {int(remaining[k])} samples left in its first "
+                    f"epoch but the next shard needs {int(counts[k])} (data.exhaustion=stop)"
+                )
             return counts
         # renormalize: cap exhausted domains, hand their share to the others by weight, repeat.
         if remaining.sum() < S:
-            raise DataExhausted(f"only {int(remaining.sum())} unseen samples remain for a shard of {S} (data.exhaustion=renormalize)")
+            raise DataExhausted(
+                f"only {int(remaining.sum())} unseen samples remain for a shard of {S} (data.exhaustion=renormalize)"
+            )
         w = np.where(remaining > 0, weights, 0.0)
         fixed = np.zeros(self.K, dtype=np.int64)
         free = remaining > 0
@@ -231,8 +248,14 @@ class DomainSampler:
         labels = labels[np.random.default_rng([self.seed, _ORDER_STREAM, state.shard_index]).permutation(labels.size)]
         indices = np.empty(labels.size, dtype=np.int64)
         indices[np.argsort(labels, kind="stable")] = np.concatenate(parts_idx)
-        return ShardPlan(shard_index=state.shard_index, weights=weights.copy(), counts=counts,
-                         domains=labels, indices=indices, next_state=SamplerState(state.shard_index + 1, cursors))
+        return ShardPlan(
+            shard_index=state.shard_index,
+            weights=weights.copy(),
+            counts=counts,
+            domains=labels,
+            indices=indices,
+            next_state=SamplerState(state.shard_index + 1, cursors),
+        )
 
     def _remaining(self, state: SamplerState) -> np.ndarray:
         first_epoch = np.array([c.epoch == 0 for c in state.cursors])
@@ -242,7 +265,9 @@ class DomainSampler:
     def _plan_ordered(self, weights: np.ndarray, state: SamplerState, score_fn) -> ShardPlan:
         """The same plan structure with the within-domain choice delegated to ``self.order``."""
         if state.consumed is None or len(state.consumed) != self.K:
-            raise ValueError("sampler state carries no consumed sets: it was saved without the curriculum (curriculum.name)")
+            raise ValueError(
+                "sampler state carries no consumed sets: it was saved without the curriculum (curriculum.name)"
+            )
         counts = self._counts(weights, self._remaining(state))
         parts_dom, parts_idx, parts_score, cursors, consumed, recorded = [], [], [], [], [], []
         for d, (cur, n) in enumerate(zip(state.cursors, counts)):
@@ -261,9 +286,17 @@ class DomainSampler:
         indices[where] = np.concatenate(parts_idx)
         scores = np.empty(labels.size, dtype=np.float64)
         scores[where] = np.concatenate(parts_score)
-        return ShardPlan(shard_index=state.shard_index, weights=weights.copy(), counts=counts, domains=labels, indices=indices,
-                         next_state=SamplerState(state.shard_index + 1, cursors, consumed), scores=scores,
-                         fraction=self.order.fraction(state.shard_index), recorded=recorded)
+        return ShardPlan(
+            shard_index=state.shard_index,
+            weights=weights.copy(),
+            counts=counts,
+            domains=labels,
+            indices=indices,
+            next_state=SamplerState(state.shard_index + 1, cursors, consumed),
+            scores=scores,
+            fraction=self.order.fraction(state.shard_index),
+            recorded=recorded,
+        )
 
     def advance(self, plan: ShardPlan) -> None:
         """Commit a plan: the cursors move past its samples."""

@@ -17,8 +17,9 @@ Layout (prefixes are relative to the folder)::
      "missing": {name: "why it could not be built"},
      "domain_order": [name, ...]}               # optional: the domains' order (the keys above are sorted)
 
-Absolute prefixes are allowed (existing Megatron data used in place). The demo builder (``trainer.data.demo``) and ``mixtrain data ingest`` both write this; the trainer
-reads it, or takes bare Megatron prefixes named in the config.
+Absolute prefixes are allowed (existing Megatron data used in place). The demo builder
+(``trainer.data.demo``) and ``mixtrain data ingest`` both write this; the trainer reads it, or
+takes bare Megatron prefixes named in the config.
 """
 
 from __future__ import annotations
@@ -50,27 +51,40 @@ class ShardSet:
     recipe_hash: str = ""
 
     @classmethod
-    def load(cls, root: str | os.PathLike) -> "ShardSet":
+    def load(cls, root: str | os.PathLike) -> ShardSet:
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():
-            raise FileNotFoundError(f"data.path={str(root)!r} holds no {MANIFEST}: build it with `mixtrain data demo` or `mixtrain data ingest`")
+            raise FileNotFoundError(
+                f"data.path={str(root)!r} holds no {MANIFEST}: build it with `mixtrain data demo` or `mixtrain data "
+                "ingest`"
+            )
         meta = json.loads(path.read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
 
         def split(d):
             top = d.get("max_token")
-            return Split(prefix=str(root / d["prefix"]), documents=int(d.get("documents", 0)),
-                         tokens=int(d.get("tokens", 0)), max_token=None if top is None else int(top))
+            return Split(
+                prefix=str(root / d["prefix"]),
+                documents=int(d.get("documents", 0)),
+                tokens=int(d.get("tokens", 0)),
+                max_token=None if top is None else int(top),
+            )
 
         # The manifest is written with sorted keys; "domain_order", when given, is the intended order.
         order = [d for d in meta.get("domain_order", []) if d in meta["domains"]]
         order += [d for d in meta["domains"] if d not in order]
         domains = {name: {s: split(v) for s, v in meta["domains"][name]["splits"].items()} for name in order}
         targets = {name: {s: split(v) for s, v in d["splits"].items()} for name, d in meta.get("targets", {}).items()}
-        return cls(root=root, tokenizer=meta["tokenizer"], domains=domains, targets=targets,
-                   missing=dict(meta.get("missing", {})), recipe_hash=meta.get("recipe_hash", ""))
+        return cls(
+            root=root,
+            tokenizer=meta["tokenizer"],
+            domains=domains,
+            targets=targets,
+            missing=dict(meta.get("missing", {})),
+            recipe_hash=meta.get("recipe_hash", ""),
+        )
 
 
 def write_manifest(root: str | os.PathLike, meta: dict) -> Path:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Iterable
+from functools import cache
 
 import numpy as np
 
@@ -79,7 +79,7 @@ def _sha256(path) -> str:
     return h.hexdigest()
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_tokenizer(name: str = "gpt2") -> Tokenizer:
     if name == "bytes":
         return Tokenizer(name="bytes", vocab_size=257, eod=256)
@@ -147,5 +147,10 @@ def load_tokenizer_json(path, name: str | None = None, eod_token: str = EOD_TOKE
     if eod is None:
         raise ValueError(f"{path} has no token {eod_token!r} to serve as EOD")
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    return Tokenizer(name=name or f"bpe-{vocab_size}", vocab_size=vocab_size, eod=eod,
-                     files={path.name: _sha256(path)}, _encoding=_TokenizersEncoding(tok))
+    return Tokenizer(
+        name=name or f"bpe-{vocab_size}",
+        vocab_size=vocab_size,
+        eod=eod,
+        files={path.name: _sha256(path)},
+        _encoding=_TokenizersEncoding(tok),
+    )

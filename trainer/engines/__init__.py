@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from ..config import ConfigError
+from . import (
+    deepspeed_engine,  # noqa: F401  (registers "deepspeed"; imports DeepSpeed only when built)
+    megatron_engine,  # noqa: F401  (registers "megatron"; imports megatron-core only when built)
+    torch_ddp,  # noqa: F401  (registers "torch")
+)
 from .base import ENGINES, Engine, MicroBatch
-from . import torch_ddp  # noqa: F401  (registers "torch")
-from . import deepspeed_engine  # noqa: F401  (registers "deepspeed"; imports DeepSpeed only when built)
-from . import megatron_engine  # noqa: F401  (registers "megatron"; imports megatron-core only when built)
 
 
 def build_engine(cfg) -> Engine:

@@ -48,8 +48,9 @@ class Engine(ABC):
             self.device = torch.device("cpu")
 
     @abstractmethod
-    def forward_backward(self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int,
-                         probe=None, on_losses=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_backward(
+        self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int, probe=None, on_losses=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate gradients of mean-token loss (weighted per domain) over the micro-batches.
 
         ``probe``: a ``trainer.probe.Probe`` to record per-domain gradient pieces in the same

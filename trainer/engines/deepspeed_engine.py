@@ -186,7 +186,9 @@ class DeepSpeedEngine(Engine):
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, train_cfg: TrainConfig):
         self._join(engine_cfg)
         if self.device.type == "cpu" and engine_cfg.precision == "fp16":
-            raise ConfigError("engine.precision=fp16 is not supported by DeepSpeed on CPU; use fp32 (or bf16, 5-10x slower there)")
+            raise ConfigError(
+                "engine.precision=fp16 is not supported by DeepSpeed on CPU; use fp32 (or bf16, 5-10x slower there)"
+            )
         if self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # also on a machine with a GPU: engine.device=cpu
         elif self.device.type == "cuda":
@@ -212,9 +214,13 @@ class DeepSpeedEngine(Engine):
         model = build_model(model_cfg)
         optimizer = self._optimizer(model)
         # the groups over model parameters, before ZeRO replaces them with flat partitions
-        self._groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
-                        for g in optimizer.param_groups]
-        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False)
+        self._groups = [
+            {k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
+            for g in optimizer.param_groups
+        ]
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
+        )
         self.model = self.ds.module
         self._view: _FullOptimizerView | None = None
         self._partitioned = self.zero_stage == 3 and not engine_cfg.zero3_whole_params
@@ -223,8 +229,11 @@ class DeepSpeedEngine(Engine):
             self.model.register_forward_pre_hook(self._refuse_gradient_forward)
         self._whole_params()
         if self.rank == 0 and self.zero_stage == 3:
-            print(f"[mixtrain] ZeRO-3 with {'whole' if not self._partitioned else 'partitioned'} parameters "
-                  f"(engine.zero3_whole_params={str(not self._partitioned).lower()})", flush=True)
+            print(
+                f"[mixtrain] ZeRO-3 with {'whole' if not self._partitioned else 'partitioned'} parameters "
+                f"(engine.zero3_whole_params={str(not self._partitioned).lower()})",
+                flush=True,
+            )
 
     def _whole_params(self) -> None:
         """ZeRO-3 with engine.zero3_whole_params=true: make every parameter whole now and keep it so.
@@ -245,8 +254,10 @@ class DeepSpeedEngine(Engine):
             persistent[0].all_gather(persistent)
         partial = [n for n, p in self.model.named_parameters() if p.numel() != getattr(p, "ds_numel", p.numel())]
         if partial or len(persistent) != len(params):
-            raise RuntimeError("engine.zero3_whole_params=true could not keep every parameter whole with this DeepSpeed "
-                               f"version (partitioned: {partial[:5]}); set it to false (DeepSpeed's partitioned parameters)")
+            raise RuntimeError(
+                "engine.zero3_whole_params=true could not keep every parameter whole with this DeepSpeed "
+                f"version (partitioned: {partial[:5]}); set it to false (DeepSpeed's partitioned parameters)"
+            )
 
     def _refuse_gradient_forward(self, module, args) -> None:
         """Partitioned ZeRO-3 parameters offloaded to nvme: a gradient-enabled forward of the unwrapped
@@ -264,8 +275,9 @@ class DeepSpeedEngine(Engine):
         if self.engine_cfg.offload_optimizer != "none" and forced:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            return DeepSpeedCPUAdam(opt.param_groups, lr=self.train_cfg.lr, betas=tuple(self.train_cfg.betas),
-                                    adamw_mode=True)
+            return DeepSpeedCPUAdam(
+                opt.param_groups, lr=self.train_cfg.lr, betas=tuple(self.train_cfg.betas), adamw_mode=True
+            )
         return opt
 
     # ---- the contract -------------------------------------------------------------------------
@@ -283,16 +295,22 @@ class DeepSpeedEngine(Engine):
 
     def _check_probe(self, probe) -> None:
         if probe is not None and self._partitioned and self.engine_cfg.offload_param == "nvme":
-            raise ConfigError("this controller asks for gradient signals; the gradient probe is not supported with partitioned "
-                              "ZeRO-3 parameters offloaded to nvme (engine.offload_param=nvme, untested): set "
-                              "engine.offload_param=cpu or none, or engine.zero3_whole_params=true, or use a loss-only controller")
+            raise ConfigError(
+                "this controller asks for gradient signals; the gradient probe is not supported with partitioned "
+                "ZeRO-3 parameters offloaded to nvme (engine.offload_param=nvme, untested): set "
+                "engine.offload_param=cpu or none, or engine.zero3_whole_params=true, or use a loss-only controller"
+            )
 
-    def forward_backward(self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int,
-                         probe=None, on_losses=None):
+    def forward_backward(
+        self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int, probe=None, on_losses=None
+    ):
         self._check_probe(probe)
         gas = self.ds.gradient_accumulation_steps()
         if len(micro_batches) != gas:
-            raise ValueError(f"engine=deepspeed was configured for train.grad_accum={gas} micro-batches per step, got {len(micro_batches)}")
+            raise ValueError(
+                f"engine=deepspeed was configured for train.grad_accum={gas} micro-batches per step, got "
+                f"{len(micro_batches)}"
+            )
         sums, counts, tokens_per_rank, lw = self._step_buffers(micro_batches, loss_weights, num_domains)
         for i, mb in enumerate(micro_batches):
             recording = probe.micro_batch(mb.domains) if probe is not None else contextlib.nullcontext()
@@ -322,7 +340,10 @@ class DeepSpeedEngine(Engine):
 
     def optimizer_step(self, lr: float) -> float:
         if not self.ds.is_gradient_accumulation_boundary():
-            raise RuntimeError("optimizer_step() outside an accumulation boundary: call forward_backward with train.grad_accum micro-batches first")
+            raise RuntimeError(
+                "optimizer_step() outside an accumulation boundary: call forward_backward with train.grad_accum "
+                "micro-batches first"
+            )
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
         before = self._local_grad_norm() if self.zero_stage == 0 and self.engine_cfg.precision == "fp32" else None
@@ -347,8 +368,10 @@ class DeepSpeedEngine(Engine):
     def load_state_dict(self, state: dict) -> None:
         """Model weights only (a collective under ZeRO-3); DeepSpeed's fp32 master copies follow."""
         if set(state) - {"model"}:
-            raise ValueError("engine=deepspeed loads model weights only from a state dict; resume its optimizer "
-                             "through a DeepSpeed checkpoint (load_checkpoint)")
+            raise ValueError(
+                "engine=deepspeed loads model weights only from a state dict; resume its optimizer "
+                "through a DeepSpeed checkpoint (load_checkpoint)"
+            )
         if self.zero_stage == 3:  # writes the partitions (ds_tensor), whole parameters or not
             import deepspeed
 
@@ -369,22 +392,30 @@ class DeepSpeedEngine(Engine):
         ``client_state`` (the loop's state; None on the other ranks) goes into rank 0's model-states
         file (``mp_rank_00_model_states.pt``, or ``zero_pp_rank_0_mp_rank_00_model_states.pt``
         under ZeRO-3)."""
-        self.ds.save_checkpoint(str(Path(directory) / CHECKPOINT_SUBDIR), tag=CHECKPOINT_TAG,
-                                client_state={CLIENT_KEY: client_state} if client_state is not None else {},
-                                save_latest=False)
+        self.ds.save_checkpoint(
+            str(Path(directory) / CHECKPOINT_SUBDIR),
+            tag=CHECKPOINT_TAG,
+            client_state={CLIENT_KEY: client_state} if client_state is not None else {},
+            save_latest=False,
+        )
 
     def load_checkpoint(self, directory: Path) -> dict:
         """Collective: model, optimizer and ZeRO partitions from ``directory``; returns the loop's
         state saved with it (rank 0's client_state, broadcast: under ZeRO-3 every rank reads its own
         model-states file and only rank 0's carries the loop's state)."""
         safe_load.vet(Path(directory) / CHECKPOINT_SUBDIR)  # DeepSpeed loads with weights_only=False
-        path, client = self.ds.load_checkpoint(str(Path(directory) / CHECKPOINT_SUBDIR), tag=CHECKPOINT_TAG,
-                                               load_module_strict=True, load_optimizer_states=True,
-                                               load_lr_scheduler_states=False)
+        path, client = self.ds.load_checkpoint(
+            str(Path(directory) / CHECKPOINT_SUBDIR),
+            tag=CHECKPOINT_TAG,
+            load_module_strict=True,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
         mine = client.get(CLIENT_KEY) if path is not None and client else None
         state = dist.broadcast_object(mine if self.rank == 0 else None)
         if state is None:
-            raise FileNotFoundError(f"{directory} holds no loadable DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) "
-                                    "with mixtrain's state")
+            raise FileNotFoundError(
+                f"{directory} holds no loadable DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) with mixtrain's state"
+            )
         self._whole_params()
         return state

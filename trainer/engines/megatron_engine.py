@@ -66,8 +66,10 @@ class MegatronEngine(Engine):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         elif torch.cuda.is_available():
-            raise ConfigError("engine=megatron with engine.device=cpu needs a machine without CUDA (megatron-core allocates "
-                              "on the CUDA device when one exists, and the CPU shim is never applied there); use engine.device=auto")
+            raise ConfigError(
+                "engine=megatron with engine.device=cpu needs a machine without CUDA (megatron-core allocates "
+                "on the CUDA device when one exists, and the CPU shim is never applied there); use engine.device=auto"
+            )
         from .megatron_shim import apply_cpu_shim
 
         apply_cpu_shim()  # no-op when CUDA is present
@@ -81,21 +83,34 @@ class MegatronEngine(Engine):
             parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
         self.layout = ParallelLayout(
-            tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp,
-            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
-            tp_group=parallel_state.get_tensor_model_parallel_group(), dp_group=parallel_state.get_data_parallel_group())
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            tp_size=tp,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=parallel_state.get_data_parallel_world_size(),
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            dp_group=parallel_state.get_data_parallel_group(),
+        )
         if (self.layout.dp_rank, self.layout.dp_size) != (self.rank // tp, self.world_size // tp):
             raise RuntimeError("megatron's rank order is not TP-fastest; the loop's data sharding assumes it")
         self.train_cfg, self.engine_cfg = train_cfg, engine_cfg
 
         torch.manual_seed(train_cfg.seed)  # same full-matrix draws on every rank and every TP size
         model_parallel_cuda_manual_seed(train_cfg.seed)  # megatron's dropout RNG tracker
-        self.model = build_megatron_gpt(model_cfg, engine_cfg.vocab_multiple, self.layout,
-                                        use_te=_transformer_engine_available(), cpu=self.device.type == "cpu").to(self.device)
+        self.model = build_megatron_gpt(
+            model_cfg,
+            engine_cfg.vocab_multiple,
+            self.layout,
+            use_te=_transformer_engine_available(),
+            cpu=self.device.type == "cpu",
+        ).to(self.device)
         gpt = self.model.gpt
         self.ddp = DistributedDataParallel(
-            gpt.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                      use_distributed_optimizer=False), gpt)
+            gpt.config,
+            DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+            ),
+            gpt,
+        )
         self.optimizer = adamw(self.model, train_cfg)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
@@ -104,8 +119,9 @@ class MegatronEngine(Engine):
         return self.layout.tp_rank == 0
 
     # ---- the contract -------------------------------------------------------------------------
-    def forward_backward(self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int,
-                         probe=None, on_losses=None):
+    def forward_backward(
+        self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int, probe=None, on_losses=None
+    ):
         # megatron's DDP averages over the DP group: with this replica's tokens per step as the
         # denominator, the gradient is the mean over all tokens of the step
         sums, counts, tokens_per_rank, lw = self._step_buffers(micro_batches, loss_weights, num_domains)
@@ -156,8 +172,10 @@ class MegatronEngine(Engine):
     def state_dict(self) -> dict:
         """This rank's shards: the model (megatron's keys, local slices) and the AdamW state."""
         # megatron adds `_extra_state` entries (None without Transformer Engine): tensors only
-        return {"model": {k: v.detach().clone() for k, v in self.model.gpt.state_dict().items() if torch.is_tensor(v)},
-                "optimizer": self.optimizer.state_dict()}
+        return {
+            "model": {k: v.detach().clone() for k, v in self.model.gpt.state_dict().items() if torch.is_tensor(v)},
+            "optimizer": self.optimizer.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
@@ -183,7 +201,9 @@ class MegatronEngine(Engine):
         if self.layout.dp_rank == 0:
             path = _shard_file(directory, self.layout.tp_rank)
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"tensor_parallel": self.layout.tp_size, "tp_rank": self.layout.tp_rank, **self.state_dict()}, path)
+            torch.save(
+                {"tensor_parallel": self.layout.tp_size, "tp_rank": self.layout.tp_rank, **self.state_dict()}, path
+            )
 
     def load_checkpoint(self, directory: Path) -> dict:
         """This rank's TP shard and the loop's state from ``directory``."""
@@ -194,6 +214,7 @@ class MegatronEngine(Engine):
         if shard["tensor_parallel"] != self.layout.tp_size:
             raise checkpoint.CheckpointMismatch(
                 f"checkpoint {directory} was written with engine.tensor_parallel={shard['tensor_parallel']}, "
-                f"now engine.tensor_parallel={self.layout.tp_size}; resume with the same value")
+                f"now engine.tensor_parallel={self.layout.tp_size}; resume with the same value"
+            )
         self.load_state_dict(shard)
         return safe_load.load(Path(directory) / "state.pt")

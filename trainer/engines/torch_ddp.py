@@ -25,6 +25,7 @@ def adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 @register("torch")
 class TorchEngine(Engine):
     fuses_reference_rows = True
+
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, train_cfg: TrainConfig):
         self._join(engine_cfg)
         self.train_cfg = train_cfg
@@ -33,8 +34,9 @@ class TorchEngine(Engine):
         self.wrapped = DDP(self.model) if dist.active() else self.model
         self.optimizer = adamw(self.model, train_cfg)
 
-    def forward_backward(self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int,
-                         probe=None, on_losses=None):
+    def forward_backward(
+        self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int, probe=None, on_losses=None
+    ):
         sums, counts, tokens_per_rank, lw = self._step_buffers(micro_batches, loss_weights, num_domains)
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1

@@ -111,11 +111,13 @@ class GPT(nn.Module):
 def token_losses(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy [B, T] of a [B, T+1] batch (inputs = [:, :-1], targets = [:, 1:])."""
     logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none").view(batch.shape[0], -1)
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none").view(
+        batch.shape[0], -1
+    )
 
 
 @torch.inference_mode()
-def frozen_token_losses(model: "GPT", batch: torch.Tensor) -> torch.Tensor:
+def frozen_token_losses(model: GPT, batch: torch.Tensor) -> torch.Tensor:
     """``token_losses`` of a model that is read, never trained (DoReMi's reference, curriculum
     scorers), with the logits in one buffer kept on the model between calls and the cross-entropy
     taken in place (log Σ exp after subtracting the row maximum). The [B·T, vocab] logits of a 50k

@@ -88,7 +88,7 @@ def _vector_grad(rec: Recording, slot, rows: torch.Tensor) -> torch.Tensor:
     gain/bias): per-domain block sums go to the probe, their sum to autograd."""
     pieces = segment_sums(rows, rec.bounds(rows.shape[0]))
     rec.dense(slot, 0, pieces)
-    return pieces[:rec.train_groups].sum(0)
+    return pieces[: rec.train_groups].sum(0)
 
 
 def _segmented_weight_grad(rec: Recording, slot, shape: torch.Size, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ def _segmented_weight_grad(rec: Recording, slot, shape: torch.Size, dy: torch.Te
             torch.mm(dy[s:e].T, x[s:e], out=pieces[j - lo])
         rec.dense(slot, lo, pieces)
         if lo < train:
-            part = pieces[:train - lo].sum(0)
+            part = pieces[: train - lo].sum(0)
             total = part if total is None else total.add_(part)
     return total if total is not None else dy.new_zeros(shape)
 

