@@ -192,9 +192,23 @@ class Controller(ABC):
         return ()
 
     @property
+    def reference_model(self) -> str | None:
+        """The run directory of a frozen reference model whose losses this controller asks for
+        (``Request.ref_model_loss``): loaded by the trainer before step 0. None: no such model."""
+        return None
+
+    @property
     def adaptive(self) -> bool:
         """Whether weights can change during a run (static controllers skip the per-step sync)."""
         return True
+
+    def update(self, stats: DomainStats) -> dict:
+        """``observe(stats)``, then the metrics the observation changed ({} when none did): the one
+        call a trainer makes per step, so it never has to order observe and metrics itself."""
+        before = self.metrics()
+        self.observe(stats)
+        after = self.metrics()
+        return after if after != before else {}
 
     @abstractmethod
     def observe(self, stats: DomainStats) -> None:

@@ -82,6 +82,10 @@ class DoReMi(ExponentiatedMixture):
     name = "doremi"
     Config = DoremiConfig
 
+    @property
+    def reference_model(self) -> str:
+        return self.cfg.reference
+
     def __init__(self, domains, cfg: DoremiConfig, **context):
         super().__init__(domains, cfg, **context, proxy=cfg.mode == "proxy")
         if cfg.average_initial:

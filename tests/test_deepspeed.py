@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from helpers import REPO, losses_by_step, make_shardset, run_torchrun, tiny_values
 
-from trainer import checkpoint
+from trainer import checkpoint, engines
 from trainer.config import ConfigError, EngineConfig, TrainConfig, load_config
 from trainer.engines.deepspeed_engine import build_ds_config
 
@@ -240,14 +240,14 @@ def test_engine_contract_matches_torch_engine(tmp_path):
 
 def test_checkpoint_layout_and_offline_read(runs):
     """DeepSpeed's files inside mixtrain's checkpoint directory; meta.json records the engine format;
-    checkpoint.load (no process group: a reference model, scores) merges the fp32 weights."""
+    engines.read_checkpoint (no process group: a reference model, scores) merges the fp32 weights."""
     for stage in (0, 2, 3):
         ckpt = checkpoint.latest(runs[f"zero{stage}"] / "checkpoints")
         assert ckpt.name == "step_00000020" and not (ckpt / "state.pt").exists()
         assert sorted(p.name for p in ckpt.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
         meta = checkpoint.load_meta(ckpt)
         assert meta["engine"] == {"name": "deepspeed", "zero_stage": stage, "precision": "fp32"}
-        state, _, rng = checkpoint.load(ckpt, rank=1)
+        state, _, rng = engines.read_checkpoint(ckpt, rank=1)
         assert rng is not None and state["loop"]["step"] == 20 and "controller" in state
         h = hashlib.sha256()
         for name, p in sorted(state["engine"]["model"].items()):

@@ -436,7 +436,9 @@ def _tracker(tmp_path, monkeypatch, env: dict, **knobs):
     run = RunConfig(**knobs)
     run.validate()
     tmp_path.mkdir(parents=True, exist_ok=True)
-    return Tracker(tmp_path, {}, enabled=True, wandb=run, resume_positions=None, run_id="abc123")
+    tracker = Tracker(tmp_path, {}, enabled=True, wandb=run, run_id="abc123")
+    tracker.open()
+    return tracker
 
 
 def test_wandb_environment_applies_when_the_knob_is_unset(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import re
 import pytest
 from helpers import REPO, losses_by_step, make_shardset, run_torchrun, tiny_values
 
-from trainer import checkpoint, safe_load
+from trainer import checkpoint, engines, safe_load
 from trainer.config import ConfigError, EngineConfig, load_config
 
 pytest.importorskip("megatron.core")
@@ -148,12 +148,12 @@ def test_checkpoint_holds_every_tp_shard(runs):
     assert shards[0]["model"][key].shape[0] * 2 == full.shape[0]
     assert shards[0]["optimizer"]["state"] and shards[1]["optimizer"]["state"]  # AdamW moments of each shard
     with pytest.raises(ValueError, match="engine=megatron"):
-        checkpoint.load(path, rank=0)  # no offline reader for TP shards: a clear refusal
+        engines.read_checkpoint(path, rank=0)  # no offline reader for TP shards: a clear refusal
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"engine\.tensor_parallel: checkpoint 2 vs now 1"):
-        checkpoint.check_engine_format(
+        engines.check_engine_format(
             path,
             checkpoint.load_meta(path)["engine"],
-            checkpoint.engine_format(EngineConfig(name="megatron", tensor_parallel=1)),
+            engines.checkpoint_format(EngineConfig(name="megatron", tensor_parallel=1)),
         )
 
 

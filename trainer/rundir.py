@@ -28,7 +28,8 @@ import time
 import uuid
 from pathlib import Path
 
-from . import checkpoint, safe_load
+from . import checkpoint, engines, safe_load
+from .checkpoint import DamagedCheckpoint
 from .config import ConfigError
 
 LOCK_NAME = ".lock"
@@ -117,10 +118,6 @@ def _describe(holder: dict | None) -> str:
 # ---- which checkpoint a run continues from ----------------------------------------------------------
 
 
-class DamagedCheckpoint(Exception):
-    """A checkpoint directory that cannot be read completely."""
-
-
 def step_dirs(ckpt_root: Path) -> list[Path]:
     """Every checkpoint directory under its final name (``step_XXXXXXXX``), oldest first."""
     if not ckpt_root.is_dir():
@@ -128,10 +125,10 @@ def step_dirs(ckpt_root: Path) -> list[Path]:
     return sorted((p for p in ckpt_root.iterdir() if p.is_dir() and checkpoint.is_step_dir(p)), key=lambda p: p.name)
 
 
-def read(path: Path, rank: int) -> tuple:
-    """``checkpoint.load(path, rank, engine_state=False)`` after checking every file a restart reads
-    (meta.json, the payload, every rank's RNG file, so that all ranks judge alike); any failure is a
-    DamagedCheckpoint saying why."""
+def read(path: Path, rank: int) -> tuple[dict, dict | None]:
+    """(meta, this rank's RNG state or None) after checking every file a restart reads (meta.json,
+    the engine format's payload, every rank's RNG file, so that all ranks judge alike); any failure
+    is a DamagedCheckpoint saying why."""
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         raise DamagedCheckpoint("no meta.json")
@@ -142,18 +139,11 @@ def read(path: Path, rank: int) -> tuple:
     if not isinstance(meta, dict) or not meta.get("complete"):
         raise DamagedCheckpoint("meta.json does not mark it complete")
     try:
-        if checkpoint.is_deepspeed(meta):
-            if not (path / checkpoint.DEEPSPEED_DIR).is_dir():
-                raise DamagedCheckpoint(f"no {checkpoint.DEEPSPEED_DIR}/ folder")
-            safe_load.vet(path / checkpoint.DEEPSPEED_DIR)
-        elif not (path / "state.pt").is_file():
-            raise DamagedCheckpoint("no state.pt")
-        if (path / checkpoint.MEGATRON_DIR).is_dir():
-            safe_load.vet(path / checkpoint.MEGATRON_DIR)
-            safe_load.load(path / "state.pt")  # the engine loads it later: read it now
+        engines.format_of(meta).vet_checkpoint(path, meta)
         for rng in path.glob("rng_rank*.pt"):
             safe_load.load(rng)
-        return checkpoint.load(path, rank, engine_state=False)
+        rng_path = path / f"rng_rank{rank}.pt"
+        return meta, safe_load.load(rng_path) if rng_path.is_file() else None
     except DamagedCheckpoint:
         raise
     except Exception as e:  # a truncated zip, an unsafe pickle, an I/O error: every way a load fails

@@ -31,7 +31,8 @@ from mixtures import Request
 from . import checkpoint, dist
 from .config import ConfigError, ModelConfig
 from .data.domains import DataBundle, SequenceView
-from .models import frozen_token_losses, load_frozen, token_losses
+from .engines import load_frozen
+from .models import frozen_token_losses, token_losses
 from .probe import Probe, ProbeSpec
 
 _REF_STREAM, _PROBE_STREAM = 3, 4

@@ -11,6 +11,8 @@ import os
 import uuid
 from pathlib import Path
 
+from .callbacks import Callback
+
 
 def _truncate(path: Path, size: int) -> None:
     """Cut a log back to what it held at the checkpoint: a resumed run rewrites what came after."""
@@ -26,7 +28,13 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-class Tracker:
+class Tracker(Callback):
+    """The run's logs as a callback: the step records on the ``train.log_every`` cadence, every
+    evaluation, one weights.jsonl row per shard; stateful (``"tracker"``: the logs' byte sizes at
+    the checkpoint, which a resume cuts them back to)."""
+
+    name = "tracker"
+
     def __init__(
         self,
         run_dir: Path,
@@ -34,29 +42,68 @@ class Tracker:
         *,
         enabled: bool,
         wandb,
-        resume_positions: dict | None,
         run_id: str | None = None,
+        log_every: int = 1,
+        total_steps: int | None = None,
     ):
         """``wandb``: the run config's wandb knobs (RunConfig); each unset one is left to wandb,
-        which reads its environment variables (WANDB_PROJECT, WANDB_ENTITY, …)."""
+        which reads its environment variables (WANDB_PROJECT, WANDB_ENTITY, …). Nothing is opened
+        before :meth:`open` (after a resume has handed over the logs' positions)."""
         self.enabled = enabled
         self.run_id = run_id  # in every metrics record: a log never mixes two runs unnoticed
         self.run_dir = Path(run_dir)
+        self.cfg_dict, self.knobs = cfg_dict, wandb
+        self.log_every, self.total_steps = log_every, total_steps
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.weights_path = self.run_dir / "weights.jsonl"
         self._wandb = None
-        if not enabled:
+        self._resume_positions = None
+
+    def open(self) -> None:
+        """Start the logs: afresh, or cut back to the checkpoint's positions after a resume."""
+        if not self.enabled:
             return
-        if resume_positions is None:
+        if self._resume_positions is None:
             for p in (self.metrics_path, self.weights_path):
                 p.unlink(missing_ok=True)
         else:
-            _truncate(self.metrics_path, resume_positions["metrics"])
-            _truncate(self.weights_path, resume_positions["weights"])
+            _truncate(self.metrics_path, self._resume_positions["metrics"])
+            _truncate(self.weights_path, self._resume_positions["weights"])
         self._metrics = open(self.metrics_path, "a")
         self._weights = open(self.weights_path, "a")
-        if wandb.wandb_mode != "disabled":
-            self._init_wandb(cfg_dict, wandb)
+        if self.knobs.wandb_mode != "disabled":
+            self._init_wandb(self.cfg_dict, self.knobs)
+
+    def state_dict(self) -> dict:
+        return self.positions()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_positions = dict(state)
+
+    # ---- the loop's hooks ---------------------------------------------------------------------
+    def on_shard(self, loop, plan, record: dict) -> None:
+        if "curriculum" in record:
+            self.log({"step": record["step"], **record["curriculum"]})
+        self.log_weights(record)
+
+    def on_step(self, loop, record: dict, stats) -> None:
+        step = record["step"]
+        if (step + 1) % self.log_every == 0 or step + 1 == self.total_steps:
+            self.log(record)
+
+    def on_eval(self, loop, results: dict) -> None:
+        self.log(results)
+
+    def on_end(self, loop, result) -> None:
+        """The final evaluation (logged after the final checkpoint: re-running a finished run logs it
+        once, not twice), weights.json as an artifact, the final weights row, the summary; closes."""
+        if result.eval:
+            self.log({"step": result.step, **result.eval})
+        self.log_artifact(result.run_dir / "weights.json", f"weights-{self.run_id}", "mixture")
+        final = dict(zip(result.domains, map(float, result.final_weights)))
+        self.log_weights({"step": result.step, "end_step": result.step, "final": True, "weights": final})
+        self.summary(result.eval)
+        self.close()
 
     def _init_wandb(self, cfg_dict: dict, knobs) -> None:
         import wandb

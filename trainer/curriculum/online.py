@@ -32,10 +32,13 @@ import numpy as np
 import torch
 
 from .. import dist
+from ..callbacks import Callback
 from ..config import Config, ModelConfig
 from ..data.sampler import DomainSampler, SamplerState, ShardPlan
 from ..engines.base import MicroBatch
+from ..metrics import PROXY_LOSS
 from ..models import token_losses
+from ..schedule import lr_at
 
 PROXY_SEED_OFFSET = 1_000_003  # the proxy's init and holdout order use seed + this: independent of the main run's
 
@@ -51,7 +54,12 @@ def proxy_model_config(cfg: Config) -> ModelConfig:
     return model
 
 
-class OnlineProxy:
+class OnlineProxy(Callback):
+    """The curriculum as a callback: it scores each shard's candidates, steps the proxy after every
+    main step, and resumes through the checkpoint's map (``"curriculum"``)."""
+
+    name = "curriculum"
+
     def __init__(self, cfg: Config, data, holdout_pools: list[np.ndarray], rank: int, world: int):
         from ..engines.torch_ddp import TorchEngine
 
@@ -84,6 +92,17 @@ class OnlineProxy:
         return sum(p.numel() for p in self.engine.model.parameters())
 
     # ---- shard boundary -----------------------------------------------------------------------
+    def score_fn(self):
+        return self.score
+
+    def on_shard(self, loop, plan, record: dict) -> None:
+        # candidates were scored by ℓ(snapshot) − ℓ(proxy); now the proxy becomes the snapshot
+        self.next_shard()
+        self.take_snapshot()
+
+    def on_step(self, loop, record: dict, stats) -> None:
+        record[PROXY_LOSS] = self.train_step(loop.step, lr_at)
+
     def next_shard(self) -> None:
         """Plan the proxy's holdout batches for the coming shard (uniform domain weights)."""
         self.start_state = self.sampler.state

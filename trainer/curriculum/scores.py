@@ -126,7 +126,8 @@ def score_run(
     from .. import checkpoint
     from ..config import load_config
     from ..data.domains import load_data
-    from ..models import frozen_token_losses, load_frozen
+    from ..engines import load_frozen
+    from ..models import frozen_token_losses
 
     run = Path(run)
     if not (run / "config.yaml").is_file():

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from .. import checkpoint, safe_load
 
 
 @dataclass
@@ -95,6 +98,41 @@ class Engine(ABC):
 
     @abstractmethod
     def load_state_dict(self, state: dict) -> None: ...
+
+    # ---- checkpoints: each engine owns the on-disk format of its part ---------------------------
+    @classmethod
+    def checkpoint_format(cls, engine_cfg) -> dict | None:
+        """meta.json's ``engine`` entry: what a resume must match (None: the plain layout below)."""
+        return None
+
+    def save_checkpoint(self, directory: Path, client_state: dict | None) -> None:
+        """Collective: write this engine's part (model, optimizer) and rank 0's ``client_state``
+        (every other part of the checkpoint; None on the other ranks) into ``directory``. The plain
+        layout: rank 0 writes both into one ``state.pt``, the engine's under ``"engine"``."""
+        if client_state is not None:
+            torch.save({**client_state, "engine": self.state_dict()}, Path(directory) / checkpoint.STATE_FILE)
+
+    def load_checkpoint(self, directory: Path) -> dict:
+        """Collective where the save was: load this engine's part from ``directory`` and return the
+        client state saved with it."""
+        state = dict(safe_load.load(Path(directory) / checkpoint.STATE_FILE))
+        self.load_state_dict(state.pop("engine"))
+        return state
+
+    @classmethod
+    def vet_checkpoint(cls, directory: Path, meta: dict) -> None:
+        """Read every file of this format a restart reads (before anything is built), raising on the
+        first that fails: a damaged checkpoint is found while an older one can still be taken."""
+        path = Path(directory) / checkpoint.STATE_FILE
+        if not path.is_file():
+            raise checkpoint.DamagedCheckpoint(f"no {checkpoint.STATE_FILE}")
+        safe_load.load(path)
+
+    @classmethod
+    def read_checkpoint(cls, directory: Path, meta: dict) -> dict:
+        """Without a process group (a reference or scoring model, an export): the client state with
+        ``state["engine"]["model"]``, the full fp32 model weights."""
+        return safe_load.load(Path(directory) / checkpoint.STATE_FILE)
 
     @torch.no_grad()
     def sequence_loss_sums(self, batch: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import io
 import logging
 import os
 import sys
@@ -53,11 +54,11 @@ from ..models import build_model, token_losses
 from .base import Engine, MicroBatch, register
 from .torch_ddp import adamw
 
-CHECKPOINT_SUBDIR = checkpoint.DEEPSPEED_DIR
+CHECKPOINT_SUBDIR = "deepspeed"
 """Where DeepSpeed's files go inside a mixtrain checkpoint directory."""
-CHECKPOINT_TAG = checkpoint.DEEPSPEED_TAG
+CHECKPOINT_TAG = "model"
 """DeepSpeed's tag (its per-checkpoint folder) inside ``CHECKPOINT_SUBDIR``."""
-CLIENT_KEY = checkpoint.DEEPSPEED_CLIENT_KEY
+CLIENT_KEY = "mixtrain"
 """The loop's state inside DeepSpeed's client_state (one key: no clash with DeepSpeed's own)."""
 
 _ALL_WHOLE = 2**62
@@ -387,6 +388,42 @@ class DeepSpeedEngine(Engine):
         self._whole_params()
 
     # ---- DeepSpeed's own checkpoints ------------------------------------------------------------
+    @classmethod
+    def checkpoint_format(cls, engine_cfg) -> dict:
+        return {"name": "deepspeed", "zero_stage": int(engine_cfg.zero_stage), "precision": engine_cfg.precision}
+
+    @classmethod
+    def vet_checkpoint(cls, directory: Path, meta: dict) -> None:
+        ds_dir = Path(directory) / CHECKPOINT_SUBDIR
+        if not ds_dir.is_dir():
+            raise checkpoint.DamagedCheckpoint(f"no {CHECKPOINT_SUBDIR}/ folder")
+        safe_load.vet(ds_dir)
+
+    @classmethod
+    def read_checkpoint(cls, directory: Path, meta: dict) -> dict:
+        """Without DeepSpeed's engine (no process group): the loop's state from its client_state plus
+        ``engine.model``, the full fp32 weights (ZeRO partitions merged by DeepSpeed's zero_to_fp32),
+        so readers of ``state["engine"]["model"]`` work for every engine."""
+        ds_dir = Path(directory) / CHECKPOINT_SUBDIR
+        tag_dir = ds_dir / CHECKPOINT_TAG
+        # rank 0's model states (the one carrying the loop's state): ZeRO-3 names them per rank
+        names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        name = next((n for n in names if (tag_dir / n).is_file()), None)
+        if name is None:
+            raise FileNotFoundError(f"{directory} is a DeepSpeed checkpoint without rank 0's model states in {tag_dir}")
+        files = safe_load.load(tag_dir / name)
+        state = dict(files.get(CLIENT_KEY) or {})
+        if not any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):  # ZeRO-0: the module holds the weights
+            model = {k: v.float() for k, v in files["module"].items()}
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            safe_load.vet(ds_dir)  # zero_to_fp32 loads with weights_only=False
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+                model = dict(get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=CHECKPOINT_TAG))
+        state["engine"] = {"model": model}
+        return state
+
     def save_checkpoint(self, directory: Path, client_state: dict | None) -> None:
         """Collective: every rank writes its partitions under ``directory/deepspeed``; rank 0's
         ``client_state`` (the loop's state; None on the other ranks) goes into rank 0's model-states

@@ -37,7 +37,7 @@ from ..models import token_losses
 from .base import Engine, MicroBatch, register
 from .torch_ddp import adamw
 
-CHECKPOINT_SUBDIR = checkpoint.MEGATRON_DIR
+CHECKPOINT_SUBDIR = "megatron"
 """Where the per-TP-rank shard files go inside a mixtrain checkpoint directory."""
 
 
@@ -193,11 +193,30 @@ class MegatronEngine(Engine):
         return sums if self._counts_here else torch.zeros_like(sums)
 
     # ---- checkpoints ------------------------------------------------------------------------------
+    @classmethod
+    def checkpoint_format(cls, engine_cfg) -> dict:
+        return {"name": "megatron", "tensor_parallel": int(engine_cfg.tensor_parallel)}
+
+    @classmethod
+    def vet_checkpoint(cls, directory: Path, meta: dict) -> None:
+        super().vet_checkpoint(directory, meta)  # state.pt: the loop's state
+        shards = Path(directory) / CHECKPOINT_SUBDIR
+        if not shards.is_dir():
+            raise checkpoint.DamagedCheckpoint(f"no {CHECKPOINT_SUBDIR}/ folder")
+        safe_load.vet(shards)
+
+    @classmethod
+    def read_checkpoint(cls, directory: Path, meta: dict) -> dict:
+        raise ValueError(
+            f"{directory} is an engine=megatron checkpoint (tensor-parallel shards under {CHECKPOINT_SUBDIR}/): "
+            "resume it with engine=megatron and the same engine.tensor_parallel"
+        )
+
     def save_checkpoint(self, directory: Path, client_state: dict | None) -> None:
         """Collective. Rank 0 writes the loop's state (``client_state``) as ``state.pt``; each rank of
         the first data-parallel replica writes its TP shard (DP replicas hold identical copies)."""
         if client_state is not None:
-            torch.save(client_state, Path(directory) / "state.pt")
+            torch.save(client_state, Path(directory) / checkpoint.STATE_FILE)
         if self.layout.dp_rank == 0:
             path = _shard_file(directory, self.layout.tp_rank)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,4 +236,4 @@ class MegatronEngine(Engine):
                 f"now engine.tensor_parallel={self.layout.tp_size}; resume with the same value"
             )
         self.load_state_dict(shard)
-        return safe_load.load(Path(directory) / "state.pt")
+        return safe_load.load(Path(directory) / checkpoint.STATE_FILE)

@@ -14,18 +14,4 @@ def build_model(cfg: ModelConfig):
     return MODELS[cfg.name](cfg)
 
 
-def load_frozen(cfg: ModelConfig, ckpt, device):
-    """The model of a mixtrain checkpoint directory, in eval mode with gradients off (a reference or
-    scoring model that is read, never trained)."""
-    from .. import checkpoint
-
-    model = build_model(cfg)
-    state, _, _ = checkpoint.load(ckpt, rank=0)
-    model.load_state_dict(state["engine"]["model"])
-    model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-__all__ = ["MODELS", "build_model", "load_frozen", "token_losses", "frozen_token_losses", "GPT"]
+__all__ = ["MODELS", "build_model", "token_losses", "frozen_token_losses", "GPT"]
