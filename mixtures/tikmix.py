@@ -900,6 +900,16 @@ class TikmixM(TikmixD):
     Config = TikmixMConfig
     per_sample = True
 
+    def __init__(self, domains, cfg: TikmixMConfig, **context):
+        import importlib.util
+
+        if importlib.util.find_spec("lightgbm") is None:  # an optional extra: refused before step 0
+            raise MixtureConfigError(
+                "mixture.name=tikmix_m needs LightGBM for its surrogate: pip install 'mixtrain[tikmix]' "
+                "(or use mixture=tikmix_d, which needs none)"
+            )
+        super().__init__(domains, cfg, **context)
+
     @property
     def mix_sequences(self) -> int:
         """Sequences per candidate's mixed sample (the knob, or K x sequences_per_domain // 2)."""

@@ -156,6 +156,6 @@ def test_train_help_lists_every_group_and_option():
         if line.split(":")[0] in ("mixture", "engine", "model", "curriculum", "study")
     )
     for group, options in groups.items():
-        on_disk = sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+        on_disk = sorted(p.stem for p in (REPO / "trainer" / "conf" / group).glob("*.yaml"))
         assert options.split(", ") == on_disk, group
     assert len(groups) == 5 and "tikmix_m" in groups["mixture"]

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from helpers import REPO, make_shardset, tiny_config
 
-from trainer.compare import CompareError, compare, main
+from trainer.commands.compare import CompareError, compare, main
 from trainer.loop import Loop
 from trainer.tracking import read_jsonl
 

@@ -11,7 +11,7 @@ import yaml
 from helpers import make_shardset, tiny_config
 
 from mixtures import build_controller
-from trainer.export import ExportError, export, main
+from trainer.commands.export import ExportError, export, main
 from trainer.loop import Loop
 from trainer.weights_io import read_weights, write_weights
 

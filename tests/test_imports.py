@@ -110,3 +110,16 @@ def test_mixtures_import_nothing_of_the_trainer(module):
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level]
     bad = [n for n in names if n.split(".")[0] in ("trainer", "torch")]
     assert not bad, f"{module} imports {bad}: mixtures/ stays pure (numpy)"
+
+
+def test_the_runtime_never_imports_the_offline_commands():
+    """trainer.loop and everything it reaches stay clear of trainer.commands (compare, study, …)."""
+    g = graph()
+    seen, todo = set(), ["trainer.loop"]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += g.get(m, ())
+    offline = sorted(m for m in seen if m.startswith("trainer.commands"))
+    assert not offline, f"the training loop reaches {offline}"

@@ -1,4 +1,4 @@
-"""``trainer.data.ingest``: every input format round-trips, splits are stable, errors name their cause."""
+"""``trainer.commands.ingest``: every input format round-trips, splits are stable, errors name their cause."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from trainer.commands.ingest import IngestError, add_parser, ingest  # noqa: E402
 from trainer.data.indexed import IndexedTokens, write_indexed  # noqa: E402
-from trainer.data.ingest import IngestError, add_parser, ingest  # noqa: E402
 from trainer.data.shardset import ShardSet  # noqa: E402
 from trainer.data.tokenizer import get_tokenizer  # noqa: E402
 

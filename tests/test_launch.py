@@ -1,4 +1,4 @@
-"""Launch scripts (launch/) and the SLURM sweep launcher config (conf/hydra/launcher/slurm.yaml).
+"""Launch scripts (launch/) and the SLURM sweep launcher config (trainer/conf/hydra/launcher/slurm.yaml).
 
 Dry runs check the exact commands for 2 nodes x 8 GPUs; the slow tests really launch on CPU/gloo:
 two simulated nodes meeting at a c10d rendezvous on localhost (with a crash, an elastic restart and
@@ -304,7 +304,7 @@ def test_slurm_launcher_config_composes():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "trainer" / "conf")):
         cfg = compose(
             "config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True
         )

@@ -249,7 +249,6 @@ def _engine(**knobs):
         ({"tensor_parallel": 0}, 1, "engine.tensor_parallel=0; allowed: an integer >= 1"),
         ({"tensor_parallel": True}, 1, "engine.tensor_parallel=True must be an integer"),
         ({"tensor_parallel": "2"}, 2, "engine.tensor_parallel='2' must be an integer"),
-        ({"tensor_parallel": 2}, 3, "engine.tensor_parallel=2 does not divide the 3 ranks; allowed: [1, 3]"),
         ({"tensor_parallel": 4}, 4, "engine.tensor_parallel=4 does not divide model.n_head=2; allowed: [1, 2]"),
         (
             {"tensor_parallel": 2, "vocab_multiple": 63},
@@ -264,6 +263,16 @@ def test_knob_validation_names_the_knob(monkeypatch, knobs, world, message):
         load_config(_engine(**knobs))
 
 
+def test_tensor_parallel_must_divide_the_ranks():
+    """Checked where the ranks are known (the loop's layout at start), not from the environment at load."""
+    from trainer import dist
+
+    message = "engine.tensor_parallel=2 does not divide the 3 ranks; allowed: [1, 3]"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        dist.data_parallel(0, 3, 2)
+    assert dist.data_parallel(3, 4, 2) == (1, 2)
+
+
 def test_megatron_knobs_refused_with_other_engines():
     with pytest.raises(ConfigError, match=r"engine\.tensor_parallel applies to engine\.name=megatron only"):
         load_config({"engine": {"name": "torch", "tensor_parallel": 2}})
@@ -276,7 +285,7 @@ def test_megatron_knobs_refused_with_other_engines():
 def test_hydra_group_composes():
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(version_base=None, config_dir=str(REPO / "conf")):
+    with initialize_config_dir(version_base=None, config_dir=str(REPO / "trainer" / "conf")):
         raw = compose(config_name="config", overrides=["engine=megatron", "engine.tensor_parallel=1"])
     from omegaconf import OmegaConf
 

@@ -9,7 +9,7 @@ import yaml
 from trainer.config import ModelConfig
 from trainer.models import build_model, token_losses
 
-CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
+CONF = Path(__file__).resolve().parent.parent / "trainer" / "conf" / "model"
 
 
 @pytest.mark.parametrize("name,expected", [("gpt2_124m", 124_475_904), ("gpt2_350m", 354_871_296)])

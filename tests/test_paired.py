@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer.paired import paired_difference
+from trainer.commands.paired import paired_difference
 
 
 def test_paired_difference_by_hand():

@@ -1,4 +1,4 @@
-"""The planted shard set (``trainer.data.planted``), built from a tiny bytes-tokenized shard set."""
+"""The planted shard set (``trainer.commands.planted``), built from a tiny bytes-tokenized shard set."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from helpers import make_shardset
 
 from trainer import cli
+from trainer.commands import planted
 from trainer.config import DataConfig
-from trainer.data import planted
 from trainer.data.domains import load_data
 from trainer.data.indexed import IndexedTokens
 from trainer.data.shardset import MANIFEST, ShardSet

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from helpers import REPO, make_shardset, tiny_config
 
+from trainer.commands.export import main as export_main
 from trainer.data.sampler import largest_remainder
-from trainer.export import main as export_main
 from trainer.loop import Loop
 from trainer.tracking import read_jsonl
 

@@ -30,10 +30,7 @@ def _stats(loop):
 
 
 def _measure(loop, req, step=0):
-    stats = _stats(loop)
-    state = loop.signals.begin(req, step)
-    loop.signals.end(state, stats, step, np.ones(loop.K), 1)
-    return stats
+    return loop.signals.begin(req, step).finish(_stats(loop), np.ones(loop.K), 1)
 
 
 def test_wildcards_expand_to_every_target_and_validation_split(loop):
@@ -134,15 +131,14 @@ def test_per_sample_needs_a_probe_batch_and_alignments_only(loop):
 def test_auto_source_uses_the_training_batch_only_when_it_holds_every_domain(loop):
     req = Request(align=("heldout",), norms=True, source="auto", probe_sequences=4, ref_sequences=4)
     every = loop.signals.begin(req, 0, np.ones(loop.K, dtype=int))
-    assert every["source"] == "in_batch" and loop.signals.in_batch_probe(every) is loop.signals.probe
-    assert "extra" in every  # one micro-batch on one rank: the reference rides in the training batch
+    assert every.source == "in_batch" and every.probe is loop.signals.probe
+    assert every.extra  # one micro-batch on one rank: the reference rides in the training batch
     loop.signals.probe.finish(np.ones(loop.K + 1))  # close the step begun above
     missing = np.ones(loop.K, dtype=int)
     missing[1] = 0
     some = loop.signals.begin(req, 0, missing)
-    assert some["source"] == "probe_batch" and loop.signals.in_batch_probe(some) is None
-    stats = _stats(loop)
-    loop.signals.end(some, stats, 0, np.ones(loop.K), 1)
+    assert some.source == "probe_batch" and some.probe is None
+    stats = some.finish(_stats(loop), np.ones(loop.K), 1)
     assert np.all(np.isfinite(stats.norms))  # the probe batch measured every domain, the absent one too
 
 
@@ -157,15 +153,15 @@ def test_fused_reference_rows_equal_a_separate_reference_pass(loop):
 
     def step(fused: bool):
         loop.engine.fuses_reference_rows = fused
-        state = loop.signals.begin(req, 0, loop._step_counts())
-        assert ("extra" in state) == fused
-        batch = loop.signals.with_reference_rows(state, loop._batch())
-        sums, counts = loop.engine.forward_backward(batch, lw, loop.K, probe=loop.signals.in_batch_probe(state))
+        m = loop.signals.begin(req, 0, loop._step_counts())
+        assert bool(m.extra) == fused
+        batch = m.micro_batches(loop._batch())
+        sums, counts = loop.engine.forward_backward(batch, lw, loop.K, probe=m.probe)
         grad = torch.cat([p.grad.reshape(-1) for p in params]).clone()
         loop.engine.model.zero_grad(set_to_none=True)
         stats = DomainStats(step=0, lr=1e-3, loss=(sums / counts).numpy(), tokens=counts.numpy())
         t = loop.cfg.train
-        loop.signals.end(state, stats, 0, lw.numpy(), t.micro_batch * t.grad_accum * loop.cfg.data.seq_len)
+        stats = m.finish(stats, lw.numpy(), t.micro_batch * t.grad_accum * loop.cfg.data.seq_len)
         return stats, grad, sums, counts
 
     separate, g_sep, s_sep, c_sep = step(False)

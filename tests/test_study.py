@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from tests.helpers import REPO, make_shardset
-from trainer.compare import RunInfo
-from trainer.data import planted as planted_data
-from trainer.paired import SEQUENCES
-from trainer.study import Analysis, Condition, Planted, analyse, checks, dirichlet_draws, render
+from trainer.commands import planted as planted_data
+from trainer.commands.compare import RunInfo
+from trainer.commands.paired import SEQUENCES
+from trainer.commands.study import Analysis, Condition, Planted, analyse, checks, dirichlet_draws, render
 
 TINY = [
     "model.n_layer=2",

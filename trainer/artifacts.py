@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .export import yaml_text
-from .weights_io import megatron_blend, write_weights
+from .weights_io import megatron_blend, write_weights, yaml_text
 
 
 @dataclass

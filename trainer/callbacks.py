@@ -14,7 +14,10 @@ The loop calls, on every callback in order (``Loop.callbacks``):
 - ``on_end(loop, result)`` after the final evaluation and checkpoint, when the run's files are written.
 
 A callback with ``state_dict``/``load_state_dict`` and a ``name`` joins the checkpoint's stateful
-map under that name, so it resumes with the run.
+map under that name, so it resumes with the run. A feature registers a factory with
+:func:`register` (``factory(loop) -> Callback | None``, called once the engine is built, before a
+resume); the loop builds every registered one and appends the tracker last, which logs what the
+others added to a step's record.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -49,6 +53,15 @@ class Callback:
 
     def on_end(self, loop, result) -> None:
         pass
+
+
+FACTORIES: list[Callable] = []
+"""Registered callback factories, in registration order."""
+
+
+def register(factory: Callable) -> Callable:
+    FACTORIES.append(factory)
+    return factory
 
 
 def stateful(callbacks: list[Callback]) -> dict:
@@ -89,3 +102,9 @@ class FaultInjection(Callback):
         if self.t.fail_rank == -1:
             os._exit(17)  # every rank: no cleanup, like a killed job
         os.kill(os.getpid(), signal.SIGKILL)  # one rank, really killed: the others learn it from torchrun
+
+
+@register
+def _fault_injection(loop) -> Callback | None:
+    t = loop.cfg.train
+    return FaultInjection(t, loop.rank) if t.fail_at_step else None

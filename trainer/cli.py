@@ -33,7 +33,7 @@ import os
 import sys
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # package data: installed with the package
 
 USAGE = __doc__
 
@@ -57,10 +57,6 @@ def _train_app(overrides: list[str]) -> None:
                 RunConfig(name=o.split("=", 1)[1]).validate()
             except ConfigError as e:
                 refuse(e)
-    if not CONF_DIR.is_dir():
-        raise SystemExit(
-            f"mixtrain: config folder {CONF_DIR} not found (install with `pip install -e .` from the repository)"
-        )
     rank, world, _ = dist.env_world()
     if world > 1 and not any(o.startswith("hydra.run.dir=") for o in overrides):
         # Every rank runs Hydra; rank 0 picks the timestamp so all ranks agree on one run directory.
@@ -108,7 +104,8 @@ def _forget_launch(output_dir: Path) -> None:
 
 
 def _data_parser() -> argparse.ArgumentParser:
-    from .data import demo, ingest, planted
+    from .commands import ingest, planted
+    from .data import demo
 
     parser = argparse.ArgumentParser(
         prog="mixtrain data", description="Build or ingest token shards (Megatron .bin/.idx)."
@@ -120,46 +117,74 @@ def _data_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _main_job(args: list[str]) -> None:
+    print(
+        "[mixtrain] main job: DoGE proxy weight search on the demo corpus (built on first use); "
+        "trainer/conf/experiment/search.yaml, mixture.mu=0.04. `mixtrain --help` lists the commands.",
+        flush=True,
+    )
+    # DoGE's log-weight step is lr/mu; the search's peak lr is 4x the paper's 5e-4, so mu is 4x
+    # its 0.01 to keep the paper's step (with 0.01 the tiny proxy collapses onto two domains).
+    _train_app(["+experiment=search", "mixture=doge", "mixture.mu=0.04", *args])
+
+
+def _data(args: list[str]) -> None:
+    parsed = _data_parser().parse_args(args)
+    parsed.func(parsed)
+
+
+def _score(args: list[str]) -> None:
+    from .curriculum.scores import main as score_main
+
+    score_main(args)
+
+
+def _offline(module: str):
+    """A command of trainer.commands whose ``main(argv)`` returns the exit status."""
+
+    def run(args: list[str]) -> None:
+        import importlib
+
+        raise SystemExit(importlib.import_module(f".commands.{module}", __package__).main(args))
+
+    return run
+
+
+COMMANDS = {
+    "train": _train_app,
+    "search": lambda args: _train_app(["+experiment=search", *args]),
+    "data": _data,
+    "score": _score,
+    "export": _offline("export"),
+    "compare": _offline("compare"),
+    "study": _offline("study"),
+}
+"""Every ``mixtrain`` subcommand (the module docstring is their help), given the arguments after
+its name; each parses its own (Hydra for train and search, argparse for the others)."""
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    if not argv:
-        print(
-            "[mixtrain] main job: DoGE proxy weight search on the demo corpus (built on first use); "
-            "conf/experiment/search.yaml, mixture.mu=0.04. `mixtrain --help` lists the commands.",
-            flush=True,
-        )
-        # DoGE's log-weight step is lr/mu; the search's peak lr is 4x the paper's 5e-4, so mu is 4x
-        # its 0.01 to keep the paper's step (with 0.01 the tiny proxy collapses onto two domains).
-        _train_app(["+experiment=search", "mixture=doge", "mixture.mu=0.04"])
-    elif argv[0] == "search":
-        _train_app(["+experiment=search", *argv[1:]])
-    elif argv[0] in ("-h", "--help", "help"):
+    parser = argparse.ArgumentParser(
+        prog="mixtrain",
+        description=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+        epilog="Without a command: the main job (DoGE proxy weight search on the demo corpus).",
+    )
+    parser.add_argument("-h", "--help", action="store_true", help="this help")
+    parser.add_argument("command", nargs="?", choices=[*COMMANDS, "help"], metavar="COMMAND")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments (COMMAND --help)")
+    parsed = parser.parse_args(argv[:1])
+    if parsed.help or parsed.command == "help":
         print(USAGE)
-    elif argv[0] == "train":
-        _train_app(argv[1:])
-    elif argv[0] == "data":
-        args = _data_parser().parse_args(argv[1:])
-        args.func(args)
-    elif argv[0] == "score":
-        from .curriculum.scores import main as score_main
-
-        score_main(argv[1:])
-    elif argv[0] == "export":
-        from .export import main as export_main
-
-        raise SystemExit(export_main(argv[1:]))
-    elif argv[0] == "study":
-        from .study import main as study_main
-
-        raise SystemExit(study_main(argv[1:]))
-    elif argv[0] == "compare":
-        from .compare import main as compare_main
-
-        raise SystemExit(compare_main(argv[1:]))
-    else:
-        raise SystemExit(f"mixtrain: unknown command {argv[0]!r}\n{USAGE}")
+        return
+    if parsed.command is None:
+        _main_job([])
+        return
+    COMMANDS[parsed.command](argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Typed run configuration. Hydra composes YAML from ``conf/``; ``load_config`` turns the result
+"""Typed run configuration. Hydra composes YAML from ``trainer/conf/``; ``load_config`` turns the result
 into these dataclasses and validates every knob, naming it in the error.
 
 Each field's docstring is the knob's documentation (``mixtrain train --help`` lists the groups).
@@ -18,6 +18,15 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A bad knob value; the message starts with the knob's dotted name."""
+
+
+# Allowed values of the enumerated knobs, here with the knobs (the runtime imports them from here).
+POLICIES = ("cycle", "stop", "renormalize")
+"""data.exhaustion: what a domain does when its samples run out."""
+SUBSETS = ("all", "main", "holdout")
+"""data.subset: every sample, all but the curriculum proxy's holdout, or the holdout alone."""
+ORDERS = ("learnable_first", "anti")
+"""curriculum.order: learnable samples first, or the reverse (an ablation)."""
 
 
 @dataclass
@@ -107,12 +116,8 @@ class DataConfig:
         for knob in ("seq_len", "steps_per_shard", "eval_sequences"):
             if getattr(self, knob) <= 0:
                 raise ConfigError(f"data.{knob}={getattr(self, knob)} must be positive")
-        from .data.sampler import POLICIES
-
         if self.exhaustion not in POLICIES:
             raise ConfigError(f"data.exhaustion={self.exhaustion!r}; allowed: {', '.join(POLICIES)}")
-        from .curriculum.holdout import SUBSETS
-
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ConfigError(f"data.holdout_fraction={self.holdout_fraction} must be in [0, 1)")
         if self.subset not in SUBSETS:
@@ -371,12 +376,7 @@ class EngineConfig:
                 f"engine.tensor_parallel={tp!r}; allowed: an integer >= 1 that divides the number of ranks and "
                 "model.n_head"
             )
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        if world % tp:
-            raise ConfigError(
-                f"engine.tensor_parallel={tp} does not divide the {world} ranks; allowed: "
-                f"{[d for d in range(1, world + 1) if world % d == 0]}"
-            )
+        # that it divides the ranks is checked where they are known: dist.data_parallel
         if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1 or multiple % tp:
             raise ConfigError(
                 f"engine.vocab_multiple={multiple!r} must be a positive multiple of engine.tensor_parallel={tp}"
@@ -507,8 +507,6 @@ class CurriculumConfig:
             raise ConfigError(f"curriculum.f0={self.f0} must be in (0, 1]")
         if not 0.0 < self.u_full <= 1.0:
             raise ConfigError(f"curriculum.u_full={self.u_full} must be in (0, 1]")
-        from .curriculum.pacing import ORDERS
-
         if self.order not in ORDERS:
             raise ConfigError(f"curriculum.order={self.order!r}; allowed: {', '.join(ORDERS)}")
         if int(self.pool_factor) != self.pool_factor or self.pool_factor < 1:

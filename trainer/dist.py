@@ -9,6 +9,8 @@ import pickle
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 
 def env_world() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment (1 process when unset)."""
@@ -30,6 +32,11 @@ def init(backend: str = "auto") -> tuple[int, int, int]:
 def data_parallel(rank: int, world: int, tensor_parallel: int = 1) -> tuple[int, int]:
     """(data-parallel rank, size) with ``tensor_parallel`` ranks per model replica, TP-fastest as
     megatron orders them: ranks dp*TP .. dp*TP + TP - 1 form one replica and see the same data."""
+    if world % tensor_parallel:
+        raise ConfigError(
+            f"engine.tensor_parallel={tensor_parallel} does not divide the {world} ranks; allowed: "
+            f"{[d for d in range(1, world + 1) if world % d == 0]}"
+        )
     return rank // tensor_parallel, world // tensor_parallel
 
 

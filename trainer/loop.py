@@ -30,16 +30,17 @@ from mixtures import DomainStats
 
 from . import artifacts, build, checkpoint, dist, metrics, rundir
 from .artifacts import RunResult
-from .callbacks import Callback, FaultInjection, stateful
+from .callbacks import FACTORIES, Callback, stateful
 from .config import Config, ConfigError
 from .console import say
+from .curriculum import online as _online  # noqa: F401  (registers the online curriculum's callback)
 from .data.domains import load_data
 from .data.reference import reference_slice, uses_heldout, without
 from .data.sampler import DataExhausted, DomainSampler
 from .engines import MicroBatch, build_engine, checkpoint_format
 from .errors import Diverged
 from .schedule import lr_at
-from .signals import Signals, evaluation_overlap, expand_references
+from .signals import NOTHING, Signals, evaluation_overlap, expand_references
 from .tracking import Tracker
 from .train_state import ShardCursor, TrainState, upgrade
 
@@ -126,14 +127,7 @@ class Loop:
             log_every=t.log_every,
             total_steps=t.steps,
         )
-        self.callbacks: list[Callback] = []
-        if cfg.curriculum.name == "irreducible_online":
-            from .curriculum.online import OnlineProxy
-
-            holdout = build.pools(cfg, self.data, "holdout")
-            self.callbacks.append(OnlineProxy(cfg, self.data, holdout, self.rank, self.world))
-        if t.fail_at_step:
-            self.callbacks.append(FaultInjection(t, self.rank))
+        self.callbacks: list[Callback] = [cb for make in FACTORIES if (cb := make(self)) is not None]
         self.callbacks.append(self.tracker)  # last: it logs what the others added to a record
         if resume_from is not None:
             checkpoint.restore(resume_from, self.states, engine=self.engine, rank=self.rank, upgrade=upgrade)
@@ -292,17 +286,12 @@ class Loop:
         """One optimizer step with the measurements the controller asked for (at the same θ)."""
         lw = np.asarray(self.controller.loss_weights, dtype=np.float64)
         req = self.controller.request(self.step) if self.controller.adaptive else None
-        measuring = req is not None and (req.any_gradient or req.ref_model_loss)
         if self.controller.adaptive:
             lw = self._sync(lw)
-        state = self.signals.begin(req, self.step, self._step_counts()) if measuring else None
-        batch = self.signals.with_reference_rows(state, self._batch()) if measuring else self._batch()
+        measuring = req is not None and (req.any_gradient or req.ref_model_loss)
+        m = self.signals.begin(req, self.step, self._step_counts()) if measuring else NOTHING
         sums, counts = self.engine.forward_backward(
-            batch,
-            torch.from_numpy(lw),
-            self.K,
-            probe=self.signals.in_batch_probe(state) if measuring else None,
-            on_losses=self.signals.on_losses(state) if measuring else None,
+            m.micro_batches(self._batch()), torch.from_numpy(lw), self.K, probe=m.probe, on_losses=m.on_losses
         )
         reduced = dist.all_reduce_sum(torch.cat([sums, counts])).numpy()
         sums, counts = reduced[: self.K], reduced[self.K :]
@@ -314,9 +303,8 @@ class Loop:
             tokens=counts,
             sample_weights=self.plan.weights.copy(),
         )
-        if measuring:
-            t = self.cfg.train
-            self.signals.end(state, stats, self.step, lw, t.micro_batch * t.grad_accum * self.cfg.data.seq_len)
+        t = self.cfg.train
+        stats = m.finish(stats, lw, t.micro_batch * t.grad_accum * self.cfg.data.seq_len)
         bad = [d for d, ok in zip(self.data.domains, np.isfinite(stats.loss) | ~present) if not ok]
         if bad:  # never stepped: the parameters stay those of the last good step
             self._nonfinite(f"training loss not finite in {', '.join(bad)}", can_skip=self.engine.skips_nonfinite)

@@ -20,13 +20,16 @@ Batches drawn here are pure functions of (seed, step): a resumed run measures th
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-from mixtures import Request
+from mixtures import DomainStats, Request
 
 from . import checkpoint, dist
 from .config import ConfigError, ModelConfig
@@ -111,6 +114,51 @@ def load_reference_model(run_dir: str, data: DataBundle, device: torch.device) -
             f"this run uses {data.tokenizer.get('name')}"
         )
     return load_frozen(ModelConfig(**saved["model"]), ckpt, device)
+
+
+@dataclass
+class Measurement:
+    """One step's measurement, from :meth:`Signals.begin` to :meth:`finish`.
+
+    The engine reads ``probe`` (record per-domain gradient pieces in the training backward; None:
+    not this step) and ``on_losses`` (a per-micro-batch hook on the training losses; None: none);
+    the loop passes its micro-batches through :meth:`micro_batches` (which appends fused reference
+    rows) and, after the backward, calls :meth:`finish` for the step's DomainStats with the
+    requested fields filled (a new object: the one given is not changed)."""
+
+    req: Request | None = None
+    source: str = "in_batch"
+    step: int = 0
+    names: tuple[str, ...] = ()
+    probe: Probe | None = None
+    on_losses: Callable | None = None
+    extra: list[torch.Tensor] | None = None  # fused reference rows, one batch per reference
+    ref_norms: np.ndarray | None = None
+    spec: ProbeSpec | None = None  # per-sample probes start once the probe batch is drawn
+    refs: list | None = None
+    signals: Signals | None = None
+
+    def micro_batches(self, micro_batches: list) -> list:
+        """The step's micro-batches with the fused reference rows appended to the last one (group
+        K + r for reference r: after every domain, so the rows stay sorted)."""
+        if not self.extra:
+            return micro_batches
+        from .engines import MicroBatch
+
+        K, last = self.signals.K, micro_batches[-1]
+        groups = [torch.full((len(t),), K + r, dtype=last.domains.dtype) for r, t in enumerate(self.extra)]
+        tokens = torch.cat([last.tokens, *self.extra])
+        return [*micro_batches[:-1], MicroBatch(tokens, torch.cat([last.domains, *groups]))]
+
+    def finish(self, stats: DomainStats, loss_weights: np.ndarray, tokens_per_rank: int) -> DomainStats:
+        """``stats`` (global token counts) with the requested fields filled."""
+        if self.req is None:
+            return stats
+        return dataclasses.replace(stats, **self.signals._fields(self, stats.tokens, loss_weights, tokens_per_rank))
+
+
+NOTHING = Measurement()
+"""The measurement of a step that asks for none: no probe, no hook, stats unchanged."""
 
 
 class Signals:
@@ -216,47 +264,54 @@ class Signals:
         return refs, np.array(norms)
 
     # ---- per step -----------------------------------------------------------------------------
-    def begin(self, req: Request, step: int, batch_counts: np.ndarray | None = None) -> dict:
-        """Work before the training backward; returns what ``end`` needs. ``batch_counts``: sequences
-        per domain in the step's global batch (decides ``source="auto"``)."""
+    def begin(self, req: Request | None, step: int, batch_counts: np.ndarray | None = None) -> Measurement:
+        """Work before the training backward (reference gradients, the probe's start); returns the
+        step's measurement (:data:`NOTHING` when ``req`` asks for no gradient signal and no
+        reference-model loss). ``batch_counts``: sequences per domain in the step's global batch
+        (decides ``source="auto"``)."""
+        if req is None or not (req.any_gradient or req.ref_model_loss):
+            return NOTHING
         source = req.source
         if source == "auto":
             source = "in_batch" if batch_counts is not None and np.all(np.asarray(batch_counts) > 0) else "probe_batch"
-        state: dict = {"req": req, "source": source}
+        m = Measurement(req=req, source=source, step=step, signals=self)
         if req.ref_model_loss:
             if self.reference is None:
                 raise ConfigError(
                     "the controller asks for reference-model losses but no mixture.reference model is loaded"
                 )
             self._excess.zero_()
+            m.on_losses = self._excess_hook
         if req.per_sample and (source != "probe_batch" or req.norms or req.gram or not req.align):
             raise ValueError("Request.per_sample needs source='probe_batch' and alignments only (no norms/Gram)")
-        if req.any_gradient:
-            state["names"] = names = self.expand(req.align)
-            fused = ProbeSpec(
-                norms=True, gram=True, micro_batches=self._micro_batches(req, source), extra_groups=len(names)
-            )
-            if self._fuses(req, source, fused):
-                # the references as rows of the training micro-batch: one forward/backward, their
-                # alignments and norms Gram entries (end); nothing gradient-sized is kept
-                n = self._ref_count(req)
-                state["extra"] = [self._ref_batch(name, n, step, r) for r, name in enumerate(names)]
-                self.probe.start(fused)
-                return state
-            refs, state["ref_norms"] = self._reference_gradients(names, req, step)
-            spec = ProbeSpec(
-                refs=len(refs),
-                norms=req.norms or req.gram,
-                gram=req.gram,
-                sketch_dim=self.probe_cfg.sketch_dim,
-                seed=(self.seed * 1_000_003 + step) & 0x7FFFFFFF,
-                micro_batches=self._micro_batches(req, source),
-            )
-            if req.per_sample:  # started in end(), once the number of probe sequences is known
-                state["spec"], state["refs"] = spec, refs
-            else:
-                self.probe.start(spec, refs or None)
-        return state
+        if not req.any_gradient:
+            return m
+        m.names = names = self.expand(req.align)
+        m.probe = self.probe if source == "in_batch" else None
+        fused = ProbeSpec(
+            norms=True, gram=True, micro_batches=self._micro_batches(req, source), extra_groups=len(names)
+        )
+        if self._fuses(req, source, fused):
+            # the references as rows of the training micro-batch: one forward/backward, their
+            # alignments and norms Gram entries (finish); nothing gradient-sized is kept
+            n = self._ref_count(req)
+            m.extra = [self._ref_batch(name, n, step, r) for r, name in enumerate(names)]
+            self.probe.start(fused)
+            return m
+        refs, m.ref_norms = self._reference_gradients(names, req, step)
+        spec = ProbeSpec(
+            refs=len(refs),
+            norms=req.norms or req.gram,
+            gram=req.gram,
+            sketch_dim=self.probe_cfg.sketch_dim,
+            seed=(self.seed * 1_000_003 + step) & 0x7FFFFFFF,
+            micro_batches=self._micro_batches(req, source),
+        )
+        if req.per_sample:  # started once the number of probe sequences is known
+            m.spec, m.refs = spec, refs
+        else:
+            self.probe.start(spec, refs or None)
+        return m
 
     def _fuses(self, req: Request, source: str, spec: ProbeSpec) -> bool:
         """Whether this step's references ride in the training micro-batch: alignments with norms
@@ -272,23 +327,6 @@ class Signals:
             and self.probe.direct_applies(spec)
         )
 
-    def with_reference_rows(self, state: dict | None, micro_batches: list) -> list:
-        """The step's micro-batches with the fused reference rows appended to the last one (group
-        K + r for reference r: after every domain, so the rows stay sorted)."""
-        if state is None or "extra" not in state:
-            return micro_batches
-        from .engines import MicroBatch
-
-        last = micro_batches[-1]
-        tokens = torch.cat([last.tokens, *state["extra"]])
-        groups = torch.cat(
-            [
-                last.domains,
-                *[torch.full((len(t),), self.K + r, dtype=last.domains.dtype) for r, t in enumerate(state["extra"])],
-            ]
-        )
-        return [*micro_batches[:-1], MicroBatch(tokens, groups)]
-
     def _micro_batches(self, req: Request, source: str) -> int:
         """Probed micro-batches this step on this rank: the engine's accumulation steps, or the probe
         batch's chunks."""
@@ -297,23 +335,13 @@ class Signals:
         per_rank = -(-req.probe_sequences // self.probe.dp_size) * self.K
         return -(-per_rank // _PROBE_CHUNK)
 
-    def in_batch_probe(self, state: dict) -> Probe | None:
-        req = state["req"]
-        return self.probe if req.any_gradient and state["source"] == "in_batch" else None
-
-    def on_losses(self, state: dict):
-        """Per-micro-batch hook for the engine (excess loss against the reference model), or None."""
-        if not state["req"].ref_model_loss:
-            return None
-
-        @torch.no_grad()
-        def hook(tokens: torch.Tensor, domains: torch.Tensor, losses: torch.Tensor) -> None:
-            ref = frozen_token_losses(self.reference, tokens)
-            excess = (losses.detach() - ref).clamp_min(0).double().sum(dim=1).cpu()
-            self._excess[0].index_add_(0, domains.cpu(), excess)
-            self._excess[1].index_add_(0, domains.cpu(), ref.double().sum(dim=1).cpu())
-
-        return hook
+    @torch.no_grad()
+    def _excess_hook(self, tokens: torch.Tensor, domains: torch.Tensor, losses: torch.Tensor) -> None:
+        """Per micro-batch (the engine's ``on_losses``): the excess loss over the reference model."""
+        ref = frozen_token_losses(self.reference, tokens)
+        excess = (losses.detach() - ref).clamp_min(0).double().sum(dim=1).cpu()
+        self._excess[0].index_add_(0, domains.cpu(), excess)
+        self._excess[1].index_add_(0, domains.cpu(), ref.double().sum(dim=1).cpu())
 
     def _probe_batch(self, req: Request, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """``probe_sequences`` per domain (rounded up to a multiple of the ranks), split over ranks,
@@ -332,13 +360,15 @@ class Signals:
         cat = lambda parts: torch.from_numpy(np.concatenate(parts))  # noqa: E731
         return cat(rows), cat(doms), cat(ids), per_domain * self.K
 
-    def _run_probe_batch(self, req: Request, state: dict, step: int) -> np.ndarray:
+    def _run_probe_batch(self, m: Measurement) -> tuple[np.ndarray, np.ndarray | None]:
         """Forward/backward of the probe batch in chunks, without touching the training gradient;
-        returns the per-group scale that turns summed token-loss gradients into token means."""
-        tokens, doms, ids, n_global = self._probe_batch(req, step)
+        returns the per-group scale that turns summed token-loss gradients into token means, and
+        (per-sample requests) each probed sequence's domain."""
+        req = m.req
+        tokens, doms, ids, n_global = self._probe_batch(req, m.step)
         groups = ids if req.per_sample else doms
         if req.per_sample:
-            self.probe.start(state["spec"], state["refs"], groups=n_global)
+            self.probe.start(m.spec, m.refs, groups=n_global)
         params = [p for p in self.engine.model.parameters() if p.requires_grad]
         for s in range(0, len(tokens), _PROBE_CHUNK):
             chunk = tokens[s : s + _PROBE_CHUNK].to(self.engine.device)
@@ -349,42 +379,41 @@ class Signals:
                 torch.autograd.grad(losses.sum(), params)
         seq_tokens = tokens.shape[1] - 1
         if req.per_sample:
-            state["sample_domain"] = np.repeat(np.arange(self.K), n_global // self.K)
-            return np.full(n_global, 1.0 / seq_tokens)
+            return np.full(n_global, 1.0 / seq_tokens), np.repeat(np.arange(self.K), n_global // self.K)
         n = self.probe.dp_sum(torch.bincount(doms, minlength=self.K).double() * seq_tokens).numpy()
-        return 1.0 / np.where(n > 0, n, np.nan)
+        return 1.0 / np.where(n > 0, n, np.nan), None
 
-    def end(self, state: dict, stats, step: int, loss_weights: np.ndarray, tokens_per_rank: int) -> None:
-        """Fill the requested fields of ``stats`` (a DomainStats with global token counts)."""
-        req = state["req"]
-        if req.any_gradient and "extra" in state:
-            counts = stats.tokens
-            ref_tokens = np.array([t.shape[0] * (t.shape[1] - 1) for t in state["extra"]], dtype=np.float64)
+    def _fields(self, m: Measurement, counts: np.ndarray, loss_weights: np.ndarray, tokens_per_rank: int) -> dict:
+        """The DomainStats fields the request asked for (``counts``: global tokens per domain)."""
+        req, out = m.req, {}
+        if req.any_gradient and m.extra:
+            ref_tokens = np.array([t.shape[0] * (t.shape[1] - 1) for t in m.extra], dtype=np.float64)
             scale = np.concatenate(
                 [tokens_per_rank / np.where(counts > 0, loss_weights * counts, np.nan), tokens_per_rank / ref_tokens]
             )  # reference rows weigh 1 in the objective
             gram = self.probe.finish(scale).gram
-            stats.align = gram[: self.K, self.K :]
-            stats.ref_norms = np.sqrt(np.diag(gram)[self.K :])
-            stats.norms = np.sqrt(np.diag(gram)[: self.K]) if req.norms else None
-            stats.gram = gram[: self.K, : self.K] if req.gram else None
-            stats.align_names = state["names"]
+            out["align"] = gram[: self.K, self.K :]
+            out["ref_norms"] = np.sqrt(np.diag(gram)[self.K :])
+            out["norms"] = np.sqrt(np.diag(gram)[: self.K]) if req.norms else None
+            out["gram"] = gram[: self.K, : self.K] if req.gram else None
+            out["align_names"] = m.names
         elif req.any_gradient:
-            if state["source"] == "probe_batch":
-                scale = self._run_probe_batch(req, state, step)
+            sample_domain = None
+            if m.source == "probe_batch":
+                scale, sample_domain = self._run_probe_batch(m)
             else:
-                counts = stats.tokens
                 scale = tokens_per_rank / np.where(counts > 0, loss_weights * counts, np.nan)
             result = self.probe.finish(scale)
-            stats.align, stats.norms, stats.gram = result.align, result.norms, result.gram
+            out.update(align=result.align, norms=result.norms, gram=result.gram)
             if req.per_sample:
-                stats.sample_align, stats.sample_domain = result.align, state["sample_domain"]
+                out.update(sample_align=result.align, sample_domain=sample_domain)
                 # equal-length sequences: a domain's token-mean gradient is the mean of its sequences'
-                stats.align = np.stack([result.align[state["sample_domain"] == d].mean(axis=0) for d in range(self.K)])
-            stats.ref_norms = state.get("ref_norms")
-            stats.align_names = state["names"]
+                out["align"] = np.stack([result.align[sample_domain == d].mean(axis=0) for d in range(self.K)])
+            out["ref_norms"] = m.ref_norms
+            out["align_names"] = m.names
         if req.ref_model_loss:
             total = dist.all_reduce_sum(self._excess.clone()).numpy()
             with np.errstate(invalid="ignore", divide="ignore"):
-                stats.excess_loss = total[0] / stats.tokens
-                stats.ref_loss = total[1] / stats.tokens
+                out["excess_loss"] = total[0] / counts
+                out["ref_loss"] = total[1] / counts
+        return out

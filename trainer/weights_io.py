@@ -12,6 +12,8 @@ import json
 import math
 from pathlib import Path
 
+import yaml
+
 from .config import ConfigError
 
 
@@ -82,3 +84,10 @@ def write_weights(
 def megatron_blend(domains: list[str], weights, prefixes: list[str]) -> str:
     """``--data-path w1 p1 w2 p2 ...`` (Megatron normalises relative weights itself)."""
     return " ".join(f"{float(w):.6f} {p}" for d, w, p in zip(domains, weights, prefixes) if w > 0)
+
+
+def yaml_text(weights: dict[str, float], *, origin: str, which: str) -> str:
+    head = (
+        f"# Domain weights of {origin} ({which}).\n#   mixtrain train mixture=static mixture.weights_from=THIS_FILE\n"
+    )
+    return head + yaml.safe_dump(weights, sort_keys=False, default_flow_style=False)

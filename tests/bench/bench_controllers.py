@@ -16,7 +16,7 @@ a short benchmark run would overstate it: its ratio is also given amortised over
 Configurations:
 
   small   model=small (4 layers, d = 256, GPT-2 vocabulary: 16M parameters), global batch 32 x 128
-  search  the main job's proxy search: model=tiny, global batch 8 x 128 (conf/experiment/search.yaml)
+  search  the main job's proxy search: model=tiny, global batch 8 x 128 (trainer/conf/experiment/search.yaml)
 
 Besides the ratio it prints where the extra time goes (seconds per step): reference gradients,
 the probe batch, the probe's reduction and products, the reference model's forward (DoReMi) and the
@@ -26,6 +26,7 @@ controller's own update.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import shutil
 import sys
@@ -116,21 +117,22 @@ def wrap_controller(loop: Loop, clock: Clock) -> None:
     loop.controller.observe = observed
     if loop.reference is None:
         return
-    on_losses = loop.signals.on_losses
+    begin = loop.signals.begin
 
-    def hooked(state):
-        hook = on_losses(state)
+    def begun(*args, **kwargs):
+        m = begin(*args, **kwargs)
+        hook = m.on_losses
         if hook is None:
-            return None
+            return m
 
-        def timed(*args):
+        def timed(*hook_args):
             t = time.perf_counter()
-            hook(*args)
+            hook(*hook_args)
             clock.parts[clock.current]["reference model"] += time.perf_counter() - t
 
-        return timed
+        return dataclasses.replace(m, on_losses=timed)
 
-    loop.signals.on_losses = hooked
+    loop.signals.begin = begun
 
 
 def bench(

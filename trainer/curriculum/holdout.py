@@ -27,7 +27,8 @@ import hashlib
 
 import numpy as np
 
-SUBSETS = ("all", "main", "holdout")
+from ..config import SUBSETS
+
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 
 

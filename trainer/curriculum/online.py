@@ -31,8 +31,8 @@ import dataclasses
 import numpy as np
 import torch
 
-from .. import dist
-from ..callbacks import Callback
+from .. import build, dist
+from ..callbacks import Callback, register
 from ..config import Config, ModelConfig
 from ..data.sampler import DomainSampler, SamplerState, ShardPlan
 from ..engines.base import MicroBatch
@@ -165,3 +165,11 @@ class OnlineProxy(Callback):
             self.next_shard()  # re-plan the shard in progress: the same pure function
         else:
             self.sampler.load_state_dict(state["state"])
+
+
+@register
+def _online_curriculum(loop) -> OnlineProxy | None:
+    cfg = loop.cfg
+    if cfg.curriculum.name != "irreducible_online":
+        return None
+    return OnlineProxy(cfg, loop.data, build.pools(cfg, loop.data, "holdout"), loop.rank, loop.world)

@@ -31,11 +31,10 @@ import math
 
 import numpy as np
 
+from ..config import ORDERS
 from ..data.sampler import Cursor, SampleOrder, Taken
 
 _PACE_STREAM, _POOL_STREAM = 5, 6  # the sampler uses 1 and 2, the signals 3 and 4
-
-ORDERS = ("learnable_first", "anti")
 
 
 def pacing_fraction(u: float, f0: float, u_full: float) -> float:

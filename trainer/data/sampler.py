@@ -31,7 +31,8 @@ from functools import lru_cache
 
 import numpy as np
 
-POLICIES = ("cycle", "stop", "renormalize")
+from ..config import POLICIES
+
 _PERM_STREAM, _ORDER_STREAM = 1, 2  # separate RNG streams for epoch permutations and shard order
 
 

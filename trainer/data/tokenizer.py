@@ -6,7 +6,7 @@ fetched at run time, which is why ``tiktoken.get_encoding("gpt2")`` is never cal
 
 ``bytes`` (vocabulary 257: 256 byte values + EOD) needs no files and keeps unit tests fast.
 :func:`load_tokenizer_json` opens a BPE trained with the ``tokenizers`` library (the planted shard
-set, ``trainer.data.planted``, ships one as ``tokenizer.json``).
+set, ``trainer.commands.planted``, ships one as ``tokenizer.json``).
 Every shard set records ``identity()`` so data tokenized one way is never read with another.
 """
 

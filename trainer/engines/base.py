@@ -8,6 +8,7 @@ checkpoint layout) is the loop's.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,16 +51,68 @@ class Engine(ABC):
         else:
             self.device = torch.device("cpu")
 
-    @abstractmethod
     def forward_backward(
         self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int, probe=None, on_losses=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate gradients of mean-token loss (weighted per domain) over the micro-batches.
 
         ``probe``: a ``trainer.probe.Probe`` to record per-domain gradient pieces in the same
-        backward; ``on_losses(tokens, domains, token_losses)``: called per micro-batch (DoReMi's
-        reference-model pass). Returns this rank's per-domain (sum of token losses, token count),
-        both float64 [K]."""
+        backward; ``on_losses(tokens, domains, token_losses)``: called per micro-batch on its
+        training rows (DoReMi's reference-model pass). Returns this rank's per-domain (sum of token
+        losses, token count), both float64 [K].
+
+        The one micro-batch loop of every engine; an engine overrides only the steps that differ:
+        :meth:`_begin_step`, :meth:`_accumulating`, :meth:`_training_losses`, :meth:`_backward`,
+        :meth:`_after_micro_batch`, :meth:`_end_step` and ``_accounts_losses``."""
+        self._begin_step(micro_batches, probe)
+        sums, counts, tokens_per_rank, lw = self._step_buffers(micro_batches, loss_weights, num_domains)
+        last = len(micro_batches) - 1
+        for i, mb in enumerate(micro_batches):
+            recording = probe.micro_batch(mb.domains) if probe is not None else contextlib.nullcontext()
+            tokens, doms = mb.tokens.to(self.device), mb.domains.to(self.device)
+            with self._accumulating(i == last), recording:
+                losses = self._training_losses(tokens)  # [b, T], fp32
+                objective = (losses.float() * lw[doms].unsqueeze(1)).sum() / tokens_per_rank
+                self._backward(objective)
+            self._after_micro_batch(i == last)
+            if not self._accounts_losses:
+                continue
+            if on_losses is not None:
+                train = mb.domains < num_domains
+                if bool(train.all()):
+                    on_losses(tokens, mb.domains, losses.detach())
+                else:  # reference rows ride in this micro-batch: the hook sees the training rows only
+                    on_device = train.to(tokens.device)
+                    on_losses(tokens[on_device], mb.domains[train], losses.detach()[on_device])
+            self._add_losses(sums, counts, mb.domains, losses)
+        self._end_step()
+        return sums, counts
+
+    # ---- the steps of the micro-batch loop an engine may override --------------------------------
+    _accounts_losses = True
+    """Whether this rank returns loss sums (tensor-parallel ranks > 0 return zeros: each token
+    counts once in the loop's all-reduce)."""
+
+    def _begin_step(self, micro_batches: list[MicroBatch], probe) -> None:
+        """Checks before the first micro-batch."""
+
+    def _accumulating(self, last: bool):
+        """The context of one micro-batch's forward/backward (DDP's no_sync before the last)."""
+        return contextlib.nullcontext()
+
+    def _training_losses(self, tokens: torch.Tensor) -> torch.Tensor:
+        from ..models import token_losses
+
+        return token_losses(self.model, tokens)
+
+    def _backward(self, objective: torch.Tensor) -> None:
+        objective.backward()
+
+    def _after_micro_batch(self, last: bool) -> None:
+        """After a micro-batch's backward, outside the probe's recording."""
+
+    def _end_step(self) -> None:
+        """After the last micro-batch (a gradient reduction left to the end)."""
 
     def _step_buffers(self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int):
         """What a forward_backward starts from: zeroed per-domain (loss sums, token counts), this

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import importlib.util
 import io
 import logging
 import os
@@ -185,6 +186,8 @@ class DeepSpeedEngine(Engine):
     skips_nonfinite = False  # DeepSpeed reports the norm of the step it took (its fp32 path checks nothing)
 
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, train_cfg: TrainConfig):
+        if importlib.util.find_spec("deepspeed") is None:  # an optional extra: refused before step 0
+            raise ConfigError("engine=deepspeed needs DeepSpeed: pip install 'mixtrain[deepspeed]'")
         self._join(engine_cfg)
         if self.device.type == "cpu" and engine_cfg.precision == "fp16":
             raise ConfigError(
@@ -302,9 +305,7 @@ class DeepSpeedEngine(Engine):
                 "engine.offload_param=cpu or none, or engine.zero3_whole_params=true, or use a loss-only controller"
             )
 
-    def forward_backward(
-        self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int, probe=None, on_losses=None
-    ):
+    def _begin_step(self, micro_batches: list[MicroBatch], probe) -> None:
         self._check_probe(probe)
         gas = self.ds.gradient_accumulation_steps()
         if len(micro_batches) != gas:
@@ -312,24 +313,20 @@ class DeepSpeedEngine(Engine):
                 f"engine=deepspeed was configured for train.grad_accum={gas} micro-batches per step, got "
                 f"{len(micro_batches)}"
             )
-        sums, counts, tokens_per_rank, lw = self._step_buffers(micro_batches, loss_weights, num_domains)
-        for i, mb in enumerate(micro_batches):
-            recording = probe.micro_batch(mb.domains) if probe is not None else contextlib.nullcontext()
-            tokens, doms = mb.tokens.to(self.device), mb.domains.to(self.device)
-            with recording:
-                self._training_forward = True
-                try:
-                    losses = token_losses(self.ds, tokens)  # [b, T], fp32 (the loss is taken in fp32)
-                finally:
-                    self._training_forward = False
-                objective = (losses.float() * lw[doms].unsqueeze(1)).sum() / tokens_per_rank
-                self.ds.backward(objective, scale_wrt_gas=False)
-            if i < len(micro_batches) - 1:
-                self.ds.step()  # not a boundary: DeepSpeed's micro-step bookkeeping only
-            if on_losses is not None:
-                on_losses(tokens, mb.domains, losses.detach())
-            self._add_losses(sums, counts, mb.domains, losses)
-        return sums, counts
+
+    def _training_losses(self, tokens: torch.Tensor) -> torch.Tensor:
+        self._training_forward = True
+        try:
+            return token_losses(self.ds, tokens)  # [b, T], fp32 (the loss is taken in fp32)
+        finally:
+            self._training_forward = False
+
+    def _backward(self, objective: torch.Tensor) -> None:
+        self.ds.backward(objective, scale_wrt_gas=False)
+
+    def _after_micro_batch(self, last: bool) -> None:
+        if not last:
+            self.ds.step()  # not a boundary: DeepSpeed's micro-step bookkeeping only
 
     def _local_grad_norm(self) -> float | None:
         """ZeRO-0 fp32 clips in DeepSpeed without keeping the norm: take it from the (already

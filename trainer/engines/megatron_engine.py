@@ -26,15 +26,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
 
 from .. import checkpoint, safe_load
 from ..config import ConfigError, EngineConfig, ModelConfig, TrainConfig
-from ..models import token_losses
-from .base import Engine, MicroBatch, register
+from .base import Engine, register
 from .torch_ddp import adamw
 
 CHECKPOINT_SUBDIR = "megatron"
@@ -115,30 +113,14 @@ class MegatronEngine(Engine):
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     @property
-    def _counts_here(self) -> bool:
+    def _accounts_losses(self) -> bool:
         return self.layout.tp_rank == 0
 
     # ---- the contract -------------------------------------------------------------------------
-    def forward_backward(
-        self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int, probe=None, on_losses=None
-    ):
-        # megatron's DDP averages over the DP group: with this replica's tokens per step as the
-        # denominator, the gradient is the mean over all tokens of the step
-        sums, counts, tokens_per_rank, lw = self._step_buffers(micro_batches, loss_weights, num_domains)
-        for mb in micro_batches:
-            recording = probe.micro_batch(mb.domains) if probe is not None else contextlib.nullcontext()
-            tokens, doms = mb.tokens.to(self.device), mb.domains.to(self.device)
-            with recording:
-                losses = token_losses(self.model, tokens)  # [b, T]
-                objective = (losses * lw[doms].unsqueeze(1)).sum() / tokens_per_rank
-                objective.backward()
-            if not self._counts_here:
-                continue
-            if on_losses is not None:
-                on_losses(tokens, mb.domains, losses.detach())
-            self._add_losses(sums, counts, mb.domains, losses)
+    # megatron's DDP averages over the DP group: with this replica's tokens per step as the
+    # denominator (the base loop's), the gradient is the mean over all tokens of the step
+    def _end_step(self) -> None:
         self.ddp.finish_grad_sync()  # all-reduce (mean) of main_grad over the data-parallel group
-        return sums, counts
 
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the reduced gradient (float64): shards summed over TP, replicas once."""
@@ -190,7 +172,7 @@ class MegatronEngine(Engine):
     def sequence_loss_sums(self, batch: torch.Tensor) -> torch.Tensor:
         """Collective over the TP group (every TP rank runs the forward); counted on TP rank 0."""
         sums = super().sequence_loss_sums(batch)
-        return sums if self._counts_here else torch.zeros_like(sums)
+        return sums if self._accounts_losses else torch.zeros_like(sums)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     @classmethod

@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .. import dist
 from ..config import EngineConfig, ModelConfig, TrainConfig
 from ..models import build_model, token_losses
-from .base import Engine, MicroBatch, register
+from .base import Engine, register
 
 
 def adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -34,24 +34,11 @@ class TorchEngine(Engine):
         self.wrapped = DDP(self.model) if dist.active() else self.model
         self.optimizer = adamw(self.model, train_cfg)
 
-    def forward_backward(
-        self, micro_batches: list[MicroBatch], loss_weights: torch.Tensor, num_domains: int, probe=None, on_losses=None
-    ):
-        sums, counts, tokens_per_rank, lw = self._step_buffers(micro_batches, loss_weights, num_domains)
-        for i, mb in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not isinstance(self.wrapped, DDP) else self.wrapped.no_sync()
-            recording = probe.micro_batch(mb.domains) if probe is not None else contextlib.nullcontext()
-            tokens, doms = mb.tokens.to(self.device), mb.domains.to(self.device)
-            with sync, recording:
-                losses = token_losses(self.wrapped, tokens)  # [b, T]
-                objective = (losses * lw[doms].unsqueeze(1)).sum() / tokens_per_rank
-                objective.backward()
-            if on_losses is not None:
-                train = mb.domains < num_domains
-                on_losses(tokens[train.to(tokens.device)], mb.domains[train], losses.detach()[train.to(tokens.device)])
-            self._add_losses(sums, counts, mb.domains, losses)
-        return sums, counts
+    def _accumulating(self, last: bool):
+        return self.wrapped.no_sync() if not last and isinstance(self.wrapped, DDP) else contextlib.nullcontext()
+
+    def _training_losses(self, tokens: torch.Tensor) -> torch.Tensor:
+        return token_losses(self.wrapped, tokens)
 
     def optimizer_step(self, lr: float) -> float:
         for group in self.optimizer.param_groups:

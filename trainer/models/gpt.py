@@ -1,6 +1,6 @@
 """A GPT-2-shaped decoder: pre-norm blocks, scaled-dot-product attention, learned positions,
 optionally tied input embedding and LM head. Sizes from a CPU-sized tiny model to GPT-2 350M come
-from ``conf/model/``. Its Linear, Embedding and LayerNorm layers are the probe-aware subclasses of
+from ``trainer/conf/model/``. Its Linear, Embedding and LayerNorm layers are the probe-aware subclasses of
 ``layers.py``: stock modules unless a ``trainer.probe.Probe`` records a micro-batch."""
 
 from __future__ import annotations

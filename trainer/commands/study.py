@@ -19,7 +19,7 @@ Three phases, each a set of ordinary mixtrain runs under ``OUT`` (default ``runs
    validation loss is ``random_best``). Up to ``--jobs`` at once.
 2. **Main runs**: ONE Hydra multirun, printed before it starts so it can be rerun by hand,
    ``mixtrain train -m +experiment=study +study=<conditions> train.seed=<seeds> data.path=<planted>``
-   with ``MIXTRAIN_STUDY=OUT`` in the environment (``conf/study/`` reads the proxies' weights and
+   with ``MIXTRAIN_STUDY=OUT`` in the environment (``trainer/conf/study/`` reads the proxies' weights and
    the oracle's from there). Every condition trains the same model for the same tokens;
    ``dga_humaneval`` runs DGA online on the main model toward the HumanEval few-shot pool.
 3. **Comparison**: ``mixtrain compare OUT/main --out OUT`` (every run, plots) and ``OUT/study.md``:
@@ -64,7 +64,7 @@ CONDITIONS = (
     "dga_humaneval",
     "random_best",
 )
-"""conf/study/<name>.yaml."""
+"""trainer/conf/study/<name>.yaml."""
 
 STATIC = (
     "uniform",
@@ -177,7 +177,7 @@ def prepare_data(data: str | None, source: str | None, out: Path) -> Planted:
     """The planted shard set: ``--data`` as given, or built (cached) from ``--source`` / the demo corpus."""
     if data:
         return Planted.load(Path(data).resolve())
-    from .data.planted import build_planted
+    from .planted import build_planted
 
     print(f"[study] data: the planted shard set from {source or 'the demo corpus'} (built on first use)", flush=True)
     return Planted.load(build_planted(source, quiet=True).resolve())

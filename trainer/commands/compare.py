@@ -650,7 +650,7 @@ def plot_bars(plt, runs: list[RunInfo], groups: list[SeedGroup], targets: list[s
 def write_plots(
     runs: list[RunInfo], groups: list[SeedGroup], domains: list[str], targets: list[str], out: Path
 ) -> list[Path]:
-    from .plots import _pyplot
+    from ..plots import _pyplot
 
     plt = _pyplot()
     return [

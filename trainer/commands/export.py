@@ -42,7 +42,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, DataConfig
+from ..config import ConfigError, DataConfig
+from ..weights_io import yaml_text
 
 FORMATS = ("megatron", "json", "yaml")
 SPLITS = ("train", "valid")
@@ -72,7 +73,7 @@ def _weights_file(run: Path) -> Path:
 
 def load_weights(run: str | os.PathLike, which: str = "average") -> dict[str, float]:
     """Domain -> weight from a run directory or a weights file; ``which`` is ``average`` or ``final``."""
-    from .weights_io import read_weights
+    from ..weights_io import read_weights
 
     if which not in WEIGHTS:
         raise ExportError(f"--weights={which!r}; allowed: {', '.join(WEIGHTS)}")
@@ -121,7 +122,7 @@ def _data_config(run: Path) -> tuple[dict, Path]:
 
 
 def _check_pair(prefix: str, where: str) -> str:
-    from .data.indexed import exists
+    from ..data.indexed import exists
 
     if not exists(prefix):
         raise ExportError(
@@ -137,8 +138,8 @@ def _check_pair(prefix: str, where: str) -> str:
 
 
 def _shardset_prefixes(root: str | os.PathLike, where: str) -> dict[str, dict[str, str]]:
-    from .data.indexed import IndexedTokens
-    from .data.shardset import ShardSet
+    from ..data.indexed import IndexedTokens
+    from ..data.shardset import ShardSet
 
     root = Path(os.path.abspath(root))
     try:
@@ -189,7 +190,7 @@ def resolve_prefixes(run: str | os.PathLike | None, data: str | os.PathLike | No
         return _shardset_prefixes(cfg.path, f"data.path={cfg.path!r} in {src}")
     if cfg.source == "demo":
         # Finds the cached demo corpus the run used (it builds it only if the cache was removed).
-        from .data.domains import _shardset
+        from ..data.domains import _shardset
 
         return _shardset_prefixes(_shardset(cfg, quiet=True).root, f"demo corpus of {src}")
     raise ExportError(f"data.source={cfg.source!r} in {src}; expected demo, path or prefixes")
@@ -247,13 +248,6 @@ def per_split_json(weights, prefixes) -> dict:
         if any("test" in s for s in prefixes.values())
         else None,
     }
-
-
-def yaml_text(weights: dict[str, float], *, origin: str, which: str) -> str:
-    head = (
-        f"# Domain weights of {origin} ({which}).\n#   mixtrain train mixture=static mixture.weights_from=THIS_FILE\n"
-    )
-    return head + yaml.safe_dump(weights, sort_keys=False, default_flow_style=False)
 
 
 def export(
