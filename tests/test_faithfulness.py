@@ -130,14 +130,15 @@ def test_steering_on_evaluation_data_is_said(six_domains, tmp_path, capsys):
 
 
 def test_a_skipped_step_stays_out_of_the_time_average(six_domains, tmp_path, monkeypatch):
-    end = signals_module.Signals.end
+    finish = signals_module.Measurement.finish
 
-    def end_with_a_bad_step(self, state, stats, step, *args):
-        end(self, state, stats, step, *args)
-        if step == 3:
-            stats.align = np.full_like(stats.align, np.nan)
+    def finish_with_a_bad_step(self, stats, *args):
+        out = finish(self, stats, *args)
+        if self.step == 3:
+            out.align = np.full_like(out.align, np.nan)
+        return out
 
-    monkeypatch.setattr(signals_module.Signals, "end", end_with_a_bad_step)
+    monkeypatch.setattr(signals_module.Measurement, "finish", finish_with_a_bad_step)
     loop = Loop(tiny_config(six_domains, tmp_path / "run", mixture={"name": "doge", "mu": 0.01}, **{"train.steps": 6}))
     updates, observe = [], loop.controller.observe
 
