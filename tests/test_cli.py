@@ -131,6 +131,19 @@ def test_torchrun_ranks_agree_on_the_run_directory(tmp_path, data):
     )
 
 
+def test_a_refusal_on_two_ranks_is_one_line_from_rank_0(tmp_path, data):
+    """Both ranks refuse alike (nothing trains, nothing is written) and the message is printed once."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer.cli"]
+    args = ["train", *TINY, f"data.path={data}", "run.wandb=disabled", "train.fail_at_step=2", "train.fail_rank=5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([*cmd, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "mixtrain: error:" in line]
+    assert len(said) == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert said[0].endswith("mixtrain: error: train.fail_rank=5 names no rank of this 2-rank job")
+    assert not (tmp_path / "runs").exists()  # Hydra's folder of the refused launch is gone on every rank
+
+
 def test_help_lists_commands():
     proc = subprocess.run(
         [sys.executable, "-m", "trainer.cli", "--help"],
