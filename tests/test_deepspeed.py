@@ -369,6 +369,10 @@ def test_deepspeed_knobs_refused_with_torch_engine():
 def test_hydra_group_composes():
     from hydra import compose, initialize_config_dir
 
+    from trainer import schema
+
+    schema.register()  # config.yaml starts from the structured schema
+
     with initialize_config_dir(version_base=None, config_dir=str(REPO / "trainer" / "conf")):
         cfg = compose(
             config_name="config",

@@ -304,6 +304,10 @@ def test_slurm_launcher_config_composes():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
     from hydra import compose, initialize_config_dir
 
+    from trainer import schema
+
+    schema.register()  # config.yaml starts from the structured schema
+
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "trainer" / "conf")):
         cfg = compose(
             "config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True

@@ -285,6 +285,10 @@ def test_megatron_knobs_refused_with_other_engines():
 def test_hydra_group_composes():
     from hydra import compose, initialize_config_dir
 
+    from trainer import schema
+
+    schema.register()  # config.yaml starts from the structured schema
+
     with initialize_config_dir(version_base=None, config_dir=str(REPO / "trainer" / "conf")):
         raw = compose(config_name="config", overrides=["engine=megatron", "engine.tensor_parallel=1"])
     from omegaconf import OmegaConf

@@ -43,20 +43,19 @@ def _train_app(overrides: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from . import dist
-    from .config import load_config
+    from . import dist, schema
+    from .config import ConfigError, RunConfig, load_config
     from .loop import run
     from .refusal import refusals, refuse
 
-    for o in overrides:  # Hydra makes runs/<run.name>-<time> before the config is validated
-        if o.startswith("run.name=") and "${" not in o:
-            from .config import ConfigError, RunConfig
-            from .refusal import refuse
-
-            try:
+    try:  # before Hydra makes runs/<run.name>-<time>: a refused knob leaves nothing behind
+        overrides = schema.normalise(overrides)
+        for o in overrides:
+            if o.startswith("run.name=") and "${" not in o:
                 RunConfig(name=o.split("=", 1)[1]).validate()
-            except ConfigError as e:
-                refuse(e)
+    except ConfigError as e:
+        refuse(e)
+    schema.register()
     rank, world, _ = dist.env_world()
     if world > 1 and not any(o.startswith("hydra.run.dir=") for o in overrides):
         # Every rank runs Hydra; rank 0 picks the timestamp so all ranks agree on one run directory.
