@@ -10,7 +10,7 @@
   accumulation, clipping, gradient norm, probe alignments and norms, on_losses, load_state_dict;
 - knob validation, the ds_config built from them, checkpoint layout, atomicity and engine mismatch.
 
-ZeRO-3 runs both ways: with engine.zero3_whole_params=true ("3") and with DeepSpeed's own
+ZeRO-3 runs both ways: with engine.deepspeed.zero3_whole_params=true ("3") and with DeepSpeed's own
 partitioned parameters ("3p", the default): the probe reads their full shapes (ds_shape), so gradient
 controllers match engine=torch there too. Only nvme-offloaded partitioned parameters refuse gradient
 signals (untested), with a ConfigError naming the knobs.
@@ -28,7 +28,7 @@ import pytest
 from helpers import REPO, losses_by_step, make_shardset, run_torchrun, tiny_values
 
 from trainer import checkpoint, engines
-from trainer.config import ConfigError, EngineConfig, TrainConfig, load_config
+from trainer.config import ConfigError, DeepSpeedConfig, EngineConfig, TrainConfig, load_config
 from trainer.engines.deepspeed_engine import build_ds_config
 
 SCRIPT = REPO / "tests" / "scripts" / "run_config.py"
@@ -44,12 +44,12 @@ DGA = {
     "target_sequences": 4,
 }
 ZERO = {
-    0: {"zero_stage": 0},
-    1: {"zero_stage": 1},
-    2: {"zero_stage": 2},
-    3: {"zero_stage": 3, "zero3_whole_params": True},
-    "3p": {"zero_stage": 3},
-}  # 3p: partitioned parameters (engine.zero3_whole_params=false)
+    0: {"deepspeed": {"zero_stage": 0}},
+    1: {"deepspeed": {"zero_stage": 1}},
+    2: {"deepspeed": {"zero_stage": 2}},
+    3: {"deepspeed": {"zero_stage": 3, "zero3_whole_params": True}},
+    "3p": {"deepspeed": {"zero_stage": 3}},
+}  # 3p: partitioned parameters (engine.deepspeed.zero3_whole_params=false)
 
 
 def _values(data, run_dir, engine: dict, mixture=None, **extra):
@@ -174,7 +174,7 @@ def test_partitioned_zero3_loss_only_matches_and_resumes(runs):
     controller trains like engine=torch and resumes exactly (gradient controllers: the "3p" runs)."""
     root, data = runs["root"], runs["data"]
     mixture = {"name": "test_loss_softmax", "tau": 0.5}
-    engine = {"name": "deepspeed", "zero_stage": 3}
+    engine = {"name": "deepspeed", "deepspeed": {"zero_stage": 3}}
     for name, eng in (("loss_torch", {}), ("loss_zero3", engine)):
         proc = _launch(_values(data, root / name, eng, mixture), root / f"{name}.json")
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -196,13 +196,20 @@ def test_partitioned_nvme_offload_refuses_gradient_signals():
 
     from trainer.engines.deepspeed_engine import DeepSpeedEngine
 
-    cfg = EngineConfig(name="deepspeed", zero_stage=3, offload_param="nvme", offload_nvme_path="/nvme")
-    with pytest.raises(ConfigError, match=r"engine\.offload_param=nvme.*engine\.zero3_whole_params=true"):
+    cfg = EngineConfig(
+        name="deepspeed", deepspeed=DeepSpeedConfig(zero_stage=3, offload_param="nvme", offload_nvme_path="/nvme")
+    )
+    with pytest.raises(
+        ConfigError, match=r"engine\.deepspeed\.offload_param=nvme.*engine\.deepspeed\.zero3_whole_params=true"
+    ):
         DeepSpeedEngine._check_probe(SimpleNamespace(_partitioned=True, engine_cfg=cfg), object())
     for offload in ("none", "cpu"):  # partitioned (also CPU-offloaded) parameters: the probe works
         DeepSpeedEngine._check_probe(
             SimpleNamespace(
-                _partitioned=True, engine_cfg=EngineConfig(name="deepspeed", zero_stage=3, offload_param=offload)
+                _partitioned=True,
+                engine_cfg=EngineConfig(
+                    name="deepspeed", deepspeed=DeepSpeedConfig(zero_stage=3, offload_param=offload)
+                ),
             ),
             object(),
         )
@@ -276,7 +283,7 @@ def test_resume_refuses_another_engine_layout(runs, tmp_path):
 
     cases = [
         ("zero2", {}, "engine.name"),
-        ("zero2", {"name": "deepspeed", "zero_stage": 1}, "engine.zero_stage"),
+        ("zero2", {"name": "deepspeed", "deepspeed": {"zero_stage": 1}}, "engine.deepspeed.zero_stage"),
         ("torch", {"name": "deepspeed"}, "engine.name"),
     ]
     for i, (src, engine, knob) in enumerate(cases):
@@ -293,10 +300,12 @@ def test_ds_config_from_knobs():
     cfg = build_ds_config(
         EngineConfig(
             name="deepspeed",
-            zero_stage=2,
-            precision="bf16",
-            offload_optimizer="cpu",
-            ds_config={"zero_optimization": {"overlap_comm": True}, "wall_clock_breakdown": True},
+            deepspeed=DeepSpeedConfig(
+                zero_stage=2,
+                precision="bf16",
+                offload_optimizer="cpu",
+                ds_config={"zero_optimization": {"overlap_comm": True}, "wall_clock_breakdown": True},
+            ),
         ),
         train,
         world_size=2,
@@ -305,10 +314,13 @@ def test_ds_config_from_knobs():
     assert cfg["train_batch_size"] == 24 and cfg["gradient_clipping"] == 0.5
     assert cfg["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}, "overlap_comm": True}
     assert cfg["bf16"] == {"enabled": True} and "fp16" not in cfg and "optimizer" not in cfg and "scheduler" not in cfg
-    assert cfg["wall_clock_breakdown"] is True  # engine.ds_config merged last
+    assert cfg["wall_clock_breakdown"] is True  # engine.deepspeed.ds_config merged last
     z3 = build_ds_config(
         EngineConfig(
-            name="deepspeed", zero_stage=3, zero3_whole_params=True, offload_param="nvme", offload_nvme_path="/nvme"
+            name="deepspeed",
+            deepspeed=DeepSpeedConfig(
+                zero_stage=3, zero3_whole_params=True, offload_param="nvme", offload_nvme_path="/nvme"
+            ),
         ),
         train,
         1,
@@ -319,28 +331,42 @@ def test_ds_config_from_knobs():
     )
     assert (
         "stage3_param_persistence_threshold"
-        not in build_ds_config(EngineConfig(name="deepspeed", zero_stage=3), train, 1)["zero_optimization"]
+        not in build_ds_config(EngineConfig(name="deepspeed", deepspeed=DeepSpeedConfig(zero_stage=3)), train, 1)[
+            "zero_optimization"
+        ]
     )
 
 
 @pytest.mark.parametrize(
     "knobs,message",
     [
-        ({"zero_stage": 4}, "engine.zero_stage=4; allowed: 0, 1, 2, 3"),
-        ({"precision": "fp8"}, "engine.precision='fp8'; allowed: fp32, bf16, fp16"),
-        ({"offload_optimizer": "gpu", "zero_stage": 2}, "engine.offload_optimizer='gpu'; allowed: none, cpu, nvme"),
-        ({"offload_optimizer": "cpu"}, "needs engine.zero_stage 1, 2 or 3"),
-        ({"offload_param": "cpu", "zero_stage": 2}, "engine.offload_param=cpu needs engine.zero_stage=3"),
-        ({"offload_param": "nvme", "zero_stage": 3}, "engine.offload_nvme_path"),
-        ({"zero3_whole_params": True, "zero_stage": 2}, "engine.zero3_whole_params=true needs engine.zero_stage=3"),
+        ({"zero_stage": 4}, "engine.deepspeed.zero_stage=4; allowed: 0, 1, 2, 3"),
+        ({"precision": "fp8"}, "engine.deepspeed.precision='fp8'; allowed: fp32, bf16, fp16"),
+        (
+            {"offload_optimizer": "gpu", "zero_stage": 2},
+            "engine.deepspeed.offload_optimizer='gpu'; allowed: none, cpu, nvme",
+        ),
+        ({"offload_optimizer": "cpu"}, "needs engine.deepspeed.zero_stage 1, 2 or 3"),
+        (
+            {"offload_param": "cpu", "zero_stage": 2},
+            "engine.deepspeed.offload_param=cpu needs engine.deepspeed.zero_stage=3",
+        ),
+        ({"offload_param": "nvme", "zero_stage": 3}, "engine.deepspeed.offload_nvme_path"),
+        (
+            {"zero3_whole_params": True, "zero_stage": 2},
+            "engine.deepspeed.zero3_whole_params=true needs engine.deepspeed.zero_stage=3",
+        ),
         (
             {"ds_config": {"gradient_accumulation_steps": 4}},
-            "engine.ds_config.gradient_accumulation_steps is set from train.grad_accum",
+            "engine.deepspeed.ds_config.gradient_accumulation_steps is set from train.grad_accum",
         ),
-        ({"ds_config": {"bf16": {"enabled": True}}}, "engine.ds_config.bf16 is set from engine.precision"),
+        (
+            {"ds_config": {"bf16": {"enabled": True}}},
+            "engine.deepspeed.ds_config.bf16 is set from engine.deepspeed.precision",
+        ),
         (
             {"ds_config": {"zero_optimization": {"stage": 3}}},
-            "engine.ds_config.zero_optimization.stage is set from engine.zero_stage",
+            "engine.deepspeed.ds_config.zero_optimization.stage is set from engine.deepspeed.zero_stage",
         ),
         (
             {
@@ -348,21 +374,24 @@ def test_ds_config_from_knobs():
                 "zero_stage": 3,
                 "zero3_whole_params": True,
             },
-            "conflicts with engine.zero3_whole_params=true",
+            "conflicts with engine.deepspeed.zero3_whole_params=true",
         ),
-        ({"ds_config": [1]}, "engine.ds_config must be a mapping"),
+        ({"ds_config": [1]}, "engine.deepspeed.ds_config must be a mapping"),
     ],
 )
 def test_knob_validation_names_the_knob(knobs, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
-        EngineConfig(name="deepspeed", **knobs).validate()
+        EngineConfig(name="deepspeed", deepspeed=DeepSpeedConfig(**knobs)).validate()
 
 
 def test_deepspeed_knobs_refused_with_torch_engine():
-    with pytest.raises(ConfigError, match=r"engine\.zero_stage applies to engine\.name=deepspeed only"):
-        EngineConfig(name="torch", zero_stage=2).validate()
+    with pytest.raises(ConfigError, match=r"engine\.deepspeed\.zero_stage applies to engine\.name=deepspeed only"):
+        EngineConfig(name="torch", deepspeed=DeepSpeedConfig(zero_stage=2)).validate()
     EngineConfig(
-        name="deepspeed", zero_stage=3, ds_config={"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+        name="deepspeed",
+        deepspeed=DeepSpeedConfig(
+            zero_stage=3, ds_config={"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+        ),
     ).validate()
 
 
@@ -378,8 +407,8 @@ def test_hydra_group_composes():
             config_name="config",
             overrides=[
                 "engine=deepspeed",
-                "engine.zero_stage=2",
-                "+engine.ds_config.zero_optimization.overlap_comm=true",
+                "engine.deepspeed.zero_stage=2",
+                "+engine.deepspeed.ds_config.zero_optimization.overlap_comm=true",
             ],
         )
     from omegaconf import OmegaConf
@@ -387,5 +416,5 @@ def test_hydra_group_composes():
     values = OmegaConf.to_container(cfg, resolve=True)
     values.pop("hydra", None)
     engine = load_config(values).engine
-    assert engine.name == "deepspeed" and engine.zero_stage == 2 and engine.precision == "fp32"
-    assert engine.ds_config == {"zero_optimization": {"overlap_comm": True}}
+    assert engine.name == "deepspeed" and engine.deepspeed.zero_stage == 2 and engine.deepspeed.precision == "fp32"
+    assert engine.deepspeed.ds_config == {"zero_optimization": {"overlap_comm": True}}

@@ -17,7 +17,7 @@ import pytest
 from helpers import REPO, losses_by_step, make_shardset, run_torchrun, tiny_values
 
 from trainer import checkpoint, engines, safe_load
-from trainer.config import ConfigError, EngineConfig, load_config
+from trainer.config import ConfigError, EngineConfig, MegatronConfig, load_config
 
 pytest.importorskip("megatron.core")
 
@@ -33,7 +33,7 @@ DGA = {
     "source": "in_batch",
     "target_sequences": 4,
 }
-# name -> (ranks, engine.tensor_parallel, grad_accum): 8 sequences per step everywhere
+# name -> (ranks, engine.megatron.tensor_parallel, grad_accum): 8 sequences per step everywhere
 LAYOUTS = {"one": (1, 1, 4), "tp2": (2, 2, 4), "dp2": (2, 1, 2)}
 
 
@@ -50,7 +50,7 @@ def _values(data, run_dir, name: str, **extra):
             "train.eval_every": 5,
             "train.checkpoint_every": 5,
             "data.steps_per_shard": 4,
-            "engine": {"name": "megatron", "threads": 1, "tensor_parallel": tp},
+            "engine": {"name": "megatron", "threads": 1, "megatron": {"tensor_parallel": tp}},
             "mixture": DGA,
             **extra,
         },
@@ -149,11 +149,13 @@ def test_checkpoint_holds_every_tp_shard(runs):
     assert shards[0]["optimizer"]["state"] and shards[1]["optimizer"]["state"]  # AdamW moments of each shard
     with pytest.raises(ValueError, match="engine=megatron"):
         engines.read_checkpoint(path, rank=0)  # no offline reader for TP shards: a clear refusal
-    with pytest.raises(checkpoint.CheckpointMismatch, match=r"engine\.tensor_parallel: checkpoint 2 vs now 1"):
+    with pytest.raises(
+        checkpoint.CheckpointMismatch, match=r"engine\.megatron\.tensor_parallel: checkpoint 2 vs now 1"
+    ):
         engines.check_engine_format(
             path,
             checkpoint.load_meta(path)["engine"],
-            engines.checkpoint_format(EngineConfig(name="megatron", tensor_parallel=1)),
+            engines.checkpoint_format(EngineConfig(name="megatron", megatron=MegatronConfig(tensor_parallel=1))),
         )
 
 
@@ -236,24 +238,26 @@ def test_probe_on_tensor_parallel_layers_matches_oracle(tmp_path, tp):
         assert ranks[0]["local_ref_norm"] == ranks[0]["ref_norm"]
 
 
-def _engine(**knobs):
-    return {
-        "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64},
-        "engine": {"name": "megatron", **knobs},
-    }
+def _engine(deepspeed=None, **knobs):
+    engine = {"name": "megatron", "megatron": knobs, **({"deepspeed": deepspeed} if deepspeed else {})}
+    return {"model": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64}, "engine": engine}
 
 
 @pytest.mark.parametrize(
     "knobs, world, message",
     [
-        ({"tensor_parallel": 0}, 1, "engine.tensor_parallel=0; allowed: an integer >= 1"),
-        ({"tensor_parallel": True}, 1, "engine.tensor_parallel=True must be an integer"),
-        ({"tensor_parallel": "2"}, 2, "engine.tensor_parallel='2' must be an integer"),
-        ({"tensor_parallel": 4}, 4, "engine.tensor_parallel=4 does not divide model.n_head=2; allowed: [1, 2]"),
+        ({"tensor_parallel": 0}, 1, "engine.megatron.tensor_parallel=0; allowed: an integer >= 1"),
+        ({"tensor_parallel": True}, 1, "engine.megatron.tensor_parallel=True must be an integer"),
+        ({"tensor_parallel": "2"}, 2, "engine.megatron.tensor_parallel='2' must be an integer"),
+        (
+            {"tensor_parallel": 4},
+            4,
+            "engine.megatron.tensor_parallel=4 does not divide model.n_head=2; allowed: [1, 2]",
+        ),
         (
             {"tensor_parallel": 2, "vocab_multiple": 63},
             2,
-            "engine.vocab_multiple=63 must be a positive multiple of engine.tensor_parallel=2",
+            "engine.megatron.vocab_multiple=63 must be a positive multiple of engine.megatron.tensor_parallel=2",
         ),
     ],
 )
@@ -267,19 +271,19 @@ def test_tensor_parallel_must_divide_the_ranks():
     """Checked where the ranks are known (the loop's layout at start), not from the environment at load."""
     from trainer import dist
 
-    message = "engine.tensor_parallel=2 does not divide the 3 ranks; allowed: [1, 3]"
+    message = "engine.megatron.tensor_parallel=2 does not divide the 3 ranks; allowed: [1, 3]"
     with pytest.raises(ConfigError, match=re.escape(message)):
         dist.data_parallel(0, 3, 2)
     assert dist.data_parallel(3, 4, 2) == (1, 2)
 
 
 def test_megatron_knobs_refused_with_other_engines():
-    with pytest.raises(ConfigError, match=r"engine\.tensor_parallel applies to engine\.name=megatron only"):
-        load_config({"engine": {"name": "torch", "tensor_parallel": 2}})
-    with pytest.raises(ConfigError, match=r"engine\.zero_stage applies to engine\.name=deepspeed only"):
-        load_config(_engine(zero_stage=1))
+    with pytest.raises(ConfigError, match=r"engine\.megatron\.tensor_parallel applies to engine\.name=megatron only"):
+        load_config({"engine": {"name": "torch", "megatron": {"tensor_parallel": 2}}})
+    with pytest.raises(ConfigError, match=r"engine\.deepspeed\.zero_stage applies to engine\.name=deepspeed only"):
+        load_config(_engine(deepspeed={"zero_stage": 1}))
     cfg = load_config(_engine(tensor_parallel=1))
-    assert cfg.engine.vocab_multiple == 128
+    assert cfg.engine.megatron.vocab_multiple == 128
 
 
 def test_hydra_group_composes():
@@ -290,10 +294,12 @@ def test_hydra_group_composes():
     schema.register()  # config.yaml starts from the structured schema
 
     with initialize_config_dir(version_base=None, config_dir=str(REPO / "trainer" / "conf")):
-        raw = compose(config_name="config", overrides=["engine=megatron", "engine.tensor_parallel=1"])
+        raw = compose(config_name="config", overrides=["engine=megatron", "engine.megatron.tensor_parallel=1"])
     from omegaconf import OmegaConf
 
     values = OmegaConf.to_container(raw, resolve=True)
     values.pop("hydra", None)
     cfg = load_config(values)
-    assert cfg.engine.name == "megatron" and cfg.engine.tensor_parallel == 1 and cfg.engine.vocab_multiple == 128
+    assert (
+        cfg.engine.name == "megatron" and cfg.engine.tensor_parallel == 1 and cfg.engine.megatron.vocab_multiple == 128
+    )

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,7 +229,7 @@ class TrainConfig:
             )
 
 
-# ds_config entries that engine=deepspeed sets from other knobs: refused in engine.ds_config, naming the knob.
+# ds_config entries that engine=deepspeed sets from other knobs: refused in engine.deepspeed.ds_config, naming the knob.
 DS_OWNED_KEYS = {
     "train_batch_size": "train.micro_batch x train.grad_accum x ranks",
     "train_micro_batch_size_per_gpu": "train.micro_batch",
@@ -236,78 +237,151 @@ DS_OWNED_KEYS = {
     "gradient_clipping": "train.grad_clip",
     "optimizer": "train.lr/betas/weight_decay (the engine passes the torch engine's AdamW)",
     "scheduler": "train.lr/min_lr/warmup_steps (the loop sets the learning rate every step)",
-    "bf16": "engine.precision",
-    "fp16": "engine.precision",
-    "amp": "engine.precision",
+    "bf16": "engine.deepspeed.precision",
+    "fp16": "engine.deepspeed.precision",
+    "amp": "engine.deepspeed.precision",
 }
 DS_OWNED_ZERO_KEYS = {
-    "stage": "engine.zero_stage",
-    "offload_optimizer": "engine.offload_optimizer",
-    "offload_param": "engine.offload_param",
+    "stage": "engine.deepspeed.zero_stage",
+    "offload_optimizer": "engine.deepspeed.offload_optimizer",
+    "offload_param": "engine.deepspeed.offload_param",
 }
 
 
 def check_ds_config(extra) -> None:
-    """Refuse ``engine.ds_config`` entries that another knob owns (the message names that knob)."""
+    """Refuse ``engine.deepspeed.ds_config`` entries that another knob owns (the message names that knob)."""
     if not isinstance(extra, dict):
-        raise ConfigError(f"engine.ds_config must be a mapping of ds_config entries, got {extra!r}")
+        raise ConfigError(f"engine.deepspeed.ds_config must be a mapping of ds_config entries, got {extra!r}")
     for key, owner in DS_OWNED_KEYS.items():
         if key in extra:
-            raise ConfigError(f"engine.ds_config.{key} is set from {owner}; set that knob instead")
+            raise ConfigError(f"engine.deepspeed.ds_config.{key} is set from {owner}; set that knob instead")
     zero = extra.get("zero_optimization", {})
     if not isinstance(zero, dict):
-        raise ConfigError(f"engine.ds_config.zero_optimization must be a mapping, got {zero!r}")
+        raise ConfigError(f"engine.deepspeed.ds_config.zero_optimization must be a mapping, got {zero!r}")
     for key, owner in DS_OWNED_ZERO_KEYS.items():
         if key in zero:
-            raise ConfigError(f"engine.ds_config.zero_optimization.{key} is set from {owner}; set that knob instead")
+            raise ConfigError(
+                f"engine.deepspeed.ds_config.zero_optimization.{key} is set from {owner}; set that knob instead"
+            )
+
+
+@dataclass
+class DeepSpeedConfig:
+    """engine=deepspeed's own knobs (``engine.deepspeed.*``)."""
+
+    zero_stage: int = 0
+    """ZeRO stage. 0 = plain data parallel; 1 = optimizer states partitioned over ranks;
+    2 = also gradients; 3 = also parameters (see zero3_whole_params)."""
+    precision: str = "fp32"
+    """fp32, bf16 (bf16 weights and activations, fp32 master weights and optimizer) or fp16
+    (dynamic loss scaling; GPU only: DeepSpeed's CPU accelerator refuses it). On CPU use fp32: bf16
+    runs 5-10x slower there."""
+    offload_optimizer: str = "none"
+    """zero_stage >= 1: where optimizer states and the update live: none, cpu or nvme
+    (ZeRO-Offload). Uses DeepSpeed's CPU Adam (same groups and hyperparameters), which DeepSpeed
+    JIT-compiles on first use (needs a C++ compiler)."""
+    offload_param: str = "none"
+    """zero_stage = 3: where partitioned parameters live between uses: none, cpu or nvme."""
+    offload_nvme_path: str | None = None
+    """folder for nvme offload (required when an offload knob is nvme)."""
+    zero3_whole_params: bool = False
+    """zero_stage = 3: keep every parameter whole on every rank (gradients and optimizer
+    states stay partitioned, so parameter memory is that of ZeRO-2). The gradient probe works either
+    way: with false (DeepSpeed's ZeRO-3, parameters partitioned between uses) it reads the parameters'
+    full shapes from DeepSpeed (ds_shape), so controllers that ask for gradient signals (dga, doge,
+    tikmix, ...) run too, except with engine.deepspeed.offload_param=nvme (untested, refused); loss-only
+    controllers (uniform, static, temperature, doremi, odm, ...) run either way."""
+    ds_config: dict = field(default_factory=dict)
+    """extra ds_config entries merged last (recursively), e.g.
+    {zero_optimization: {reduce_bucket_size: 5e7, overlap_comm: true}}. Keys another knob sets
+    (batch sizes, gradient_accumulation_steps, gradient_clipping, optimizer, scheduler, bf16/fp16/amp,
+    zero_optimization.stage/offload_*) are refused: set that knob."""
+
+    def validate(self):
+        if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"engine.deepspeed.zero_stage={self.zero_stage!r}; allowed: 0, 1, 2, 3")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"engine.deepspeed.precision={self.precision!r}; allowed: fp32, bf16, fp16")
+        for knob in ("offload_optimizer", "offload_param"):
+            if getattr(self, knob) not in ("none", "cpu", "nvme"):
+                raise ConfigError(f"engine.deepspeed.{knob}={getattr(self, knob)!r}; allowed: none, cpu, nvme")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ConfigError(
+                f"engine.deepspeed.offload_optimizer={self.offload_optimizer} needs engine.deepspeed.zero_stage "
+                "1, 2 or 3 (got 0)"
+            )
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ConfigError(
+                f"engine.deepspeed.offload_param={self.offload_param} needs engine.deepspeed.zero_stage=3 "
+                f"(got {self.zero_stage})"
+            )
+        if "nvme" in (self.offload_optimizer, self.offload_param) and not self.offload_nvme_path:
+            raise ConfigError("engine.deepspeed.offload_nvme_path must name a folder when an offload knob is nvme")
+        if not isinstance(self.zero3_whole_params, bool):
+            raise ConfigError(f"engine.deepspeed.zero3_whole_params={self.zero3_whole_params!r}; allowed: true, false")
+        if self.zero3_whole_params and self.zero_stage != 3:
+            raise ConfigError(
+                f"engine.deepspeed.zero3_whole_params=true needs engine.deepspeed.zero_stage=3 (got {self.zero_stage})"
+            )
+        if self.ds_config is None:
+            self.ds_config = {}
+        check_ds_config(self.ds_config)
+        zero = self.ds_config.get("zero_optimization", {})
+        if "stage3_param_persistence_threshold" in zero and self.zero3_whole_params:
+            raise ConfigError(
+                "engine.deepspeed.ds_config.zero_optimization.stage3_param_persistence_threshold conflicts with "
+                "engine.deepspeed.zero3_whole_params=true (which keeps every parameter whole)"
+            )
+
+
+@dataclass
+class MegatronConfig:
+    """engine=megatron's own knobs (``engine.megatron.*``)."""
+
+    tensor_parallel: int = 1
+    """tensor-parallel size TP (Megatron's column/row-parallel split of every linear layer
+    and of the vocabulary). Must be >= 1, divide the number of ranks (data-parallel size = ranks / TP)
+    and divide model.n_head. A checkpoint resumes only with the same TP."""
+    vocab_multiple: int = 128
+    """the vocabulary (model.vocab_size) is padded up to a multiple of this, independently
+    of TP so runs with different TP train the same padded model; must be divisible by
+    engine.megatron.tensor_parallel. Padded logits take part in the softmax, as in Megatron-LM."""
+
+    def validate(self):
+        tp, multiple = self.tensor_parallel, self.vocab_multiple
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ConfigError(
+                f"engine.megatron.tensor_parallel={tp!r}; allowed: an integer >= 1 that divides the number of "
+                "ranks and model.n_head"
+            )
+        # that it divides the ranks is checked where they are known: dist.data_parallel
+        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1 or multiple % tp:
+            raise ConfigError(
+                f"engine.megatron.vocab_multiple={multiple!r} must be a positive multiple of "
+                f"engine.megatron.tensor_parallel={tp}"
+            )
 
 
 @dataclass
 class EngineConfig:
     name: str = "torch"
-    """Registered engine: 'torch' (DDP), 'deepspeed' (ZeRO 0-3; the knobs below marked deepspeed) or
-    'megatron' (megatron-core GPTModel, tensor + data parallel; the knobs marked megatron)."""
+    """Registered engine: 'torch' (DDP), 'deepspeed' (ZeRO 0-3; its knobs under engine.deepspeed) or
+    'megatron' (megatron-core GPTModel, tensor + data parallel; its knobs under engine.megatron)."""
     backend: str = "auto"
     """Process-group backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when available, else cpu), cpu or cuda."""
     threads: int = 0
     """torch intra-op threads per rank (0 = leave torch's default)."""
-    tensor_parallel: int = 1
-    """megatron: tensor-parallel size TP (Megatron's column/row-parallel split of every linear layer
-    and of the vocabulary). Must be >= 1, divide the number of ranks (data-parallel size = ranks / TP)
-    and divide model.n_head. A checkpoint resumes only with the same TP."""
-    vocab_multiple: int = 128
-    """megatron: the vocabulary (model.vocab_size) is padded up to a multiple of this, independently
-    of TP so runs with different TP train the same padded model; must be divisible by
-    engine.tensor_parallel. Padded logits take part in the softmax, as in Megatron-LM."""
-    zero_stage: int = 0
-    """deepspeed: ZeRO stage. 0 = plain data parallel; 1 = optimizer states partitioned over ranks;
-    2 = also gradients; 3 = also parameters (see zero3_whole_params)."""
-    precision: str = "fp32"
-    """deepspeed: fp32, bf16 (bf16 weights and activations, fp32 master weights and optimizer) or fp16
-    (dynamic loss scaling; GPU only: DeepSpeed's CPU accelerator refuses it). On CPU use fp32: bf16
-    runs 5-10x slower there."""
-    offload_optimizer: str = "none"
-    """deepspeed, zero_stage >= 1: where optimizer states and the update live: none, cpu or nvme
-    (ZeRO-Offload). Uses DeepSpeed's CPU Adam (same groups and hyperparameters), which DeepSpeed
-    JIT-compiles on first use (needs a C++ compiler)."""
-    offload_param: str = "none"
-    """deepspeed, zero_stage = 3: where partitioned parameters live between uses: none, cpu or nvme."""
-    offload_nvme_path: str | None = None
-    """deepspeed: folder for nvme offload (required when an offload knob is nvme)."""
-    zero3_whole_params: bool = False
-    """deepspeed, zero_stage = 3: keep every parameter whole on every rank (gradients and optimizer
-    states stay partitioned, so parameter memory is that of ZeRO-2). The gradient probe works either
-    way: with false (DeepSpeed's ZeRO-3, parameters partitioned between uses) it reads the parameters'
-    full shapes from DeepSpeed (ds_shape), so controllers that ask for gradient signals (dga, doge,
-    tikmix, ...) run too, except with engine.offload_param=nvme (untested, refused); loss-only
-    controllers (uniform, static, temperature, doremi, odm, ...) run either way."""
-    ds_config: dict = field(default_factory=dict)
-    """deepspeed: extra ds_config entries merged last (recursively), e.g.
-    {zero_optimization: {reduce_bucket_size: 5e7, overlap_comm: true}}. Keys another knob sets
-    (batch sizes, gradient_accumulation_steps, gradient_clipping, optimizer, scheduler, bf16/fp16/amp,
-    zero_optimization.stage/offload_*) are refused: set that knob."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed's knobs (engine=deepspeed only)."""
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    """Megatron-core's knobs (engine=megatron only)."""
+
+    @property
+    def tensor_parallel(self) -> int:
+        """Ranks per model replica: engine.megatron.tensor_parallel on engine=megatron, else 1."""
+        return int(self.megatron.tensor_parallel) if self.name == "megatron" else 1
 
     def validate(self):
         if self.backend not in ("auto", "gloo", "nccl"):
@@ -316,77 +390,25 @@ class EngineConfig:
             raise ConfigError(f"engine.device={self.device!r}; allowed: auto, cpu, cuda")
         if self.threads < 0:
             raise ConfigError(f"engine.threads={self.threads} must be >= 0")
-        self._validate_megatron()
-        if self.name != "deepspeed":
-            defaults = EngineConfig()
-            for knob in (
-                "zero_stage",
-                "precision",
-                "offload_optimizer",
-                "offload_param",
-                "offload_nvme_path",
-                "zero3_whole_params",
-                "ds_config",
-            ):
-                if getattr(self, knob) != getattr(defaults, knob):
-                    raise ConfigError(
-                        f"engine.{knob} applies to engine.name=deepspeed only (engine.name={self.name!r})"
-                    )
-            return
-        if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"engine.zero_stage={self.zero_stage!r}; allowed: 0, 1, 2, 3")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"engine.precision={self.precision!r}; allowed: fp32, bf16, fp16")
-        for knob in ("offload_optimizer", "offload_param"):
-            if getattr(self, knob) not in ("none", "cpu", "nvme"):
-                raise ConfigError(f"engine.{knob}={getattr(self, knob)!r}; allowed: none, cpu, nvme")
-        if self.offload_optimizer != "none" and self.zero_stage == 0:
-            raise ConfigError(
-                f"engine.offload_optimizer={self.offload_optimizer} needs engine.zero_stage 1, 2 or 3 (got 0)"
-            )
-        if self.offload_param != "none" and self.zero_stage != 3:
-            raise ConfigError(
-                f"engine.offload_param={self.offload_param} needs engine.zero_stage=3 (got {self.zero_stage})"
-            )
-        if "nvme" in (self.offload_optimizer, self.offload_param) and not self.offload_nvme_path:
-            raise ConfigError("engine.offload_nvme_path must name a folder when an offload knob is nvme")
-        if not isinstance(self.zero3_whole_params, bool):
-            raise ConfigError(f"engine.zero3_whole_params={self.zero3_whole_params!r}; allowed: true, false")
-        if self.zero3_whole_params and self.zero_stage != 3:
-            raise ConfigError(f"engine.zero3_whole_params=true needs engine.zero_stage=3 (got {self.zero_stage})")
-        if self.ds_config is None:
-            self.ds_config = {}
-        check_ds_config(self.ds_config)
-        zero = self.ds_config.get("zero_optimization", {})
-        if "stage3_param_persistence_threshold" in zero and self.zero3_whole_params:
-            raise ConfigError(
-                "engine.ds_config.zero_optimization.stage3_param_persistence_threshold conflicts with "
-                "engine.zero3_whole_params=true (which keeps every parameter whole)"
-            )
-
-    def _validate_megatron(self) -> None:
-        tp, multiple = self.tensor_parallel, self.vocab_multiple
-        if self.name != "megatron":
-            for knob, default in (("tensor_parallel", 1), ("vocab_multiple", 128)):
-                if getattr(self, knob) != default:
-                    raise ConfigError(f"engine.{knob} applies to engine.name=megatron only (engine.name={self.name!r})")
-            return
-        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-            raise ConfigError(
-                f"engine.tensor_parallel={tp!r}; allowed: an integer >= 1 that divides the number of ranks and "
-                "model.n_head"
-            )
-        # that it divides the ranks is checked where they are known: dist.data_parallel
-        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1 or multiple % tp:
-            raise ConfigError(
-                f"engine.vocab_multiple={multiple!r} must be a positive multiple of engine.tensor_parallel={tp}"
-            )
+        for sub, cls in (("deepspeed", DeepSpeedConfig), ("megatron", MegatronConfig)):
+            if self.name != sub and getattr(self, sub) != cls():
+                changed = [
+                    f.name
+                    for f in dataclasses.fields(cls)
+                    if getattr(getattr(self, sub), f.name) != getattr(cls(), f.name)
+                ]
+                raise ConfigError(
+                    f"engine.{sub}.{changed[0]} applies to engine.name={sub} only (engine.name={self.name!r})"
+                )
+        if self.name in ("deepspeed", "megatron"):
+            getattr(self, self.name).validate()
 
     def check_model(self, model: ModelConfig) -> None:
         """Knobs that constrain the model (called by Config.validate)."""
         if self.name == "megatron" and model.n_head % self.tensor_parallel:
             raise ConfigError(
-                f"engine.tensor_parallel={self.tensor_parallel} does not divide model.n_head={model.n_head}; "
+                f"engine.megatron.tensor_parallel={self.tensor_parallel} does not divide "
+                f"model.n_head={model.n_head}; "
                 f"allowed: {[d for d in range(1, model.n_head + 1) if model.n_head % d == 0]}"
             )
 
@@ -606,7 +628,13 @@ def _build(cls, values: Any, prefix: str):
         raise ConfigError(
             f"unknown knob(s) {', '.join(f'{prefix}.{u}' for u in unknown)}; allowed: {', '.join(sorted(names))}"
         )
-    kwargs = {k: typed(f"{prefix}.{k}", names[k].type, v) for k, v in values.items()}
+    nested = typing.get_type_hints(cls)
+    kwargs = {
+        k: _build(nested[k], v, f"{prefix}.{k}")
+        if dataclasses.is_dataclass(nested[k])
+        else typed(f"{prefix}.{k}", names[k].type, v)
+        for k, v in values.items()
+    }
     obj = cls(**kwargs)
     obj.validate()
     return obj

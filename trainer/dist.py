@@ -34,7 +34,7 @@ def data_parallel(rank: int, world: int, tensor_parallel: int = 1) -> tuple[int,
     megatron orders them: ranks dp*TP .. dp*TP + TP - 1 form one replica and see the same data."""
     if world % tensor_parallel:
         raise ConfigError(
-            f"engine.tensor_parallel={tensor_parallel} does not divide the {world} ranks; allowed: "
+            f"engine.megatron.tensor_parallel={tensor_parallel} does not divide the {world} ranks; allowed: "
             f"{[d for d in range(1, world + 1) if world % d == 0]}"
         )
     return rank // tensor_parallel, world // tensor_parallel

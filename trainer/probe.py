@@ -555,7 +555,7 @@ class Probe:
             # every TP rank would hash its own shard with the same per-parameter map: correlated
             # buckets across shards, a biased estimate. Refused rather than wrong.
             raise ConfigError(
-                f"sketched norms/Gram are not supported under tensor parallelism (engine.tensor_parallel="
+                f"sketched norms/Gram are not supported under tensor parallelism (engine.megatron.tensor_parallel="
                 f"{self.layout.tp_size}); set probe.sketch_dim=0 and raise probe.exact_budget_mb to at least "
                 f"{-(-self.K * self.P * 4 // 2**20)} (exact K x P accumulators of this rank's shard)"
             )

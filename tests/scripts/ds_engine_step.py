@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from trainer.config import EngineConfig, ModelConfig, TrainConfig  # noqa: E402
+from trainer.config import DeepSpeedConfig, EngineConfig, ModelConfig, TrainConfig  # noqa: E402
 from trainer.engines import MicroBatch  # noqa: E402
 from trainer.engines.deepspeed_engine import DeepSpeedEngine  # noqa: E402
 from trainer.engines.torch_ddp import TorchEngine  # noqa: E402
@@ -78,13 +78,17 @@ def loaded_weights_stick(engine) -> float:
 def main() -> None:
     report = {"torch": train(TorchEngine(EngineConfig(threads=1), MODEL, TRAIN))}
     for stage in (0, 1, 2, 3):
-        cfg = EngineConfig(name="deepspeed", threads=1, zero_stage=stage, zero3_whole_params=stage == 3)
+        cfg = EngineConfig(
+            name="deepspeed", threads=1, deepspeed=DeepSpeedConfig(zero_stage=stage, zero3_whole_params=stage == 3)
+        )
         engine = DeepSpeedEngine(cfg, MODEL, TRAIN)
         report[f"zero{stage}"] = train(engine)
         report[f"zero{stage}"]["loaded_deviation"] = loaded_weights_stick(engine)
     for name, offload in (("zero3p", "none"), ("zero3p_offload", "cpu")):  # partitioned parameters
         engine = DeepSpeedEngine(
-            EngineConfig(name="deepspeed", threads=1, zero_stage=3, offload_param=offload), MODEL, TRAIN
+            EngineConfig(name="deepspeed", threads=1, deepspeed=DeepSpeedConfig(zero_stage=3, offload_param=offload)),
+            MODEL,
+            TRAIN,
         )
         report[name] = train(engine)
         report[name]["loaded_deviation"] = loaded_weights_stick(engine)

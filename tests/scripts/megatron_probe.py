@@ -1,6 +1,6 @@
 """The gradient probe on megatron's tensor-parallel layers, against an oracle (run under torchrun).
 
-One engine=megatron step on a fixed micro-batch of 3 domains (engine.tensor_parallel = argv[1]):
+One engine=megatron step on a fixed micro-batch of 3 domains (engine.megatron.tensor_parallel = argv[1]):
 
 - the training gradient with the probe recording equals the probe-off gradient (route M's sum);
 - per-domain norms, Gram and alignments with a reference gradient equal the oracle: one
@@ -39,7 +39,7 @@ def main() -> None:
     cfg = load_config(
         {
             "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64, "vocab_size": 320},
-            "engine": {"name": "megatron", "threads": 1, "tensor_parallel": tp},
+            "engine": {"name": "megatron", "threads": 1, "megatron": {"tensor_parallel": tp}},
             "train": {"grad_clip": 0.0},
         }
     )

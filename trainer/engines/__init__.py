@@ -47,8 +47,12 @@ def check_engine_format(path: Path, saved: dict | None, current: dict | None) ->
     now = current or {"name": PLAIN}
     if saved == now:
         return
+
+    def knob(k: str) -> str:  # an engine's own knobs live under engine.<its name>
+        return "engine.name" if k == "name" else f"engine.{(saved if k in saved else now)['name']}.{k}"
+
     diffs = [
-        f"engine.{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
+        f"{knob(k)}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
         for k in sorted(set(saved) | set(now))
         if saved.get(k) != now.get(k)
     ]

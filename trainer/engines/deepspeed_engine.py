@@ -4,7 +4,7 @@ What it does on top of ``deepspeed.initialize``:
 
 - the ds_config comes from Hydra (``build_ds_config``): micro-batch and accumulation from ``train.*``,
   ``gradient_clipping`` from ``train.grad_clip``, ZeRO stage, precision and offload from ``engine.*``,
-  then ``engine.ds_config`` merged last for anything else (keys owned by another knob are refused);
+  then ``engine.deepspeed.ds_config`` merged last for anything else (keys owned by another knob are refused);
 - the optimizer is the torch engine's AdamW (``torch_ddp.adamw``: same groups and hyperparameters),
   passed as an instance, so DeepSpeed neither builds a scheduler nor JIT-compiles FusedAdam; the loop
   sets the learning rate before every step;
@@ -28,7 +28,7 @@ unwrapped module (whose forward gathers the parameters) come back full-shaped to
 slots and accumulators from a parameter's full shape (DeepSpeed's ``ds_shape``; ``p.shape`` is
 ``(0,)`` while a parameter is partitioned), so gradient signals work with DeepSpeed's own ZeRO-3
 (the default, parameters partitioned between uses, also offloaded to CPU) and with
-``engine.zero3_whole_params=true``: every parameter is made "persistent" (DeepSpeed re-gathers
+``engine.deepspeed.zero3_whole_params=true``: every parameter is made "persistent" (DeepSpeed re-gathers
 persistent parameters after each step) and exempt from the release DeepSpeed performs while it
 records a new module trace (``_whole_params``). Gradients and optimizer states stay partitioned either
 way. Only partitioned parameters offloaded to nvme (untested) refuse a controller that asks for
@@ -63,7 +63,8 @@ CLIENT_KEY = "mixtrain"
 """The loop's state inside DeepSpeed's client_state (one key: no clash with DeepSpeed's own)."""
 
 _ALL_WHOLE = 2**62
-"""stage3_param_persistence_threshold that makes every parameter persistent (engine.zero3_whole_params=true)."""
+"""stage3_param_persistence_threshold that makes every parameter persistent
+(engine.deepspeed.zero3_whole_params=true)."""
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -86,13 +87,14 @@ def _offload(device: str, nvme_path: str | None) -> dict:
 
 def build_ds_config(engine: EngineConfig, train: TrainConfig, world_size: int) -> dict:
     """The ds_config for these knobs (a pure function: no DeepSpeed import)."""
-    check_ds_config(engine.ds_config)
-    zero: dict = {"stage": int(engine.zero_stage)}
-    if engine.offload_optimizer != "none":
-        zero["offload_optimizer"] = _offload(engine.offload_optimizer, engine.offload_nvme_path)
-    if engine.offload_param != "none":
-        zero["offload_param"] = _offload(engine.offload_param, engine.offload_nvme_path)
-    if engine.zero_stage == 3 and engine.zero3_whole_params:
+    ds = engine.deepspeed
+    check_ds_config(ds.ds_config)
+    zero: dict = {"stage": int(ds.zero_stage)}
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = _offload(ds.offload_optimizer, ds.offload_nvme_path)
+    if ds.offload_param != "none":
+        zero["offload_param"] = _offload(ds.offload_param, ds.offload_nvme_path)
+    if ds.zero_stage == 3 and ds.zero3_whole_params:
         zero["stage3_param_persistence_threshold"] = _ALL_WHOLE
     cfg = {
         "train_micro_batch_size_per_gpu": train.micro_batch,
@@ -104,11 +106,11 @@ def build_ds_config(engine: EngineConfig, train: TrainConfig, world_size: int) -
         "steps_per_print": 2**31 - 1,  # the loop logs; DeepSpeed's own progress lines are noise
         "wall_clock_breakdown": False,
     }
-    if engine.precision == "bf16":
+    if ds.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
-    elif engine.precision == "fp16":
+    elif ds.precision == "fp16":
         cfg["fp16"] = {"enabled": True}
-    return _merge(cfg, engine.ds_config)
+    return _merge(cfg, ds.ds_config)
 
 
 def _skip_shm_op_build() -> None:
@@ -189,9 +191,10 @@ class DeepSpeedEngine(Engine):
         if importlib.util.find_spec("deepspeed") is None:  # an optional extra: refused before step 0
             raise ConfigError("engine=deepspeed needs DeepSpeed: pip install 'mixtrain[deepspeed]'")
         self._join(engine_cfg)
-        if self.device.type == "cpu" and engine_cfg.precision == "fp16":
+        if self.device.type == "cpu" and engine_cfg.deepspeed.precision == "fp16":
             raise ConfigError(
-                "engine.precision=fp16 is not supported by DeepSpeed on CPU; use fp32 (or bf16, 5-10x slower there)"
+                "engine.deepspeed.precision=fp16 is not supported by DeepSpeed on CPU; use fp32 "
+                "(or bf16, 5-10x slower there)"
             )
         if self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # also on a machine with a GPU: engine.device=cpu
@@ -212,7 +215,7 @@ class DeepSpeedEngine(Engine):
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
 
         self.engine_cfg, self.train_cfg = engine_cfg, train_cfg
-        self.zero_stage = int(engine_cfg.zero_stage)
+        self.zero_stage = int(engine_cfg.deepspeed.zero_stage)
         self.ds_config = build_ds_config(engine_cfg, train_cfg, self.world_size)
         torch.manual_seed(train_cfg.seed)  # same init as the torch engine (and on every rank)
         model = build_model(model_cfg)
@@ -227,20 +230,20 @@ class DeepSpeedEngine(Engine):
         )
         self.model = self.ds.module
         self._view: _FullOptimizerView | None = None
-        self._partitioned = self.zero_stage == 3 and not engine_cfg.zero3_whole_params
+        self._partitioned = self.zero_stage == 3 and not engine_cfg.deepspeed.zero3_whole_params
         self._training_forward = False
-        if self._partitioned and engine_cfg.offload_param == "nvme":
+        if self._partitioned and engine_cfg.deepspeed.offload_param == "nvme":
             self.model.register_forward_pre_hook(self._refuse_gradient_forward)
         self._whole_params()
         if self.rank == 0 and self.zero_stage == 3:
             print(
                 f"[mixtrain] ZeRO-3 with {'whole' if not self._partitioned else 'partitioned'} parameters "
-                f"(engine.zero3_whole_params={str(not self._partitioned).lower()})",
+                f"(engine.deepspeed.zero3_whole_params={str(not self._partitioned).lower()})",
                 flush=True,
             )
 
     def _whole_params(self) -> None:
-        """ZeRO-3 with engine.zero3_whole_params=true: make every parameter whole now and keep it so.
+        """ZeRO-3 with engine.deepspeed.zero3_whole_params=true: make every parameter whole now and keep it so.
         All parameters are persistent (build_ds_config), but DeepSpeed gathers persistent parameters
         only at their first use and after a step or a checkpoint, and releases them anyway while it
         records a module trace (the first forward, and again whenever the call order changes: an
@@ -259,7 +262,7 @@ class DeepSpeedEngine(Engine):
         partial = [n for n, p in self.model.named_parameters() if p.numel() != getattr(p, "ds_numel", p.numel())]
         if partial or len(persistent) != len(params):
             raise RuntimeError(
-                "engine.zero3_whole_params=true could not keep every parameter whole with this DeepSpeed "
+                "engine.deepspeed.zero3_whole_params=true could not keep every parameter whole with this DeepSpeed "
                 f"version (partitioned: {partial[:5]}); set it to false (DeepSpeed's partitioned parameters)"
             )
 
@@ -276,7 +279,7 @@ class DeepSpeedEngine(Engine):
         (DeepSpeed requires it for offloading and JIT-builds its cpu_adam op on first use)."""
         opt = adamw(model, self.train_cfg)
         forced = self.ds_config.get("zero_force_ds_cpu_optimizer", True)
-        if self.engine_cfg.offload_optimizer != "none" and forced:
+        if self.engine_cfg.deepspeed.offload_optimizer != "none" and forced:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(
@@ -298,11 +301,12 @@ class DeepSpeedEngine(Engine):
         return self._view
 
     def _check_probe(self, probe) -> None:
-        if probe is not None and self._partitioned and self.engine_cfg.offload_param == "nvme":
+        if probe is not None and self._partitioned and self.engine_cfg.deepspeed.offload_param == "nvme":
             raise ConfigError(
                 "this controller asks for gradient signals; the gradient probe is not supported with partitioned "
-                "ZeRO-3 parameters offloaded to nvme (engine.offload_param=nvme, untested): set "
-                "engine.offload_param=cpu or none, or engine.zero3_whole_params=true, or use a loss-only controller"
+                "ZeRO-3 parameters offloaded to nvme (engine.deepspeed.offload_param=nvme, untested): set "
+                "engine.deepspeed.offload_param=cpu or none, or engine.deepspeed.zero3_whole_params=true, or use a "
+                "loss-only controller"
             )
 
     def _begin_step(self, micro_batches: list[MicroBatch], probe) -> None:
@@ -344,7 +348,9 @@ class DeepSpeedEngine(Engine):
             )
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
-        before = self._local_grad_norm() if self.zero_stage == 0 and self.engine_cfg.precision == "fp32" else None
+        before = (
+            self._local_grad_norm() if self.zero_stage == 0 and self.engine_cfg.deepspeed.precision == "fp32" else None
+        )
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         if norm is None:
@@ -387,7 +393,11 @@ class DeepSpeedEngine(Engine):
     # ---- DeepSpeed's own checkpoints ------------------------------------------------------------
     @classmethod
     def checkpoint_format(cls, engine_cfg) -> dict:
-        return {"name": "deepspeed", "zero_stage": int(engine_cfg.zero_stage), "precision": engine_cfg.precision}
+        return {
+            "name": "deepspeed",
+            "zero_stage": int(engine_cfg.deepspeed.zero_stage),
+            "precision": engine_cfg.deepspeed.precision,
+        }
 
     @classmethod
     def vet_checkpoint(cls, directory: Path, meta: dict) -> None:

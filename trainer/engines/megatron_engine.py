@@ -4,7 +4,7 @@
   ranks are TP-fastest, so data-parallel rank = rank // TP and size = ranks / TP. Both TP ranks of a
   replica see the same micro-batches (the loop shards data with ``dp_rank``/``dp_size``).
 - Model: ``trainer.models.megatron_gpt`` (local layer spec; the Transformer Engine spec when CUDA and
-  TE are present), vocabulary padded to ``engine.vocab_multiple``. On CPU the CUDA shim
+  TE are present), vocabulary padded to ``engine.megatron.vocab_multiple``. On CPU the CUDA shim
   (``megatron_shim``) is applied and ``use_cpu_initialization`` draws full matrices before slicing,
   so every TP size starts from the same weights for the same seed.
 - Gradients: megatron's DistributedDataParallel (fp32 grad buffer, no overlap, no distributed
@@ -21,7 +21,7 @@
 - Checkpoints (``save_checkpoint``/``load_checkpoint``, inside ``trainer.checkpoint``'s atomic
   directory): rank 0 writes the loop state as ``state.pt``; the first DP replica's ranks each write
   ``megatron/tp_rank_XX.pt`` (their model shard and AdamW state). ``meta.json`` records
-  ``engine.tensor_parallel``; a different TP is refused at resume.
+  ``engine.megatron.tensor_parallel``; a different TP is refused at resume.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _transformer_engine_available() -> bool:
 class MegatronEngine(Engine):
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, train_cfg: TrainConfig):
         self._join(engine_cfg)
-        tp = int(engine_cfg.tensor_parallel)  # divides the ranks: EngineConfig checked it against WORLD_SIZE
+        tp = int(engine_cfg.megatron.tensor_parallel)  # divides the ranks: dist.data_parallel checked it
         if not torch.distributed.is_initialized():
             # one process without torchrun: megatron's parallel_state needs a group all the same
             torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
@@ -96,7 +96,7 @@ class MegatronEngine(Engine):
         model_parallel_cuda_manual_seed(train_cfg.seed)  # megatron's dropout RNG tracker
         self.model = build_megatron_gpt(
             model_cfg,
-            engine_cfg.vocab_multiple,
+            engine_cfg.megatron.vocab_multiple,
             self.layout,
             use_te=_transformer_engine_available(),
             cpu=self.device.type == "cpu",
@@ -177,7 +177,7 @@ class MegatronEngine(Engine):
     # ---- checkpoints ------------------------------------------------------------------------------
     @classmethod
     def checkpoint_format(cls, engine_cfg) -> dict:
-        return {"name": "megatron", "tensor_parallel": int(engine_cfg.tensor_parallel)}
+        return {"name": "megatron", "tensor_parallel": int(engine_cfg.megatron.tensor_parallel)}
 
     @classmethod
     def vet_checkpoint(cls, directory: Path, meta: dict) -> None:
@@ -191,7 +191,7 @@ class MegatronEngine(Engine):
     def read_checkpoint(cls, directory: Path, meta: dict) -> dict:
         raise ValueError(
             f"{directory} is an engine=megatron checkpoint (tensor-parallel shards under {CHECKPOINT_SUBDIR}/): "
-            "resume it with engine=megatron and the same engine.tensor_parallel"
+            "resume it with engine=megatron and the same engine.megatron.tensor_parallel"
         )
 
     def save_checkpoint(self, directory: Path, client_state: dict | None) -> None:
@@ -214,8 +214,8 @@ class MegatronEngine(Engine):
         shard = safe_load.load(path, map_location=self.device)
         if shard["tensor_parallel"] != self.layout.tp_size:
             raise checkpoint.CheckpointMismatch(
-                f"checkpoint {directory} was written with engine.tensor_parallel={shard['tensor_parallel']}, "
-                f"now engine.tensor_parallel={self.layout.tp_size}; resume with the same value"
+                f"checkpoint {directory} was written with engine.megatron.tensor_parallel={shard['tensor_parallel']}, "
+                f"now engine.megatron.tensor_parallel={self.layout.tp_size}; resume with the same value"
             )
         self.load_state_dict(shard)
         return safe_load.load(Path(directory) / checkpoint.STATE_FILE)

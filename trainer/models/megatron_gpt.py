@@ -45,7 +45,7 @@ from .layers import Embedding, LayerNorm, ProbeAware, _EmbeddingFn, _LinearFn, _
 
 
 def padded_vocab(vocab_size: int, multiple: int) -> int:
-    """``vocab_size`` rounded up to ``multiple`` (engine.vocab_multiple), the same for every TP."""
+    """``vocab_size`` rounded up to ``multiple`` (engine.megatron.vocab_multiple), the same for every TP."""
     return -(-int(vocab_size) // multiple) * multiple
 
 
