@@ -65,9 +65,33 @@ def sections() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
 
 
+def _field(path: list[str]):
+    """The dataclass field a dotted knob path names (None: not a typed knob, e.g. a key inside a
+    mapping knob or a controller's knob), or a ConfigError for a name no section has."""
+    cls, seen = Config, []
+    for part in path:
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            where = ".".join(seen)
+            moved = [
+                f"{where}.{n}.{part}"
+                for n, t in hints.items()
+                if dataclasses.is_dataclass(t) and part in {f.name for f in dataclasses.fields(t)}
+            ]
+            hint = f" (it is now {moved[0]})" if moved else ""
+            raise ConfigError(f"unknown knob(s) {where}.{part}{hint}; allowed: {', '.join(sorted(fields))}")
+        seen.append(part)
+        if not dataclasses.is_dataclass(hints[part]):
+            return fields[part] if len(seen) == len(path) else None
+        cls = hints[part]
+    return None  # a whole section (a mapping given at once): load_config checks it
+
+
 def normalise(overrides: list[str]) -> list[str]:
-    """``overrides`` with every ``section.knob=value`` checked against its field (sweeps, group
-    choices, deletions and nested keys of mapping knobs are left to Hydra)."""
+    """``overrides`` with every typed knob's ``a.b[.c]=value`` checked against its field (sweeps,
+    group choices, deletions, controllers' knobs and keys inside mapping knobs are left to Hydra and
+    to the checks at load)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
 
@@ -78,24 +102,19 @@ def normalise(overrides: list[str]) -> list[str]:
     out = []
     for text in overrides:
         o = parsed.get(text)
-        if o is None:
+        path = o.key_or_group.split(".") if o is not None else []
+        if o is None or path[0] not in typed_sections or o.type == OverrideType.DEL:
             out.append(text)
             continue
-        section, _, knob = o.key_or_group.partition(".")
-        if section not in typed_sections or not knob or "." in knob or o.type == OverrideType.DEL:
-            out.append(text)
-            continue
-        fields = {f.name: f for f in dataclasses.fields(typed_sections[section])}
-        if knob not in fields:
-            raise ConfigError(f"unknown knob(s) {section}.{knob}; allowed: {', '.join(sorted(fields))}")
-        if o.is_sweep_override():
+        field = _field(path)
+        if field is None or o.is_sweep_override():
             out.append(text)
             continue
         value = o.value()
         if isinstance(value, str) and "${" in value:  # an interpolation: resolved, then checked by load_config
             out.append(text)
             continue
-        canonical = typed(f"{section}.{knob}", fields[knob].type, value)
+        canonical = typed(o.key_or_group, field.type, value)
         if type(canonical) is int and type(value) is float:  # OmegaConf refuses 8.0 for an integer
             text = f"{'+' if o.type == OverrideType.ADD else ''}{o.key_or_group}={canonical}"
         out.append(text)
