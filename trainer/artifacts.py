@@ -66,3 +66,28 @@ def summary(result: RunResult, tokens_seen: np.ndarray, exported: str, steers_on
         f"reuse with: mixtrain train mixture=static mixture.weights_from={result.run_dir}"
     )
     return f"done: {result.step} steps | run dir {result.run_dir}\n" + "\n".join(lines)
+
+
+def banner(loop) -> list[str]:
+    """The lines a run prints before its first step: where it runs, on what, with which mixture."""
+    cfg = loop.cfg
+    n_params = sum(p.numel() for p in loop.engine.model.parameters())
+    lines = [
+        f"run dir {loop.run_dir} | {loop.world} rank(s) on {loop.engine.device} | model {n_params / 1e6:.2f}M "
+        f"params | {loop.K} domains | global batch {loop.global_batch} x {cfg.data.seq_len} tokens | shard "
+        f"{loop.sampler.shard_size} sequences = {cfg.data.steps_per_shard} steps | mixture {cfg.mixture['name']}"
+    ]
+    if cfg.data.subset != "all":
+        lines.append(
+            f"data.subset={cfg.data.subset} (data.holdout_fraction={cfg.data.holdout_fraction}): drawing from "
+            f"{int(loop.sampler.sizes.sum())} of {int(loop.data.train_samples.sum())} training samples"
+        )
+    if cfg.curriculum.name != "none":
+        online = next((cb for cb in loop.callbacks if cb.name == "curriculum"), None)
+        extra = (
+            f"scores {loop.scores_meta['dir']}"
+            if loop.scores_meta
+            else f"online proxy {online.num_params / 1e6:.2f}M params, pool {cfg.curriculum.pool_factor}x"
+        )
+        lines.append(f"curriculum {cfg.curriculum.name}: {extra}")
+    return lines

@@ -1,25 +1,35 @@
-"""Building a run from its config, before any step: the model resolved against the data, the
-controller, the sampler's pools and order, the fingerprint a resume must match, and which
-checkpoint (if any) the run continues from.
+"""Building a run from its config, before any step.
 
-Nothing here writes: bad input is refused before the run directory is touched.
+:func:`prepare` (nothing written, no engine): the data, the model resolved against it, the
+controller, the sampler's pools and order, the fingerprint a resume must match. :func:`start`
+(the run directory locked): the checkpoint to continue from (``trainer.resume``), the engine, the
+reference model, the tracker and the registered callbacks, the restored state; then the first
+writes. Bad input is refused before the run directory is touched.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from mixtures import build_controller
 
-from . import checkpoint, engines, rundir
+from . import callbacks, checkpoint, dist, engines, resume, rundir
 from .config import Config, ConfigError
 from .console import say
-from .data.domains import DataBundle, check_vocab, shard_fingerprint
-from .data.sampler import SampleOrder
+from .curriculum import online as _online  # noqa: F401  (registers the online curriculum's callback)
+from .curriculum.holdout import config_pools
+from .data.domains import DataBundle, check_vocab, load_data, shard_fingerprint
+from .data.reference import reference_slice, uses_heldout, without
+from .data.sampler import DomainSampler, SampleOrder
+from .signals import evaluation_overlap, expand_references, load_reference_model
+from .tracking import Tracker
+from .train_state import ShardCursor
 from .weights_io import read_weights
 
 
@@ -45,15 +55,6 @@ def controller(cfg: Config, data: DataBundle, global_batch: int):
         values["weights"] = read_weights(values["weights_from"])
     run_tokens = cfg.train.steps * global_batch * cfg.data.seq_len
     return build_controller(name, data.domains, values, domain_tokens=data.train_tokens, run_tokens=run_tokens)
-
-
-def pools(cfg: Config, data: DataBundle, subset: str):
-    from .curriculum.holdout import subset_pools
-
-    try:
-        return subset_pools(data.domains, data.train_samples, cfg.data.holdout_fraction, subset)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def curriculum_order(cfg: Config, data: DataBundle, pools) -> tuple[SampleOrder | None, dict | None]:
@@ -101,42 +102,115 @@ def fingerprint(cfg: Config, world: int, data: DataBundle, scores_meta: dict | N
     return out
 
 
-def find_resume(mode: str, run_dir: Path, ckpt_root: Path, rank: int) -> tuple[Path | None, tuple | None]:
-    """``train.resume``: the checkpoint to continue from and what reading it gave (meta, rng)."""
-    if mode == "replace":
-        return None, None
-    if mode == "never":
-        earlier = rundir.step_dirs(ckpt_root)
-        if earlier:
-            raise ConfigError(
-                f"train.resume=never, but run.dir={str(run_dir)!r} holds checkpoints of an earlier run "
-                f"(newest {earlier[-1].name}): continue it with train.resume=auto, start over with "
-                f"train.resume=replace (moves them into {run_dir}/replaced-<time>/), or give this run "
-                "another run.dir"
-            )
-        return None, None
-    if mode == "auto":
-        path, loaded, warnings = rundir.resume_candidate(ckpt_root, rank)
-        for w in warnings:
-            say(rank, "warning: " + w)
-        return path, loaded
-    path = Path(mode)
-    try:
-        return path, rundir.read(path, rank)
-    except rundir.DamagedCheckpoint as e:
-        raise ConfigError(f"train.resume={mode!r} is not a readable checkpoint: {e}") from None
+@dataclass
+class Prepared:
+    """What a run is made of before anything is written or an engine built (``prepare``)."""
+
+    cfg: Config = None
+    rank: int = 0
+    world: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    run_dir: Path = None
+    data: DataBundle = None
+    K: int = 0
+    global_batch: int = 0
+    controller: object = None
+    steers_on_eval: list = field(default_factory=list)
+    scores_meta: dict | None = None
+    cursor: ShardCursor = None
+    fingerprint: dict = field(default_factory=dict)
+    ckpt_root: Path = None
 
 
-def check_resume(path: Path, meta: dict, now: dict, engine_cfg) -> None:
-    """Refuse a checkpoint of another engine layout or configuration, naming what differs."""
-    engines.check_engine_format(path, meta.get("engine"), engines.checkpoint_format(engine_cfg))
-    saved = meta.get("fingerprint", {})
-    if "shards" not in saved:  # written before shard fingerprints
-        now = {k: v for k, v in now.items() if k != "shards"}
-    diffs = checkpoint.diff_fingerprints(saved, now)  # "shards": the data itself changed (re-ingested, …)
-    if diffs:
-        raise checkpoint.CheckpointMismatch(
-            f"checkpoint {path} was written with a different configuration; differing knobs:\n  "
-            + "\n  ".join(diffs)
-            + "\nuse train.resume=replace (moves the old run aside) or another run.dir to start fresh"
+def prepare(cfg: Config) -> Prepared:
+    """Collective: join the process group, open the data (rank 0 builds the demo corpus if needed),
+    resolve the model against it, build the controller and the sampler, and compute the
+    fingerprint. Every refusal of the input happens here or in :func:`start` before it writes."""
+    p = Prepared()
+    p.rank, p.world, _ = dist.init(cfg.engine.backend)
+    p.dp_rank, p.dp_size = dist.data_parallel(p.rank, p.world, cfg.engine.tensor_parallel)
+    p.run_dir = Path(dist.broadcast_object(cfg.run.dir or f"runs/{cfg.run.name}"))
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(p.run_dir)))
+    # Rank 0 builds the demo corpus if needed; the others open it once it exists.
+    if p.rank == 0:
+        p.data = load_data(cfg.data)
+    dist.barrier()
+    if p.rank != 0:
+        p.data = load_data(cfg.data, quiet=True)
+    p.cfg = cfg = resolve_model(cfg, p.data)
+    p.K = len(p.data.domains)
+    t = cfg.train
+    p.global_batch = t.micro_batch * t.grad_accum * p.dp_size
+    p.controller = controller(cfg, p.data, p.global_batch)
+    drawn = config_pools(cfg, p.data, cfg.data.subset)
+    if uses_heldout(p.controller.references):
+        # steering data the sampler never draws: a slice of every domain's training samples
+        p.data.reference = [
+            reference_slice(d, int(n), cfg.data.reference_fraction)
+            for d, n in zip(p.data.domains, p.data.train_samples)
+        ]
+        drawn = without(drawn, p.data.train_samples, p.data.reference)
+    p.steers_on_eval = evaluation_overlap(expand_references(p.controller.references, p.data), p.data)
+    if p.steers_on_eval:
+        say(
+            p.rank,
+            "warning: the mixture steers on data that evaluation reports: " + "; ".join(p.steers_on_eval),
         )
+    order, p.scores_meta = curriculum_order(cfg, p.data, drawn)
+    sampler = DomainSampler(
+        p.data.train_samples,
+        cfg.data.steps_per_shard * p.global_batch,
+        seed=t.seed,
+        exhaustion=cfg.data.exhaustion,
+        pools=drawn,
+        order=order,
+        names=p.data.domains,
+    )
+    p.cursor = ShardCursor(sampler)
+    p.fingerprint = fingerprint(cfg, p.world, p.data, p.scores_meta)
+    p.ckpt_root = p.run_dir / "checkpoints"
+    if t.fail_rank >= p.world:
+        raise ConfigError(f"train.fail_rank={t.fail_rank} names no rank of this {p.world}-rank job")
+    return p
+
+
+def start(loop) -> None:
+    """Collective, with the run directory locked: find and check the checkpoint to continue from,
+    build the engine, the reference model, the tracker and the registered callbacks, restore the
+    stateful map, and only then write: the run's config and id, the logs' start."""
+    t = loop.cfg.train
+    if dist.broadcast_object(loop.run_dir.is_dir()):
+        rundir.take_lock(loop.lock, loop.rank)  # before reading checkpoints another job might be writing
+    resume_from, loaded = resume.find_resume(t.resume, loop.run_dir, loop.ckpt_root, loop.rank)
+    if resume_from is not None:
+        resume.check_resume(resume_from, loaded[0], loop.fingerprint, loop.cfg.engine)
+    kept = checkpoint.run_id(resume_from) if resume_from else None  # None: a fresh run, or one from before run ids
+    loop.run_id = dist.broadcast_object(kept or rundir.new_run_id())
+    # Nothing is written before this point: bad input never touches an existing run.
+    loop.engine = engines.build_engine(loop.cfg)
+    loop.reference = None
+    if loop.controller.reference_model:
+        loop.reference = load_reference_model(loop.controller.reference_model, loop.data, loop.engine.device)
+    loop._signals = None
+    loop.tracker = Tracker(
+        loop.run_dir,
+        loop.cfg.to_dict(),
+        enabled=loop.rank == 0,
+        wandb=loop.cfg.run,
+        run_id=loop.run_id,
+        log_every=t.log_every,
+        total_steps=t.steps,
+    )
+    loop.callbacks = [cb for make in callbacks.FACTORIES if (cb := make(loop)) is not None]
+    loop.callbacks.append(loop.tracker)  # last: it logs what the others added to a record
+    if resume_from is not None:
+        resume.restore(loop, resume_from)
+    rundir.take_lock(loop.lock, loop.rank)
+    if loop.rank == 0:
+        if t.resume == "replace" and rundir.step_dirs(loop.ckpt_root):
+            aside = rundir.set_aside(loop.run_dir, loop.ckpt_root)
+            say(loop.rank, f"train.resume=replace: the earlier run moved to {aside}")
+        (loop.run_dir / "config.yaml").write_text(yaml.safe_dump(loop.cfg.to_dict(), sort_keys=False))
+        (loop.run_dir / checkpoint.RUN_ID_FILE).write_text(loop.run_id + "\n")
+    loop.tracker.open()

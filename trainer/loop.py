@@ -20,126 +20,39 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from mixtures import DomainStats
 
-from . import artifacts, build, checkpoint, dist, metrics, rundir
+from . import artifacts, build, checkpoint, dist, metrics, resume, rundir
 from .artifacts import RunResult
-from .callbacks import FACTORIES, Callback, stateful
-from .config import Config, ConfigError
+from .callbacks import stateful
+from .config import Config
 from .console import say
-from .curriculum import online as _online  # noqa: F401  (registers the online curriculum's callback)
-from .data.domains import load_data
-from .data.reference import reference_slice, uses_heldout, without
 from .data.sampler import DataExhausted, DomainSampler
-from .engines import MicroBatch, build_engine, checkpoint_format
+from .engines import MicroBatch
 from .errors import Diverged
 from .schedule import lr_at
-from .signals import NOTHING, Signals, evaluation_overlap, expand_references
-from .tracking import Tracker
-from .train_state import ShardCursor, TrainState, upgrade
+from .signals import NOTHING, Signals
+from .train_state import TrainState
 
 __all__ = ["Diverged", "Loop", "RunResult", "lr_at", "run"]
 
 
 class Loop:
     def __init__(self, cfg: Config):
-        self.rank, self.world, _ = dist.init(cfg.engine.backend)
-        self.dp_rank, self.dp_size = dist.data_parallel(self.rank, self.world, cfg.engine.tensor_parallel)
-        self.run_dir = Path(dist.broadcast_object(cfg.run.dir or f"runs/{cfg.run.name}"))
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(self.run_dir)))
-        # Rank 0 builds the demo corpus if needed; the others open it once it exists.
-        if self.rank == 0:
-            self.data = load_data(cfg.data)
-        dist.barrier()
-        if self.rank != 0:
-            self.data = load_data(cfg.data, quiet=True)
-        self.cfg = cfg = build.resolve_model(cfg, self.data)
-        self.K = len(self.data.domains)
-        t = cfg.train
-        self.global_batch = t.micro_batch * t.grad_accum * self.dp_size
-        self.controller = build.controller(cfg, self.data, self.global_batch)
-        pools = build.pools(cfg, self.data, cfg.data.subset)
-        if uses_heldout(self.controller.references):
-            # steering data the sampler never draws: a slice of every domain's training samples
-            self.data.reference = [
-                reference_slice(d, int(n), cfg.data.reference_fraction)
-                for d, n in zip(self.data.domains, self.data.train_samples)
-            ]
-            pools = without(pools, self.data.train_samples, self.data.reference)
-        self.steers_on_eval = evaluation_overlap(expand_references(self.controller.references, self.data), self.data)
-        if self.steers_on_eval:
-            say(
-                self.rank,
-                "warning: the mixture steers on data that evaluation reports: " + "; ".join(self.steers_on_eval),
-            )
-        order, self.scores_meta = build.curriculum_order(cfg, self.data, pools)
-        sampler = DomainSampler(
-            self.data.train_samples,
-            cfg.data.steps_per_shard * self.global_batch,
-            seed=t.seed,
-            exhaustion=cfg.data.exhaustion,
-            pools=pools,
-            order=order,
-            names=self.data.domains,
-        )
-        self.cursor = ShardCursor(sampler)
+        prepared = build.prepare(cfg)  # nothing is written yet
+        for f in dataclasses.fields(prepared):
+            setattr(self, f.name, getattr(prepared, f.name))
         self.state = TrainState(self.K)
-        self.fingerprint = build.fingerprint(cfg, self.world, self.data, self.scores_meta)
-        self.ckpt_root = self.run_dir / "checkpoints"
-        if t.fail_rank >= self.world:
-            raise ConfigError(f"train.fail_rank={t.fail_rank} names no rank of this {self.world}-rank job")
         self.lock = rundir.RunLock(self.run_dir) if self.rank == 0 else None
         try:
-            self._start(cfg)
+            build.start(self)
         except BaseException:
             self.close()
             raise
-
-    def _start(self, cfg: Config) -> None:
-        t = cfg.train
-        if dist.broadcast_object(self.run_dir.is_dir()):
-            self._take_lock()  # before reading checkpoints that another job might be writing
-        resume_from, loaded = build.find_resume(t.resume, self.run_dir, self.ckpt_root, self.rank)
-        if resume_from is not None:
-            build.check_resume(resume_from, loaded[0], self.fingerprint, cfg.engine)
-        kept = checkpoint.run_id(resume_from) if resume_from else None  # None: a fresh run, or one from before run ids
-        self.run_id = dist.broadcast_object(kept or rundir.new_run_id())
-        # Nothing is written before this point: bad input never touches an existing run.
-        self.engine = build_engine(cfg)
-        self.reference = None
-        if self.controller.reference_model:
-            from .signals import load_reference_model
-
-            self.reference = load_reference_model(self.controller.reference_model, self.data, self.engine.device)
-        self._signals = None
-        self.tracker = Tracker(
-            self.run_dir,
-            cfg.to_dict(),
-            enabled=self.rank == 0,
-            wandb=cfg.run,
-            run_id=self.run_id,
-            log_every=t.log_every,
-            total_steps=t.steps,
-        )
-        self.callbacks: list[Callback] = [cb for make in FACTORIES if (cb := make(self)) is not None]
-        self.callbacks.append(self.tracker)  # last: it logs what the others added to a record
-        if resume_from is not None:
-            checkpoint.restore(resume_from, self.states, engine=self.engine, rank=self.rank, upgrade=upgrade)
-            say(self.rank, f"resumed from {resume_from} at step {self.step}")
-        self._take_lock()
-        if self.rank == 0:
-            if t.resume == "replace" and rundir.step_dirs(self.ckpt_root):
-                aside = rundir.set_aside(self.run_dir, self.ckpt_root)
-                say(self.rank, f"train.resume=replace: the earlier run moved to {aside}")
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            (self.run_dir / checkpoint.RUN_ID_FILE).write_text(self.run_id + "\n")
-        self.tracker.open()
 
     @property
     def states(self) -> dict:
@@ -165,45 +78,13 @@ class Loop:
         return self.cursor.sampler
 
     # ---- the run directory --------------------------------------------------------------------
-    def _take_lock(self) -> None:
-        """Collective: rank 0 takes the run dir's lock (creating the directory); every rank fails
-        alike when another job holds it."""
-        refused = None
-        if self.lock is not None and not self.lock.taken:
-            try:
-                warning = self.lock.acquire()
-                if warning:
-                    say(self.rank, "warning: " + warning)
-            except rundir.RunDirBusy as e:
-                refused = str(e)
-        refused = dist.broadcast_object(refused)
-        if refused:
-            raise rundir.RunDirBusy(refused)
-
     def close(self) -> None:
         """Release the run directory (the job is over, or its launch was refused)."""
         if self.lock is not None:
             self.lock.release()
 
     def _save(self) -> None:
-        meta = {"fingerprint": self.fingerprint, "run_id": self.run_id}
-        engine_format = checkpoint_format(self.cfg.engine)
-        if engine_format is not None:
-            meta["engine"] = engine_format
-
-        def before_commit(tmp: Path) -> None:
-            for cb in self.callbacks:
-                cb.on_save(self, tmp)
-
-        checkpoint.save(
-            self.ckpt_root,
-            self.step,
-            self.states,
-            meta,
-            self.cfg.train.keep_checkpoints,
-            engine=self.engine,
-            before_commit=before_commit,
-        )
+        resume.save(self)
 
     # ---- data ---------------------------------------------------------------------------------
     def _sync(self, v: np.ndarray) -> np.ndarray:
@@ -354,27 +235,8 @@ class Loop:
 
     def train(self) -> RunResult:
         cfg, t = self.cfg, self.cfg.train
-        n_params = sum(p.numel() for p in self.engine.model.parameters())
-        say(
-            self.rank,
-            f"run dir {self.run_dir} | {self.world} rank(s) on {self.engine.device} | model {n_params / 1e6:.2f}M "
-            f"params | {self.K} domains | global batch {self.global_batch} x {cfg.data.seq_len} tokens | shard "
-            f"{self.sampler.shard_size} sequences = {cfg.data.steps_per_shard} steps | mixture {cfg.mixture['name']}",
-        )
-        if cfg.data.subset != "all":
-            say(
-                self.rank,
-                f"data.subset={cfg.data.subset} (data.holdout_fraction={cfg.data.holdout_fraction}): drawing from "
-                f"{int(self.sampler.sizes.sum())} of {int(self.data.train_samples.sum())} training samples",
-            )
-        if cfg.curriculum.name != "none":
-            online = next((cb for cb in self.callbacks if cb.name == "curriculum"), None)
-            extra = (
-                f"scores {self.scores_meta['dir']}"
-                if self.scores_meta
-                else f"online proxy {online.num_params / 1e6:.2f}M params, pool {cfg.curriculum.pool_factor}x"
-            )
-            say(self.rank, f"curriculum {cfg.curriculum.name}: {extra}")
+        for line in artifacts.banner(self):
+            say(self.rank, line)
         from tqdm import tqdm
 
         bar = tqdm(

@@ -28,9 +28,10 @@ import time
 import uuid
 from pathlib import Path
 
-from . import checkpoint, engines, safe_load
+from . import checkpoint, dist, engines, safe_load
 from .checkpoint import DamagedCheckpoint
 from .config import ConfigError
+from .console import say
 
 LOCK_NAME = ".lock"
 
@@ -198,3 +199,19 @@ def set_aside(run_dir: Path, ckpt_root: Path) -> Path:
         if (run_dir / name).exists():
             shutil.move(str(run_dir / name), str(dest / name))
     return dest
+
+
+def take_lock(lock: RunLock | None, rank: int) -> None:
+    """Collective: rank 0 takes the run dir's lock (creating the directory); every rank fails alike
+    when another job holds it."""
+    refused = None
+    if lock is not None and not lock.taken:
+        try:
+            warning = lock.acquire()
+            if warning:
+                say(rank, "warning: " + warning)
+        except RunDirBusy as e:
+            refused = str(e)
+    refused = dist.broadcast_object(refused)
+    if refused:
+        raise RunDirBusy(refused)

@@ -27,7 +27,7 @@ import hashlib
 
 import numpy as np
 
-from ..config import SUBSETS
+from ..config import SUBSETS, ConfigError
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 
@@ -75,3 +75,11 @@ def subset_pools(domains: list[str], sizes, fraction: float, subset: str) -> lis
             )
         pools.append(pool)
     return pools
+
+
+def config_pools(cfg, data, subset: str) -> list[np.ndarray] | None:
+    """``subset_pools`` for a run's config and data; a refusal names the knobs."""
+    try:
+        return subset_pools(data.domains, data.train_samples, cfg.data.holdout_fraction, subset)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

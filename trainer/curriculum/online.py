@@ -31,7 +31,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from .. import build, dist
+from .. import dist
 from ..callbacks import Callback, register
 from ..config import Config, ModelConfig
 from ..data.sampler import DomainSampler, SamplerState, ShardPlan
@@ -39,6 +39,7 @@ from ..engines.base import MicroBatch
 from ..metrics import PROXY_LOSS
 from ..models import token_losses
 from ..schedule import lr_at
+from .holdout import config_pools
 
 PROXY_SEED_OFFSET = 1_000_003  # the proxy's init and holdout order use seed + this: independent of the main run's
 
@@ -172,4 +173,4 @@ def _online_curriculum(loop) -> OnlineProxy | None:
     cfg = loop.cfg
     if cfg.curriculum.name != "irreducible_online":
         return None
-    return OnlineProxy(cfg, loop.data, build.pools(cfg, loop.data, "holdout"), loop.rank, loop.world)
+    return OnlineProxy(cfg, loop.data, config_pools(cfg, loop.data, "holdout"), loop.rank, loop.world)
