@@ -181,6 +181,15 @@ class Engine(ABC):
             raise checkpoint.DamagedCheckpoint(f"no {checkpoint.STATE_FILE}")
         safe_load.load(path)
 
+    @staticmethod
+    def _vet_folder(directory: Path, name: str) -> None:
+        """An engine's own folder of a checkpoint: there, and naming nothing but data (its files are
+        loaded with weights_only=False by the framework: ``safe_load.vet``)."""
+        folder = Path(directory) / name
+        if not folder.is_dir():
+            raise checkpoint.DamagedCheckpoint(f"no {name}/ folder")
+        safe_load.vet(folder)
+
     @classmethod
     def read_checkpoint(cls, directory: Path, meta: dict) -> dict:
         """Without a process group (a reference or scoring model, an export): the client state with

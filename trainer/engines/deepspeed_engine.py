@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, dist, safe_load
+from .. import dist, safe_load
 from ..config import ConfigError, EngineConfig, ModelConfig, TrainConfig, check_ds_config
 from ..models import build_model, token_losses
 from .base import Engine, MicroBatch, register
@@ -401,10 +401,7 @@ class DeepSpeedEngine(Engine):
 
     @classmethod
     def vet_checkpoint(cls, directory: Path, meta: dict) -> None:
-        ds_dir = Path(directory) / CHECKPOINT_SUBDIR
-        if not ds_dir.is_dir():
-            raise checkpoint.DamagedCheckpoint(f"no {CHECKPOINT_SUBDIR}/ folder")
-        safe_load.vet(ds_dir)
+        cls._vet_folder(directory, CHECKPOINT_SUBDIR)
 
     @classmethod
     def read_checkpoint(cls, directory: Path, meta: dict) -> dict:

@@ -182,10 +182,7 @@ class MegatronEngine(Engine):
     @classmethod
     def vet_checkpoint(cls, directory: Path, meta: dict) -> None:
         super().vet_checkpoint(directory, meta)  # state.pt: the loop's state
-        shards = Path(directory) / CHECKPOINT_SUBDIR
-        if not shards.is_dir():
-            raise checkpoint.DamagedCheckpoint(f"no {CHECKPOINT_SUBDIR}/ folder")
-        safe_load.vet(shards)
+        cls._vet_folder(directory, CHECKPOINT_SUBDIR)
 
     @classmethod
     def read_checkpoint(cls, directory: Path, meta: dict) -> dict:
