@@ -3,7 +3,8 @@
 :func:`prepare` (nothing written, no engine): the data, the model resolved against it, the
 controller, the sampler's pools and order, the fingerprint a resume must match. :func:`start`
 (the run directory locked): the checkpoint to continue from (``trainer.resume``), the engine, the
-reference model, the tracker and the registered callbacks, the restored state; then the first
+tracker and the registered callbacks (the online curriculum, DoReMi's reference model, …), the
+restored state; then the first
 writes. Bad input is refused before the run directory is touched.
 """
 
@@ -27,7 +28,7 @@ from .curriculum.holdout import config_pools
 from .data.domains import DataBundle, check_vocab, load_data, shard_fingerprint
 from .data.reference import reference_slice, uses_heldout, without
 from .data.sampler import DomainSampler, SampleOrder
-from .signals import evaluation_overlap, expand_references, load_reference_model
+from .signals import evaluation_overlap, expand_references
 from .tracking import Tracker
 from .train_state import ShardCursor
 from .weights_io import read_weights
@@ -177,7 +178,7 @@ def prepare(cfg: Config) -> Prepared:
 
 def start(loop) -> None:
     """Collective, with the run directory locked: find and check the checkpoint to continue from,
-    build the engine, the reference model, the tracker and the registered callbacks, restore the
+    build the engine, the tracker and the registered callbacks, restore the
     stateful map, and only then write: the run's config and id, the logs' start."""
     t = loop.cfg.train
     if dist.broadcast_object(loop.run_dir.is_dir()):
@@ -189,9 +190,6 @@ def start(loop) -> None:
     loop.run_id = dist.broadcast_object(kept or rundir.new_run_id())
     # Nothing is written before this point: bad input never touches an existing run.
     loop.engine = engines.build_engine(loop.cfg)
-    loop.reference = None
-    if loop.controller.reference_model:
-        loop.reference = load_reference_model(loop.controller.reference_model, loop.data, loop.engine.device)
     loop._signals = None
     loop.tracker = Tracker(
         loop.run_dir,

@@ -35,7 +35,7 @@ from .data.sampler import DataExhausted, DomainSampler
 from .engines import MicroBatch
 from .errors import Diverged
 from .schedule import lr_at
-from .signals import NOTHING, Signals
+from .signals import NOTHING, ReferenceModel, Signals
 from .train_state import TrainState
 
 __all__ = ["Diverged", "Loop", "RunResult", "lr_at", "run"]
@@ -148,6 +148,11 @@ class Loop:
         return (out, dict(zip(groups, seq))) if per_sequence else out
 
     # ---- the loop -----------------------------------------------------------------------------
+    @property
+    def reference(self):
+        """DoReMi's frozen reference model (its callback's), or None."""
+        return next((cb.model for cb in self.callbacks if isinstance(cb, ReferenceModel)), None)
+
     @property
     def signals(self):
         """Measurement beyond per-domain losses, built on first use (static runs never pay for it)."""

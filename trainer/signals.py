@@ -32,6 +32,7 @@ import yaml
 from mixtures import DomainStats, Request
 
 from . import checkpoint, dist
+from .callbacks import Callback, register
 from .config import ConfigError, ModelConfig
 from .data.domains import DataBundle, SequenceView
 from .engines import load_frozen
@@ -159,6 +160,21 @@ class Measurement:
 
 NOTHING = Measurement()
 """The measurement of a step that asks for none: no probe, no hook, stats unchanged."""
+
+
+class ReferenceModel(Callback):
+    """A frozen reference model a controller asks for (``Controller.reference_model``: DoReMi's),
+    loaded once the engine has its device; the measurement reads it (``Request.ref_model_loss``).
+    Stateless: a resumed run loads it again from its run directory."""
+
+    def __init__(self, run_dir: str, data: DataBundle, device: torch.device):
+        self.model = load_reference_model(run_dir, data, device)
+
+
+@register
+def _reference_model(loop) -> ReferenceModel | None:
+    name = loop.controller.reference_model
+    return ReferenceModel(name, loop.data, loop.engine.device) if name else None
 
 
 class Signals:
