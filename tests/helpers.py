@@ -145,3 +145,32 @@ def losses_by_step(run_dir: Path) -> dict[int, dict]:
         kept = {k: v for k, v in rec.items() if not k.startswith("perf/") and k != "run_id"}
         out.setdefault(rec["step"], {}).update(kept)
     return out
+
+
+TINY_CLI = [
+    "data=shards",
+    "data.tokenizer=bytes",
+    "data.seq_len=32",
+    "data.steps_per_shard=2",
+    "data.eval_sequences=4",
+    "model.d_model=32",
+    "model.max_seq_len=64",
+    "train.steps=4",
+    "train.micro_batch=4",
+    "train.warmup_steps=1",
+    "train.eval_every=2",
+    "engine.threads=1",
+    "run.progress=false",
+]
+"""A tiny CLI run on a bytes-tokenized shard set (add data.path=…)."""
+
+DGA_IN_BATCH = {
+    "name": "dga",
+    "target": "target:wordy",
+    "update_every": 2,
+    "mu": 0.003,
+    "ema": 0.5,
+    "source": "in_batch",
+    "target_sequences": 4,
+}
+"""DGA with the probe in the training backward, a step every 2 (the multi-rank parity runs)."""

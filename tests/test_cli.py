@@ -7,23 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, make_shardset
+from helpers import REPO, TINY_CLI, make_shardset
 
-TINY = [
-    "data=shards",
-    "data.tokenizer=bytes",
-    "data.seq_len=32",
-    "data.steps_per_shard=2",
-    "data.eval_sequences=4",
-    "model.d_model=32",
-    "model.max_seq_len=64",
-    "train.steps=4",
-    "train.micro_batch=4",
-    "train.warmup_steps=1",
-    "train.eval_every=2",
-    "engine.threads=1",
-    "run.progress=false",
-]
+TINY = TINY_CLI
 
 
 def _mixtrain(args, cwd, nproc=None, timeout=300):

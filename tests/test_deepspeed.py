@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, losses_by_step, make_shardset, run_torchrun, tiny_values
+from helpers import DGA_IN_BATCH, REPO, losses_by_step, make_shardset, run_torchrun, tiny_values
 
 from trainer import checkpoint, engines
 from trainer.config import ConfigError, DeepSpeedConfig, EngineConfig, TrainConfig, load_config
@@ -34,15 +34,7 @@ from trainer.engines.deepspeed_engine import build_ds_config
 SCRIPT = REPO / "tests" / "scripts" / "run_config.py"
 STEP_SCRIPT = REPO / "tests" / "scripts" / "ds_engine_step.py"
 REL = 1e-4
-DGA = {
-    "name": "dga",
-    "target": "target:wordy",
-    "update_every": 2,
-    "mu": 0.003,
-    "ema": 0.5,
-    "source": "in_batch",
-    "target_sequences": 4,
-}
+DGA = DGA_IN_BATCH
 ZERO = {
     0: {"deepspeed": {"zero_stage": 0}},
     1: {"deepspeed": {"zero_stage": 1}},

@@ -11,26 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, make_shardset
+from helpers import REPO, TINY_CLI, make_shardset
 
 from trainer import checkpoint, safe_load
 
 TINY = [
-    "data=shards",
-    "data.tokenizer=bytes",
-    "data.seq_len=32",
-    "data.steps_per_shard=2",
-    "data.eval_sequences=4",
-    "model.d_model=32",
-    "model.max_seq_len=64",
-    "train.steps=4",
-    "train.micro_batch=4",
-    "train.warmup_steps=1",
-    "train.eval_every=2",
+    *TINY_CLI,
     "train.checkpoint_every=2",
     "train.keep_checkpoints=5",
-    "engine.threads=1",
-    "run.progress=false",
     "run.plots=false",
     "run.wandb=disabled",
     "data.subset=holdout",

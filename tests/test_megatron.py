@@ -14,7 +14,7 @@ import json
 import re
 
 import pytest
-from helpers import REPO, losses_by_step, make_shardset, run_torchrun, tiny_values
+from helpers import DGA_IN_BATCH, REPO, losses_by_step, make_shardset, run_torchrun, tiny_values
 
 from trainer import checkpoint, engines, safe_load
 from trainer.config import ConfigError, EngineConfig, MegatronConfig, load_config
@@ -24,15 +24,7 @@ pytest.importorskip("megatron.core")
 SCRIPT = REPO / "tests" / "scripts" / "run_config.py"
 PROBE_SCRIPT = REPO / "tests" / "scripts" / "megatron_probe.py"
 REL = 1e-4
-DGA = {
-    "name": "dga",
-    "target": "target:wordy",
-    "update_every": 2,
-    "mu": 0.003,
-    "ema": 0.5,
-    "source": "in_batch",
-    "target_sequences": 4,
-}
+DGA = DGA_IN_BATCH
 # name -> (ranks, engine.megatron.tensor_parallel, grad_accum): 8 sequences per step everywhere
 LAYOUTS = {"one": (1, 1, 4), "tp2": (2, 2, 4), "dp2": (2, 1, 2)}
 

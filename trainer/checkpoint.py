@@ -198,18 +198,19 @@ def owner(ckpt_root: Path) -> str | None:
     return path.read_text().strip() or None if path.is_file() else None
 
 
-def is_complete(path: Path) -> bool:
-    """meta.json parses, marks the checkpoint complete, and every file it lists is there (a
-    checkpoint from before file lists: some payload beside meta.json and the RNG files)."""
+def _complete_meta(path: Path) -> dict | None:
+    """meta.json of a complete checkpoint: it parses, marks the checkpoint complete, and every file
+    it lists is there (a checkpoint from before file lists: some payload beside meta.json and the
+    RNG files); None otherwise."""
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, ValueError):
-        return False
+        return None
     if not isinstance(meta, dict) or not meta.get("complete"):
-        return False
+        return None
     if "files" in meta:
-        return all((path / f).exists() for f in meta["files"])
-    return any(p.name != "meta.json" and not p.name.startswith("rng_rank") for p in path.iterdir())
+        return meta if all((path / f).exists() for f in meta["files"]) else None
+    return meta if any(p.name != "meta.json" and not p.name.startswith("rng_rank") for p in path.iterdir()) else None
 
 
 def complete_checkpoints(ckpt_root: Path, of_run: str | None = "owner") -> list[Path]:
@@ -218,11 +219,12 @@ def complete_checkpoints(ckpt_root: Path, of_run: str | None = "owner") -> list[
     with that id (None: every run's)."""
     if not ckpt_root.is_dir():
         return []
-    found = sorted((p for p in ckpt_root.iterdir() if is_step_dir(p) and is_complete(p)), key=lambda p: p.name)
+    metas = {p: _complete_meta(p) for p in sorted(ckpt_root.iterdir(), key=lambda p: p.name) if is_step_dir(p)}
+    found = {p: m for p, m in metas.items() if m is not None}
     if of_run is None or not found:
-        return found
-    wanted = (owner(ckpt_root) or run_id(found[-1])) if of_run == "owner" else of_run
-    return [p for p in found if run_id(p) == wanted]
+        return list(found)
+    wanted = (owner(ckpt_root) or list(found.values())[-1].get("run_id")) if of_run == "owner" else of_run
+    return [p for p, m in found.items() if m.get("run_id") == wanted]
 
 
 def latest(ckpt_root: Path) -> Path | None:

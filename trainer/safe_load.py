@@ -54,12 +54,13 @@ def _refusal(path: Path, detail: str) -> UnsafeCheckpoint:
     )
 
 
-def load(path: Path | str, map_location="cpu"):
-    """``torch.load(path, weights_only=True)`` with numeric numpy arrays and scalars allowed."""
+def load(path: Path | str, map_location="cpu", mmap: bool = False):
+    """``torch.load(path, weights_only=True)`` with numeric numpy arrays and scalars allowed.
+    ``mmap``: tensors stay mapped, not read (checks the file's structure and pickle cheaply)."""
     path = Path(path)
     with torch.serialization.safe_globals(NUMPY_GLOBALS):
         try:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
             raise _refusal(path, _why(path, e)) from None
 

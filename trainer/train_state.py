@@ -61,12 +61,11 @@ class ShardCursor:
         return self.plan
 
     def state_dict(self) -> dict:
-        start = self.start_state if self.plan is not None else self.sampler.state
-        recorded = None if self.plan is None or self.plan.recorded is None else self.plan.recorded
+        plan = self.plan
         return {
-            "shard_start_state": SamplerState.to_dict(start),
-            "shard_weights": None if self.plan is None else self.plan.weights.tolist(),
-            "shard_recorded": None if recorded is None else [np.asarray(r) for r in recorded],
+            "shard_start_state": SamplerState.to_dict(self.start_state if plan is not None else self.sampler.state),
+            "shard_weights": None if plan is None else plan.weights.tolist(),
+            "shard_recorded": None if plan is None or plan.recorded is None else [np.asarray(r) for r in plan.recorded],
         }
 
     def load_state_dict(self, state: dict) -> None:

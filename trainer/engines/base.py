@@ -179,7 +179,7 @@ class Engine(ABC):
         path = Path(directory) / checkpoint.STATE_FILE
         if not path.is_file():
             raise checkpoint.DamagedCheckpoint(f"no {checkpoint.STATE_FILE}")
-        safe_load.load(path)
+        safe_load.load(path, mmap=True)  # the zip and the pickle, not the tensors: load_checkpoint reads them
 
     @staticmethod
     def _vet_folder(directory: Path, name: str) -> None:
