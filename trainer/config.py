@@ -33,7 +33,8 @@ ORDERS = ("learnable_first", "anti")
 @dataclass
 class ModelConfig:
     name: str = "gpt"
-    """Registered model family."""
+    """Registered model family: 'gpt' (GPT-2: LayerNorm, learned positions, GELU MLP) or 'llama'
+    (RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, no biases)."""
     n_layer: int = 2
     """Transformer blocks."""
     n_head: int = 2
@@ -50,6 +51,29 @@ class ModelConfig:
     """Biases in linear layers and LayerNorms (GPT-2 style)."""
     dropout: float = 0.0
     """Dropout on attention and residual paths (0 keeps runs deterministic)."""
+    n_kv_head: int | None = None
+    """llama: key/value heads of grouped-query attention (must divide model.n_head); null = n_head
+    (multi-head attention)."""
+    ffn_hidden: int | None = None
+    """Width of the MLP's hidden layer; null = 4 x d_model (gpt) or SwiGLU's 8/3 x d_model rounded
+    up to a multiple of 64 (llama, the parameter count of a 4 x d GELU MLP)."""
+    rope_theta: float = 10000.0
+    """llama: base of the rotary position embedding's frequencies (Llama 3 uses 500000)."""
+    norm_eps: float = 1e-5
+    """Epsilon of the normalisation layers."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else int(self.n_kv_head)
+
+    @property
+    def hidden(self) -> int:
+        """The MLP's hidden width (``ffn_hidden`` resolved)."""
+        if self.ffn_hidden is not None:
+            return int(self.ffn_hidden)
+        if self.name == "llama":
+            return -(-(8 * self.d_model // 3) // 64) * 64
+        return 4 * self.d_model
 
     def validate(self):
         for knob in ("n_layer", "n_head", "d_model", "max_seq_len"):
@@ -57,6 +81,24 @@ class ModelConfig:
                 raise ConfigError(f"model.{knob}={getattr(self, knob)} must be positive")
         if self.d_model % self.n_head:
             raise ConfigError(f"model.n_head={self.n_head} must divide model.d_model={self.d_model}")
+        if self.n_kv_head is not None:
+            if self.name != "llama":
+                raise ConfigError(f"model.n_kv_head applies to model.name=llama only (model.name={self.name!r})")
+            if self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
+                raise ConfigError(
+                    f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}; allowed: "
+                    f"{[d for d in range(1, self.n_head + 1) if self.n_head % d == 0]}"
+                )
+        if self.name == "llama" and self.bias:
+            raise ConfigError("model.bias=true: model.name=llama has no biases; set model.bias=false")
+        if self.ffn_hidden is not None and self.ffn_hidden <= 0:
+            raise ConfigError(f"model.ffn_hidden={self.ffn_hidden} must be positive or null")
+        if self.name == "llama" and (self.d_model // self.n_head) % 2:
+            raise ConfigError(
+                f"model.d_model / model.n_head = {self.d_model // self.n_head} must be even for rotary embeddings"
+            )
+        if not self.rope_theta > 0 or not self.norm_eps > 0:
+            raise ConfigError("model.rope_theta and model.norm_eps must be positive")
         if self.vocab_size is not None and self.vocab_size <= 0:
             raise ConfigError(f"model.vocab_size={self.vocab_size} must be positive or null")
         if not 0.0 <= self.dropout < 1.0:
@@ -237,9 +279,9 @@ DS_OWNED_KEYS = {
     "gradient_clipping": "train.grad_clip",
     "optimizer": "train.lr/betas/weight_decay (the engine passes the torch engine's AdamW)",
     "scheduler": "train.lr/min_lr/warmup_steps (the loop sets the learning rate every step)",
-    "bf16": "engine.deepspeed.precision",
-    "fp16": "engine.deepspeed.precision",
-    "amp": "engine.deepspeed.precision",
+    "bf16": "engine.precision",
+    "fp16": "engine.precision",
+    "amp": "engine.precision",
 }
 DS_OWNED_ZERO_KEYS = {
     "stage": "engine.deepspeed.zero_stage",
@@ -272,10 +314,6 @@ class DeepSpeedConfig:
     zero_stage: int = 0
     """ZeRO stage. 0 = plain data parallel; 1 = optimizer states partitioned over ranks;
     2 = also gradients; 3 = also parameters (see zero3_whole_params)."""
-    precision: str = "fp32"
-    """fp32, bf16 (bf16 weights and activations, fp32 master weights and optimizer) or fp16
-    (dynamic loss scaling; GPU only: DeepSpeed's CPU accelerator refuses it). On CPU use fp32: bf16
-    runs 5-10x slower there."""
     offload_optimizer: str = "none"
     """zero_stage >= 1: where optimizer states and the update live: none, cpu or nvme
     (ZeRO-Offload). Uses DeepSpeed's CPU Adam (same groups and hyperparameters), which DeepSpeed
@@ -300,8 +338,6 @@ class DeepSpeedConfig:
     def validate(self):
         if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"engine.deepspeed.zero_stage={self.zero_stage!r}; allowed: 0, 1, 2, 3")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"engine.deepspeed.precision={self.precision!r}; allowed: fp32, bf16, fp16")
         for knob in ("offload_optimizer", "offload_param"):
             if getattr(self, knob) not in ("none", "cpu", "nvme"):
                 raise ConfigError(f"engine.deepspeed.{knob}={getattr(self, knob)!r}; allowed: none, cpu, nvme")
@@ -363,16 +399,59 @@ class MegatronConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """engine=fsdp's own knobs (``engine.fsdp.*``)."""
+
+    reshard_after_forward: bool = True
+    """Free each block's gathered parameters after its forward and gather them again for the
+    backward (ZeRO-3 memory); false keeps them until the backward (ZeRO-2 memory, one all-gather
+    fewer per block)."""
+
+    def validate(self):
+        if not isinstance(self.reshard_after_forward, bool):
+            raise ConfigError(f"engine.fsdp.reshard_after_forward={self.reshard_after_forward!r}; allowed: true, false")
+
+
+PRECISIONS = {
+    "torch": ("fp32", "bf16"),
+    "fsdp": ("fp32", "bf16"),
+    "megatron": ("fp32", "bf16"),
+    "deepspeed": ("fp32", "bf16", "fp16"),
+}
+"""engine.precision's allowed values per engine."""
+COMPILING_ENGINES = ("torch", "fsdp")
+"""Engines that take engine.compile and engine.activation_checkpointing."""
+
+
+@dataclass
 class EngineConfig:
     name: str = "torch"
-    """Registered engine: 'torch' (DDP), 'deepspeed' (ZeRO 0-3; its knobs under engine.deepspeed) or
-    'megatron' (megatron-core GPTModel, tensor + data parallel; its knobs under engine.megatron)."""
+    """Registered engine: 'torch' (DDP), 'fsdp' (FSDP2 fully_shard per block; its knobs under engine.fsdp),
+    'deepspeed' (ZeRO 0-3; its knobs under engine.deepspeed) or 'megatron' (megatron-core GPTModel,
+    tensor + data parallel; its knobs under engine.megatron)."""
     backend: str = "auto"
     """Process-group backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when available, else cpu), cpu or cuda."""
     threads: int = 0
     """torch intra-op threads per rank (0 = leave torch's default)."""
+    precision: str = "fp32"
+    """fp32, or bf16: compute in bfloat16 with fp32 master weights, gradients and optimizer state
+    (torch, fsdp: autocast; megatron: its bf16 module with fp32 main gradients; deepspeed: its bf16
+    mode), or fp16 (deepspeed only, dynamic loss scaling, GPU only). The probe accumulates in fp32.
+    CPUs without bf16 GEMMs run bf16 slower than fp32."""
+    compile: bool = False
+    """torch, fsdp: torch.compile each block (inductor). With the probe recording, the probe-aware
+    layers run eagerly between compiled regions (a graph break per layer on probed micro-batches
+    only; bench_engines measures the cost)."""
+    activation_checkpointing: bool = False
+    """torch, fsdp: recompute each block's activations in the backward instead of keeping them
+    (non-reentrant torch.utils.checkpoint; the probe records the recomputed forward too)."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for MFU (0 = the datasheet figure of a known GPU at
+    engine.precision, or on CPU a large GEMM measured at start)."""
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    """FSDP2's knobs (engine=fsdp only)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed's knobs (engine=deepspeed only)."""
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
@@ -390,7 +469,23 @@ class EngineConfig:
             raise ConfigError(f"engine.device={self.device!r}; allowed: auto, cpu, cuda")
         if self.threads < 0:
             raise ConfigError(f"engine.threads={self.threads} must be >= 0")
-        for sub, cls in (("deepspeed", DeepSpeedConfig), ("megatron", MegatronConfig)):
+        allowed = PRECISIONS.get(self.name, ("fp32",))
+        if self.precision not in allowed:
+            raise ConfigError(
+                f"engine.precision={self.precision!r} on engine.name={self.name}; allowed: {', '.join(allowed)}"
+            )
+        for knob in ("compile", "activation_checkpointing"):
+            value = getattr(self, knob)
+            if not isinstance(value, bool):
+                raise ConfigError(f"engine.{knob}={value!r}; allowed: true, false")
+            if value and self.name not in COMPILING_ENGINES:
+                raise ConfigError(
+                    f"engine.{knob}=true applies to engine.name in {', '.join(COMPILING_ENGINES)} (engine.name="
+                    f"{self.name!r})"
+                )
+        if not self.peak_tflops >= 0:
+            raise ConfigError(f"engine.peak_tflops={self.peak_tflops} must be >= 0 (0 = detect)")
+        for sub, cls in (("fsdp", FSDPConfig), ("deepspeed", DeepSpeedConfig), ("megatron", MegatronConfig)):
             if self.name != sub and getattr(self, sub) != cls():
                 changed = [
                     f.name
@@ -400,7 +495,7 @@ class EngineConfig:
                 raise ConfigError(
                     f"engine.{sub}.{changed[0]} applies to engine.name={sub} only (engine.name={self.name!r})"
                 )
-        if self.name in ("deepspeed", "megatron"):
+        if self.name in ("fsdp", "deepspeed", "megatron"):
             getattr(self, self.name).validate()
 
     def check_model(self, model: ModelConfig) -> None:
@@ -410,6 +505,11 @@ class EngineConfig:
                 f"engine.megatron.tensor_parallel={self.tensor_parallel} does not divide "
                 f"model.n_head={model.n_head}; "
                 f"allowed: {[d for d in range(1, model.n_head + 1) if model.n_head % d == 0]}"
+            )
+        if self.name == "megatron" and model.kv_heads % self.tensor_parallel:
+            raise ConfigError(
+                f"engine.megatron.tensor_parallel={self.tensor_parallel} does not divide "
+                f"model.n_kv_head={model.kv_heads} (each TP rank holds whole key/value heads)"
             )
 
 

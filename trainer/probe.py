@@ -602,11 +602,11 @@ class Probe:
         recording = _MicroBatch(self, self._state, seq_domains)
         spec = self._state.spec
         if spec.refs or spec.products:  # an empty spec leaves the layers on the stock path
-            self._tap.current = recording
+            self._tap.set(recording)
         try:
             yield
         finally:
-            self._tap.current = None
+            self._tap.set(None)
 
     def finish(self, domain_scale: np.ndarray) -> ProbeResult:
         """Reduce over micro-batches and ranks; statistics of v_i = domain_scale[i] · (sum over

@@ -22,6 +22,8 @@ from .config import Config, ConfigError, typed
 
 SCHEMA = "mixtrain_schema"
 MIXTURE_SCHEMAS = "schema/mixture"
+MOVED = {"engine.deepspeed.precision": "engine.precision"}
+"""Knobs that moved to another section: the refusal of the old name names the new one."""
 _KNOB = re.compile(r"^[+~]{0,2}[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z0-9_.]+=")
 
 
@@ -79,6 +81,8 @@ def _field(path: list[str]):
                 for n, t in hints.items()
                 if dataclasses.is_dataclass(t) and part in {f.name for f in dataclasses.fields(t)}
             ]
+            old = ".".join([*seen, part])
+            moved = [MOVED[old]] if old in MOVED else moved
             hint = f" (it is now {moved[0]})" if moved else ""
             raise ConfigError(f"unknown knob(s) {where}.{part}{hint}; allowed: {', '.join(sorted(fields))}")
         seen.append(part)

@@ -29,11 +29,14 @@ TWO_RANK_LAYOUT = [[0, 0, 1, 3], [0, 2, 2, 3], [1, 1, 3, 3], [0, 1, 2, 2]]
 SKETCH = ProbeSpec(norms=True, gram=True, sketch_dim=256, seed=11)
 
 
-def tiny_model(tied: bool = True, bias: bool = True) -> torch.nn.Module:
+def tiny_model(tied: bool = True, bias: bool = True, family: str = "gpt") -> torch.nn.Module:
+    """A 2-block model of ``family``: the GPT, or the Llama with grouped-query attention (4 query
+    heads on 2 key/value heads; no biases)."""
     torch.manual_seed(0)
-    return build_model(
-        ModelConfig(n_layer=2, n_head=2, d_model=64, vocab_size=VOCAB, max_seq_len=SEQ, tie_embeddings=tied, bias=bias)
-    )
+    shape = dict(n_layer=2, d_model=64, vocab_size=VOCAB, max_seq_len=SEQ, tie_embeddings=tied)
+    if family == "llama":
+        return build_model(ModelConfig(name="llama", n_head=4, n_kv_head=2, bias=False, **shape))
+    return build_model(ModelConfig(n_head=2, bias=bias, **shape))
 
 
 def micro_batches(layout: list[list[int]], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

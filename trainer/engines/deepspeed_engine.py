@@ -106,9 +106,9 @@ def build_ds_config(engine: EngineConfig, train: TrainConfig, world_size: int) -
         "steps_per_print": 2**31 - 1,  # the loop logs; DeepSpeed's own progress lines are noise
         "wall_clock_breakdown": False,
     }
-    if ds.precision == "bf16":
+    if engine.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
-    elif ds.precision == "fp16":
+    elif engine.precision == "fp16":
         cfg["fp16"] = {"enabled": True}
     return _merge(cfg, ds.ds_config)
 
@@ -191,10 +191,9 @@ class DeepSpeedEngine(Engine):
         if importlib.util.find_spec("deepspeed") is None:  # an optional extra: refused before step 0
             raise ConfigError("engine=deepspeed needs DeepSpeed: pip install 'mixtrain[deepspeed]'")
         self._join(engine_cfg)
-        if self.device.type == "cpu" and engine_cfg.deepspeed.precision == "fp16":
+        if self.device.type == "cpu" and engine_cfg.precision == "fp16":
             raise ConfigError(
-                "engine.deepspeed.precision=fp16 is not supported by DeepSpeed on CPU; use fp32 "
-                "(or bf16, 5-10x slower there)"
+                "engine.precision=fp16 is not supported by DeepSpeed on CPU; use fp32 (or bf16, 5-10x slower there)"
             )
         if self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # also on a machine with a GPU: engine.device=cpu
@@ -348,9 +347,7 @@ class DeepSpeedEngine(Engine):
             )
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
-        before = (
-            self._local_grad_norm() if self.zero_stage == 0 and self.engine_cfg.deepspeed.precision == "fp32" else None
-        )
+        before = self._local_grad_norm() if self.zero_stage == 0 and self.engine_cfg.precision == "fp32" else None
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         if norm is None:
@@ -396,7 +393,7 @@ class DeepSpeedEngine(Engine):
         return {
             "name": "deepspeed",
             "zero_stage": int(engine_cfg.deepspeed.zero_stage),
-            "precision": engine_cfg.deepspeed.precision,
+            "precision": engine_cfg.precision,
         }
 
     @classmethod

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from ..config import ConfigError, ModelConfig
 from .gpt import GPT, frozen_token_losses, token_losses
+from .llama import Llama
 
-MODELS = {"gpt": GPT}
+MODELS = {"gpt": GPT, "llama": Llama}
 
 
 def build_model(cfg: ModelConfig):
@@ -14,4 +15,4 @@ def build_model(cfg: ModelConfig):
     return MODELS[cfg.name](cfg)
 
 
-__all__ = ["MODELS", "build_model", "token_losses", "frozen_token_losses", "GPT"]
+__all__ = ["MODELS", "build_model", "token_losses", "frozen_token_losses", "GPT", "Llama"]

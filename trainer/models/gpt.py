@@ -5,13 +5,12 @@ from ``trainer/conf/model/``. Its Linear, Embedding and LayerNorm layers are the
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from .decoder import Decoder
 from .layers import Embedding, LayerNorm, Linear, PositionEmbedding
 
 
@@ -34,8 +33,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = Linear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
-        self.proj = Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.fc = Linear(cfg.d_model, cfg.hidden, bias=cfg.bias)
+        self.proj = Linear(cfg.hidden, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
@@ -55,57 +54,23 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
-class GPT(nn.Module):
+class GPT(Decoder):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        if cfg.vocab_size is None:
-            raise ValueError("model.vocab_size must be resolved before building the model")
-        self.cfg = cfg
+        super().__init__(cfg)
         self.wte = Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = PositionEmbedding(cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = LayerNorm(cfg.d_model, bias=cfg.bias)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
-        self.apply(self._init)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's
-        # variance does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self._finish_init(residual_out=("proj.weight",))
 
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+    def embedding_table(self) -> nn.Parameter:
+        return self.wte.weight
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, vocab] for token ids [B, T]."""
-        return self.head(self.hidden(idx))
-
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """The last block's output [B, T, d] for token ids [B, T]."""
-        T = idx.shape[1]
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for hidden states x [..., d]."""
-        return self.lm_head(self.ln_f(x))
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def embed(self, idx: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.drop(self.wte(idx) + self.wpe(pos)), ()
 
 
 def token_losses(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -117,7 +82,7 @@ def token_losses(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def frozen_token_losses(model: GPT, batch: torch.Tensor) -> torch.Tensor:
+def frozen_token_losses(model: Decoder, batch: torch.Tensor) -> torch.Tensor:
     """``token_losses`` of a model that is read, never trained (DoReMi's reference, curriculum
     scorers), with the logits in one buffer kept on the model between calls and the cross-entropy
     taken in place (log Σ exp after subtracting the row maximum). The [B·T, vocab] logits of a 50k

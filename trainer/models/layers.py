@@ -1,4 +1,4 @@
-"""Probe-aware Linear, Embedding and LayerNorm.
+"""Probe-aware Linear, Embedding, LayerNorm and RMSNorm.
 
 With no probe recording they ARE the stock torch modules: subclasses with the same parameters,
 initialisation, state_dict keys and forward code; the only addition is one attribute read and one
@@ -17,6 +17,7 @@ domain) or, for embeddings, sparse rows (token ids and their output-gradient row
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import torch
@@ -59,12 +60,29 @@ class Recording(Protocol):
 
 class Tap:
     """The switch shared by the probe-aware layers of one model: ``current`` is None (stock code) or
-    the Recording of the micro-batch being probed."""
+    the Recording of the micro-batch being probed. ``on`` mirrors ``current is not None`` as a plain
+    bool: that is all a compiled layer reads (torch.compile guards on its value, two graphs at most),
+    while the Recording itself is only touched by the eager, probed path."""
 
-    __slots__ = ("current",)
+    __slots__ = ("current", "on")
 
     def __init__(self) -> None:
         self.current: Recording | None = None
+        self.on = False
+
+    def set(self, rec: Recording | None) -> None:
+        self.current, self.on = rec, rec is not None
+
+    @contextlib.contextmanager
+    def recording(self, rec: Recording | None):
+        """``rec`` for the duration of the block, then the previous value (activation checkpointing's
+        recomputed forward runs under the Recording its first forward saw)."""
+        before = self.current
+        self.set(rec)
+        try:
+            yield
+        finally:
+            self.set(before)
 
 
 OFF = Tap()
@@ -72,9 +90,37 @@ OFF = Tap()
 
 
 class ProbeAware:
-    """Mixin: ``_tap`` is replaced by a probe's own Tap when a probe attaches to the model."""
+    """Mixin: ``_tap`` is replaced by a probe's own Tap when a probe attaches to the model.
+
+    A layer's ``forward`` takes the stock path unless ``_tap.on``; the probed path is ``_probed``,
+    excluded from torch.compile (its autograd Function hands pieces to the probe, a side effect a
+    graph cannot hold), so a compiled model breaks its graph at each probed layer on probed
+    micro-batches only."""
 
     _tap: Tap = OFF
+
+
+def tap_of(module: nn.Module) -> Tap:
+    """The Tap of a module's probe-aware layers (OFF when none is attached)."""
+    for m in module.modules():
+        if isinstance(m, ProbeAware):
+            return m._tap
+    return OFF
+
+
+def checkpointed(block: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
+    """``block(x, *args)`` with its activations recomputed in the backward (non-reentrant
+    torch.utils.checkpoint). The recomputation replays the forward under the Recording the first
+    forward ran with, so a probed block saves the same tensors again and its probed backward sees
+    them."""
+    tap = tap_of(block)
+    rec = tap.current
+
+    def run(inp, *rest):
+        with tap.recording(rec):
+            return block(inp, *rest)
+
+    return torch.utils.checkpoint.checkpoint(run, x, *args, use_reentrant=False)
 
 
 def segment_sums(rows: torch.Tensor, bounds: list[int]) -> torch.Tensor:
@@ -86,7 +132,7 @@ def segment_sums(rows: torch.Tensor, bounds: list[int]) -> torch.Tensor:
 def _vector_grad(rec: Recording, slot, rows: torch.Tensor) -> torch.Tensor:
     """Gradient of a vector parameter whose stock gradient is ``rows.sum(0)`` (biases, LayerNorm
     gain/bias): per-domain block sums go to the probe, their sum to autograd."""
-    pieces = segment_sums(rows, rec.bounds(rows.shape[0]))
+    pieces = segment_sums(rows.float(), rec.bounds(rows.shape[0]))
     rec.dense(slot, 0, pieces)
     return pieces[: rec.train_groups].sum(0)
 
@@ -94,7 +140,9 @@ def _vector_grad(rec: Recording, slot, rows: torch.Tensor) -> torch.Tensor:
 def _segmented_weight_grad(rec: Recording, slot, shape: torch.Size, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Σ_j dy_jᵀ x_j over the training domains' blocks; the pieces (reference rows' too) are
     materialised a chunk of domains at a time so the transient stays within the probe's budget, and
-    each chunk is handed over before it is summed."""
+    each chunk is handed over before it is summed. The pieces are in the compute dtype (bf16 under
+    autocast: each GEMM accumulates in fp32 and rounds once, as the stock backward's single GEMM
+    does); they are summed in fp32, so the gradient rounds once more at most, not once per domain."""
     bounds = rec.bounds(x.shape[0])
     k, train = len(bounds) - 1, rec.train_groups
     step = rec.chunk(shape.numel())
@@ -107,9 +155,9 @@ def _segmented_weight_grad(rec: Recording, slot, shape: torch.Size, dy: torch.Te
             torch.mm(dy[s:e].T, x[s:e], out=pieces[j - lo])
         rec.dense(slot, lo, pieces)
         if lo < train:
-            part = pieces[: train - lo].sum(0)
+            part = pieces[: train - lo].sum(0, dtype=torch.float32)
             total = part if total is None else total.add_(part)
-    return total if total is not None else dy.new_zeros(shape)
+    return total if total is not None else dy.new_zeros(shape, dtype=torch.float32)
 
 
 class _LinearFn(torch.autograd.Function):
@@ -187,21 +235,23 @@ class _AffineFn(torch.autograd.Function):
 
 class Linear(ProbeAware, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rec = self._tap.current
-        if rec is None:
-            return super().forward(x)
-        return _LinearFn.apply(x, self.weight, self.bias, rec)
+        return self._probed(x) if self._tap.on else super().forward(x)
+
+    @torch.compiler.disable
+    def _probed(self, x: torch.Tensor) -> torch.Tensor:
+        return _LinearFn.apply(x, self.weight, self.bias, self._tap.current)
 
 
 class Embedding(ProbeAware, nn.Embedding):
     """Token embedding; the probed path is a plain lookup (no padding_idx, max_norm or sparse
-    gradients, which the GPT does not use)."""
+    gradients, which the models do not use)."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rec = self._tap.current
-        if rec is None:
-            return super().forward(ids)
-        return _EmbeddingFn.apply(ids, self.weight, rec)
+        return self._probed(ids) if self._tap.on else super().forward(ids)
+
+    @torch.compiler.disable
+    def _probed(self, ids: torch.Tensor) -> torch.Tensor:
+        return _EmbeddingFn.apply(ids, self.weight, self._tap.current)
 
 
 class PositionEmbedding(Embedding):
@@ -209,17 +259,30 @@ class PositionEmbedding(Embedding):
     probed the lookup is expanded to [b, T] so that its gradient still has one row per token, which
     the domain split needs (the stock path sums over the batch before the table sees it)."""
 
-    def forward(self, pos: torch.Tensor) -> torch.Tensor:
+    @torch.compiler.disable
+    def _probed(self, pos: torch.Tensor) -> torch.Tensor:
         rec = self._tap.current
-        if rec is None:
-            return super().forward(pos)
         return _EmbeddingFn.apply(pos.expand(rec.sequences, -1), self.weight, rec)
 
 
 class LayerNorm(ProbeAware, nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rec = self._tap.current
-        if rec is None or self.weight is None:
-            return super().forward(x)
+        return self._probed(x) if self._tap.on and self.weight is not None else super().forward(x)
+
+    @torch.compiler.disable
+    def _probed(self, x: torch.Tensor) -> torch.Tensor:
         xhat = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
-        return _AffineFn.apply(xhat, self.weight, self.bias, rec)
+        return _AffineFn.apply(xhat, self.weight, self.bias, self._tap.current)
+
+
+class RMSNorm(ProbeAware, nn.RMSNorm):
+    """x / rms(x) ⊙ g; while probed the gain's gradient is split by domain (the normalisation has no
+    parameter, so it runs as the stock functional)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._probed(x) if self._tap.on and self.weight is not None else super().forward(x)
+
+    @torch.compiler.disable
+    def _probed(self, x: torch.Tensor) -> torch.Tensor:
+        xhat = F.rms_norm(x, self.normalized_shape, None, self.eps)
+        return _AffineFn.apply(xhat, self.weight, None, self._tap.current)

@@ -189,7 +189,7 @@ def transformer_config(model: ModelConfig, tp: int, use_cpu_initialization: bool
         num_layers=model.n_layer,
         hidden_size=model.d_model,
         num_attention_heads=model.n_head,
-        ffn_hidden_size=4 * model.d_model,
+        ffn_hidden_size=model.hidden,
         add_bias_linear=bool(model.bias),
         hidden_dropout=model.dropout,
         attention_dropout=model.dropout,
