@@ -77,6 +77,11 @@ def banner(loop) -> list[str]:
         f"params | {loop.K} domains | global batch {loop.global_batch} x {cfg.data.seq_len} tokens | shard "
         f"{loop.sampler.shard_size} sequences = {cfg.data.steps_per_shard} steps | mixture {cfg.mixture['name']}"
     ]
+    e = cfg.engine
+    knobs = [e.precision] + [k for k in ("compile", "activation_checkpointing") if getattr(e, k)]
+    line = f"engine {e.name} ({', '.join(knobs)}) | model {cfg.model.name}"
+    meter = next((cb for cb in loop.callbacks if hasattr(cb, "peak_source")), None)
+    lines.append(line + (f" | {meter.describe()}" if meter is not None else ""))
     if cfg.data.subset != "all":
         lines.append(
             f"data.subset={cfg.data.subset} (data.holdout_fraction={cfg.data.holdout_fraction}): drawing from "

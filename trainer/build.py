@@ -21,6 +21,7 @@ import yaml
 from mixtures import build_controller
 
 from . import callbacks, checkpoint, dist, engines, resume, rundir
+from . import throughput as _throughput  # noqa: F401  (registers the MFU / memory meter)
 from .config import Config, ConfigError
 from .console import say
 from .curriculum import online as _online  # noqa: F401  (registers the online curriculum's callback)

@@ -419,8 +419,8 @@ PRECISIONS = {
     "deepspeed": ("fp32", "bf16", "fp16"),
 }
 """engine.precision's allowed values per engine."""
-COMPILING_ENGINES = ("torch", "fsdp")
-"""Engines that take engine.compile and engine.activation_checkpointing."""
+KNOB_ENGINES = {"compile": ("torch",), "activation_checkpointing": ("torch", "fsdp")}
+"""The engines that take engine.compile and engine.activation_checkpointing."""
 
 
 @dataclass
@@ -441,7 +441,7 @@ class EngineConfig:
     mode), or fp16 (deepspeed only, dynamic loss scaling, GPU only). The probe accumulates in fp32.
     CPUs without bf16 GEMMs run bf16 slower than fp32."""
     compile: bool = False
-    """torch, fsdp: torch.compile each block (inductor). With the probe recording, the probe-aware
+    """torch: torch.compile each block (inductor). With the probe recording, the probe-aware
     layers run eagerly between compiled regions (a graph break per layer on probed micro-batches
     only; bench_engines measures the cost)."""
     activation_checkpointing: bool = False
@@ -478,9 +478,9 @@ class EngineConfig:
             value = getattr(self, knob)
             if not isinstance(value, bool):
                 raise ConfigError(f"engine.{knob}={value!r}; allowed: true, false")
-            if value and self.name not in COMPILING_ENGINES:
+            if value and self.name not in KNOB_ENGINES[knob]:
                 raise ConfigError(
-                    f"engine.{knob}=true applies to engine.name in {', '.join(COMPILING_ENGINES)} (engine.name="
+                    f"engine.{knob}=true applies to engine.name {' or '.join(KNOB_ENGINES[knob])} (engine.name="
                     f"{self.name!r})"
                 )
         if not self.peak_tflops >= 0:

@@ -9,7 +9,8 @@ Keys follow DESIGN.md and group by their first path segment in wandb:
 - ``probe/align/<reference>/<domain>``, ``probe/grad_norm/<domain>``: what the probe measured;
 - ``eval/<domain>/loss``, ``eval/loss``, ``eval/macro_loss``, ``target/<set>/loss``: evaluation;
 - ``curriculum/fraction``, ``curriculum/score[/<domain>]``, ``curriculum/proxy_loss``;
-- ``perf/tokens_per_sec``.
+- ``perf/tokens_per_sec`` (global), ``perf/tokens_per_sec_per_device``, ``perf/mfu``,
+  ``perf/peak_memory_gib`` (``trainer.throughput``).
 
 "step" in every record = optimizer updates applied to the parameters it measures: a training loss
 of record n is taken before update n, an evaluation after it.

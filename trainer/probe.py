@@ -438,9 +438,16 @@ class Probe:
         self._tap = Tap()
         self._layers = [m for m in model.modules() if isinstance(m, ProbeAware)]
         covered = set()
+        # (layer, attribute) -> slot: FSDP2 swaps a layer's sharded parameter for a gathered one during
+        # its forward and backward, which ``slot_of`` then finds by where it sits
+        self._places: dict[tuple[int, str], _Slot] = {}
         for m in self._layers:
             m._tap = self._tap
             covered.update(id(p) for p in m.parameters(recurse=False))
+            for name, p in m.named_parameters(recurse=False):
+                if id(p) in self._slots:
+                    self._places[(id(m), name)] = self._slots[id(p)]
+        self._sharded = any(hasattr(p, "full_tensor") for p in self.params)
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
         if missing:
             raise ValueError(f"parameters outside probe-aware layers would be missing from every statistic: {missing}")
@@ -471,13 +478,25 @@ class Probe:
         return buf[:numel]
 
     def slot_of(self, param: torch.Tensor) -> _Slot:
-        try:
-            return self._slots[id(param)]
-        except KeyError:
-            raise ValueError(
-                "a probed layer's parameter is not among the probe's trainable parameters "
-                "(created or unfrozen after the Probe?)"
-            ) from None
+        slot = self._slots.get(id(param))
+        if slot is None:
+            # a gathered FSDP parameter: persistent across steps, so found once and kept
+            slot = next(
+                (
+                    self._places[(id(m), name)]
+                    for m in self._layers
+                    for name, p in m._parameters.items()
+                    if p is param and (id(m), name) in self._places
+                ),
+                None,
+            )
+            if slot is None:
+                raise ValueError(
+                    "a probed layer's parameter is not among the probe's trainable parameters "
+                    "(created or unfrozen after the Probe?)"
+                )
+            self._slots[id(param)] = slot
+        return slot
 
     def reference_gradient(self, loss: torch.Tensor) -> list[torch.Tensor]:
         """Gradient of ``loss`` w.r.t. every trainable parameter (model.parameters() order) via
@@ -487,8 +506,26 @@ class Probe:
             raise RuntimeError(
                 "reference_gradient() inside micro_batch(): its forward would be recorded as training data"
             )
+        if self._sharded:
+            return self._sharded_reference_gradient(loss)
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         return [p.new_zeros(_full_shape(p)) if g is None else g for p, g in zip(self.params, grads)]
+
+    def _sharded_reference_gradient(self, loss: torch.Tensor) -> list[torch.Tensor]:
+        """FSDP2: autograd cannot reach a sharded parameter (the graph holds the gathered one), so
+        the reference takes an ordinary backward, whose reduce-scatter averages the gradients of the
+        identical reference batch on every rank, gathers the shards and clears ``.grad`` again. It
+        must run before the step's training backward, with no gradient accumulated."""
+        if any(p.grad is not None for p in self.params):
+            raise RuntimeError("a sharded reference gradient needs empty .grad (call it before the training backward)")
+        loss.backward()
+        grads = [
+            torch.zeros(_full_shape(p), device=self.device) if p.grad is None else p.grad.full_tensor()
+            for p in self.params
+        ]
+        for p in self.params:
+            p.grad = None
+        return grads
 
     def _tp_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of per-shard partial products over the tensor-parallel group (identity without TP).

@@ -259,7 +259,9 @@ class Signals:
                 if "exp_avg_sq" not in state:
                     return None
                 step = float(state["step"])
-                v_hat = state["exp_avg_sq"] / (1 - beta2**step)
+                second = state["exp_avg_sq"]
+                second = second.full_tensor() if hasattr(second, "full_tensor") else second  # FSDP's shard
+                v_hat = second / (1 - beta2**step)
                 inverse.append((p, 1.0 / (v_hat.sqrt() + eps)))
         by_param = {id(p): d for p, d in inverse}
         return [by_param[id(p)] for p in self.probe.params]

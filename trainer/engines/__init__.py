@@ -9,6 +9,7 @@ from .. import checkpoint, safe_load
 from ..config import ConfigError, ModelConfig
 from . import (
     deepspeed_engine,  # noqa: F401  (registers "deepspeed"; imports DeepSpeed only when built)
+    fsdp_engine,  # noqa: F401  (registers "fsdp")
     megatron_engine,  # noqa: F401  (registers "megatron"; imports megatron-core only when built)
     torch_ddp,  # noqa: F401  (registers "torch")
 )

@@ -1,4 +1,7 @@
-"""PyTorch DDP engine: gloo on CPU, NCCL on GPU; AdamW; accumulation with ``no_sync``."""
+"""PyTorch DDP engine: gloo on CPU, NCCL on GPU; AdamW; accumulation with ``no_sync``. The model
+keeps fp32 weights, gradients and optimizer state; engine.precision=bf16 runs its forward under
+bf16 autocast (backward follows), engine.compile compiles each block, engine.activation_checkpointing
+recomputes each block in the backward (``Decoder.configure``)."""
 
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ class TorchEngine(Engine):
         self.train_cfg = train_cfg
         torch.manual_seed(train_cfg.seed)  # same init on every rank; DDP also broadcasts rank 0's
         self.model = build_model(model_cfg).to(self.device)
+        self.model.configure(engine_cfg)
         self.wrapped = DDP(self.model) if dist.active() else self.model
         self.optimizer = adamw(self.model, train_cfg)
 

@@ -21,6 +21,8 @@ class Decoder(nn.Module):
 
     activation_checkpointing = False
     """Recompute each block in the backward (set by the engine from engine.activation_checkpointing)."""
+    autocast_dtype: torch.dtype | None = None
+    """The forward's autocast dtype (bf16 for engine.precision=bf16 on the torch engine), None = off."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -46,9 +48,21 @@ class Decoder(nn.Module):
         """The blocks' input [B, T, d] and the extra arguments every block takes."""
         raise NotImplementedError
 
+    def configure(self, engine_cfg, autocast: bool = True) -> None:
+        """Apply the engine's compute knobs: bf16 autocast (``autocast``: the engine casts no other
+        way), activation checkpointing, and torch.compile of each block (torchtitan's granularity:
+        one graph per block, reused by every layer; the embeddings and head stay eager)."""
+        self.autocast_dtype = torch.bfloat16 if autocast and engine_cfg.precision == "bf16" else None
+        self.activation_checkpointing = bool(engine_cfg.activation_checkpointing)
+        if engine_cfg.compile:
+            for block in self.blocks:
+                block.compile()
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T]."""
-        return self.head(self.hidden(idx))
+        dtype = self.autocast_dtype
+        with torch.autocast(idx.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            return self.head(self.hidden(idx))
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """The last block's output [B, T, d] for token ids [B, T]."""
