@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from .. import dist
 from ..config import EngineConfig, ModelConfig, TrainConfig
 from ..models import build_model, token_losses
 from .base import Engine, register
@@ -49,7 +48,7 @@ class FSDPEngine(Engine):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         self._join(engine_cfg)
-        if not dist.active():
+        if not tdist.is_initialized():
             # one process without torchrun: FSDP's collectives need a group all the same
             tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
         self.train_cfg, self.engine_cfg = train_cfg, engine_cfg
