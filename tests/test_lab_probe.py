@@ -17,9 +17,11 @@ from test_probe import EXACT, ONE_MB, TWO_MB, check, oracle_stats  # noqa: E402
 from trainer.models import layers  # noqa: E402
 from trainer.probe import Probe, ProbeSpec  # noqa: E402
 
-BF16_TOL = 2e-2
-"""Relative error allowed under bf16 autocast against the fp32 oracle: inputs and weights are
-rounded to bf16 (8 bits of mantissa, 2^-8 ≈ 4e-3 per operand) through two blocks and the head."""
+BF16_TOL = 1e-2
+"""Error allowed under bf16 autocast against the fp32 oracle (inner products relative to the norms'
+product, norms relative): inputs and weights are rounded to bf16 (8 bits of mantissa, 2^-8 ≈ 4e-3
+per operand) through two blocks and the head. Measured: alignments 1.1e-4, Gram 2.0e-3, norms
+9.8e-4; against an oracle run under the same autocast the same (its own bf16 roundings differ)."""
 
 
 def _grads(model) -> list[torch.Tensor]:
@@ -73,21 +75,21 @@ def test_activation_checkpointing_keeps_the_probe_exact(family):
 
 def test_bf16_autocast_probe_within_tolerance_of_fp32_oracle():
     """Under bf16 autocast (fp32 weights, bf16 compute) the pieces are bf16 GEMMs accumulated in fp32:
-    every statistic within BF16_TOL of the fp32 oracle, and within a tenth of that of an oracle run
-    under the same autocast (what the probe adds is fp32 summation, not error)."""
+    every statistic within BF16_TOL of the fp32 oracle and of an oracle run under the same autocast."""
     model = tiny_model(False, family="llama")
     probe = Probe(model, K)
     refs = reference_vectors(probe, model)
     mbs = micro_batches(TWO_MB, seed=1)
     fp32 = oracle_stats(model, mbs, refs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(mbs[0][0][:, :-1]).dtype == torch.bfloat16  # the model computes under the caller's autocast
         G16 = oracle_gradients(model, mbs)
         result = probed_step(probe, model, mbs, EXACT, refs)
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())  # fp32 master gradients
     p = [0, 1, 2, 3]
     norms = fp32["norms"][p]
     R = np.stack([torch.cat([t.reshape(-1) for t in r]).double().numpy() for r in refs])
-    for oracle, tol in ((fp32, BF16_TOL), ({"align": G16 @ R.T, "gram": G16 @ G16.T}, BF16_TOL / 10)):
+    for oracle, tol in ((fp32, BF16_TOL), ({"align": G16 @ R.T, "gram": G16 @ G16.T}, BF16_TOL)):
         a = np.abs(result.align[p] - oracle["align"][p]) / np.outer(norms, fp32["ref_norms"])
         g = np.abs(result.gram[np.ix_(p, p)] - oracle["gram"][np.ix_(p, p)]) / np.outer(norms, norms)
         assert a.max() <= tol and g.max() <= tol, (a.max(), g.max(), tol)

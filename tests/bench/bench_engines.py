@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -136,6 +138,12 @@ def _interleave(sides: list[Side], steps: int, block: int) -> None:
         print(f"  {done}/{steps} steps per side", flush=True)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30, help="timed steps per side")
@@ -143,6 +151,10 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(MODELS), default="llama")
     ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated")
     args = ap.parse_args()
+    # DeepSpeed wants a launcher's environment even for one process
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     model = MODELS[args.model]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -60,8 +60,9 @@ class Decoder(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T]."""
-        dtype = self.autocast_dtype
-        with torch.autocast(idx.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        if self.autocast_dtype is None:  # no autocast of its own: an ambient one (the caller's) still applies
+            return self.head(self.hidden(idx))
+        with torch.autocast(idx.device.type, dtype=self.autocast_dtype):
             return self.head(self.hidden(idx))
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
