@@ -377,7 +377,7 @@ class MegatronConfig:
     tensor_parallel: int = 1
     """tensor-parallel size TP (Megatron's column/row-parallel split of every linear layer
     and of the vocabulary). Must be >= 1, divide the number of ranks (data-parallel size = ranks / TP)
-    and divide model.n_head. A checkpoint resumes only with the same TP."""
+    and divide model.n_head and model.n_kv_head. A checkpoint resumes only with the same TP."""
     vocab_multiple: int = 128
     """the vocabulary (model.vocab_size) is padded up to a multiple of this, independently
     of TP so runs with different TP train the same padded model; must be divisible by

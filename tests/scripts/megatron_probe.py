@@ -1,6 +1,8 @@
 """The gradient probe on megatron's tensor-parallel layers, against an oracle (run under torchrun).
 
-One engine=megatron step on a fixed micro-batch of 3 domains (engine.megatron.tensor_parallel = argv[1]):
+``megatron_probe.py TP OUT_DIR [MODEL]``: one engine=megatron step on a fixed micro-batch of 3
+domains, with engine.megatron.tensor_parallel = TP and MODEL gpt (tied head, biases, learned
+positions; the default) or llama (RMSNorm, SwiGLU, grouped-query attention, rotary, untied head):
 
 - the training gradient with the probe recording equals the probe-off gradient (route M's sum);
 - per-domain norms, Gram and alignments with a reference gradient equal the oracle: one
@@ -8,7 +10,7 @@ One engine=megatron step on a fixed micro-batch of 3 domains (engine.megatron.te
   products summed over the TP group and replicated parameters counted once;
 - sketched norms are refused under TP > 1.
 
-Writes ``probe_rank<r>.json`` (max relative errors) into argv[2].
+Writes ``probe_rank<r>.json`` (max relative errors) into OUT_DIR.
 """
 
 import json
@@ -27,6 +29,20 @@ from trainer.models import token_losses  # noqa: E402
 from trainer.probe import Probe, ProbeSpec  # noqa: E402
 
 K = 3
+MODELS = {
+    "gpt": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64, "vocab_size": 320},
+    "llama": {
+        "name": "llama",
+        "n_layer": 2,
+        "n_head": 4,
+        "n_kv_head": 2,
+        "d_model": 32,
+        "max_seq_len": 64,
+        "vocab_size": 320,
+        "bias": False,
+        "tie_embeddings": False,
+    },
+}
 
 
 def rel(a, b) -> float:
@@ -36,9 +52,10 @@ def rel(a, b) -> float:
 
 def main() -> None:
     tp, out_dir = int(sys.argv[1]), Path(sys.argv[2])
+    model = sys.argv[3] if len(sys.argv) > 3 else "gpt"
     cfg = load_config(
         {
-            "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64, "vocab_size": 320},
+            "model": MODELS[model],
             "engine": {"name": "megatron", "threads": 1, "megatron": {"tensor_parallel": tp}},
             "train": {"grad_clip": 0.0},
         }

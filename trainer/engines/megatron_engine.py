@@ -3,10 +3,11 @@
 - Process groups: the loop's group, then ``parallel_state.initialize_model_parallel(TP, PP=1)``;
   ranks are TP-fastest, so data-parallel rank = rank // TP and size = ranks / TP. Both TP ranks of a
   replica see the same micro-batches (the loop shards data with ``dp_rank``/``dp_size``).
-- Model: ``trainer.models.megatron_gpt`` (local layer spec; the Transformer Engine spec when CUDA and
-  TE are present), vocabulary padded to ``engine.megatron.vocab_multiple``. On CPU the CUDA shim
-  (``megatron_shim``) is applied and ``use_cpu_initialization`` draws full matrices before slicing,
-  so every TP size starts from the same weights for the same seed.
+- Model: ``trainer.models.megatron_gpt`` (``model.name`` gpt or llama; local layer spec, the
+  Transformer Engine spec when CUDA and TE are present), vocabulary padded to
+  ``engine.megatron.vocab_multiple``. On CPU the CUDA shim (``megatron_shim``) is applied and
+  ``use_cpu_initialization`` draws full matrices before slicing, so every TP size starts from the
+  same weights for the same seed.
 - Gradients: megatron's DistributedDataParallel (fp32 grad buffer, no overlap, no distributed
   optimizer) reduces over the data-parallel group into ``param.main_grad``; ``finish_grad_sync``
   runs once per step after the last micro-batch. megatron's optimizers hard-code CUDA buffers, so a

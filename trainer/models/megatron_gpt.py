@@ -1,14 +1,20 @@
 """megatron-core's GPTModel behind our model interface, with probe-aware tensor-parallel layers.
 
-``build_megatron_gpt`` builds megatron's GPTModel from the same ``model.*`` knobs as our GPT and wraps
-it in ``MegatronGPT``, whose ``forward(ids [B, T]) -> logits [B, T, V_padded]`` is what
+``build_megatron_gpt`` builds megatron's GPTModel from the same ``model.*`` knobs as our models and
+wraps it in ``MegatronGPT``, whose ``forward(ids [B, T]) -> logits [B, T, V_padded]`` is what
 ``trainer.models.token_losses`` and ``trainer.signals`` expect. The logits are gathered over the
 tensor-parallel group (``parallel_output=False``): every TP rank computes the same loss, whose
 gradient with respect to its vocabulary slice is exact (the gather's backward is a split). That
 costs a B·T·V all-gather instead of Megatron's vocab-parallel cross-entropy; it keeps one loss path
 for training, evaluation, reference gradients and probe batches.
 
-Positions: learned absolute, like our GPT (the CPU shim covers the buffer they allocate).
+The families (``model.name``): ``gpt`` is GPT-2's layout (LayerNorm, GELU MLP, biases per
+``model.bias``, learned absolute positions; the CPU shim covers the buffer they allocate).
+``llama`` is ``trainer.models.llama``'s: RMSNorm (``model.norm_eps``), a SwiGLU MLP of width
+``model.hidden`` (megatron's gated linear_fc1 holds [gate; up], split over TP with stride 2 so
+every TP size trains the same model), grouped-query attention with ``model.n_kv_head`` query groups
+(each TP rank holds whole groups), no biases, rotary positions (base ``model.rope_theta``, the
+rotate-half layout). Both tie the head to the embedding per ``model.tie_embeddings``.
 
 The probe. Megatron's activations are sequence-first ([s, b, h]), while the probe's domain blocks
 are contiguous rows of a batch-first [b, s] layout. ``make_probe_aware`` swaps the classes of the
@@ -21,7 +27,8 @@ batch-first view of their input, around megatron's own tensor-parallel communica
 - RowParallelLinear: the local [out, in/TP] GEMM on the parallel input, reduce over TP, then the
   (replicated) bias through a probed add;
 - VocabParallelEmbedding: the local lookup of this rank's vocabulary slice, masked, reduced over TP;
-- LayerNorm and the learned position table (replicated): the probed affine / lookup.
+- LayerNorm / RMSNorm (torch's classes, which megatron's local spec builds without Apex) and the
+  learned position table (replicated): the probed affine / lookup.
 
 The probed paths assume what ``transformer_config`` pins: no sequence parallelism (so no
 reduce-scatter of embeddings) and no gradient-accumulation fusion (which would write ``main_grad``
@@ -39,9 +46,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .layers import Embedding, LayerNorm, ProbeAware, _EmbeddingFn, _LinearFn, _vector_grad
+from .layers import Embedding, LayerNorm, ProbeAware, RMSNorm, _EmbeddingFn, _LinearFn, _vector_grad
 
 
 def padded_vocab(vocab_size: int, multiple: int) -> int:
@@ -105,6 +113,23 @@ def _batch_first_linear(x: torch.Tensor, weight, bias, rec) -> torch.Tensor:
     return _LinearFn.apply(x, weight, bias, rec).transpose(0, 1).contiguous()
 
 
+class _SeqFirst:
+    """A probe-aware norm (``layers.LayerNorm``/``RMSNorm``) on megatron's sequence-first [s, b, h]
+    activations: the probed path runs on the batch-first view, whose flattened rows are the domain
+    blocks the gain's (and bias's) gradient is split into."""
+
+    def _probed(self, x: torch.Tensor) -> torch.Tensor:
+        return super()._probed(x.transpose(0, 1)).transpose(0, 1)
+
+
+class ProbedSeqFirstLayerNorm(_SeqFirst, LayerNorm):
+    pass
+
+
+class ProbedSeqFirstRMSNorm(_SeqFirst, RMSNorm):
+    pass
+
+
 def _probed_classes():
     from megatron.core.tensor_parallel import layers as tpl
     from megatron.core.tensor_parallel.mappings import (
@@ -156,17 +181,12 @@ def _probed_classes():
                 out = out.masked_fill(outside.unsqueeze(-1), 0.0)  # row 0 then gets zero pieces
             return reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
 
-    class ProbedSeqFirstLayerNorm(LayerNorm):
-        def forward(self, x):
-            if self._tap.current is None:
-                return super().forward(x)
-            return super().forward(x.transpose(0, 1)).transpose(0, 1)
-
     return {
         tpl.ColumnParallelLinear: ProbedColumnParallelLinear,
         tpl.RowParallelLinear: ProbedRowParallelLinear,
         tpl.VocabParallelEmbedding: ProbedVocabParallelEmbedding,
         nn.LayerNorm: ProbedSeqFirstLayerNorm,
+        nn.RMSNorm: ProbedSeqFirstRMSNorm,  # megatron's WrappedTorchNorm builds torch's own classes
         nn.Embedding: Embedding,
     }
 
@@ -183,14 +203,26 @@ def make_probe_aware(module: nn.Module) -> None:
 
 
 def transformer_config(model: ModelConfig, tp: int, use_cpu_initialization: bool):
+    """megatron's TransformerConfig for these knobs."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    family = {}
+    if model.name == "llama":
+        family = {
+            "normalization": "RMSNorm",
+            "gated_linear_unit": True,  # SwiGLU: linear_fc1 holds the gate and up projections
+            "activation_func": F.silu,
+            "num_query_groups": model.kv_heads,
+            # the rotate-half pairs (i, i + hd/2) of trainer.models.llama, pinned against a changed default
+            "rotary_interleaved": False,
+        }
     return TransformerConfig(
         num_layers=model.n_layer,
         hidden_size=model.d_model,
         num_attention_heads=model.n_head,
         ffn_hidden_size=model.hidden,
         add_bias_linear=bool(model.bias),
+        layernorm_epsilon=model.norm_eps,
         hidden_dropout=model.dropout,
         attention_dropout=model.dropout,
         tensor_model_parallel_size=tp,
@@ -207,6 +239,7 @@ def transformer_config(model: ModelConfig, tp: int, use_cpu_initialization: bool
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
+        **family,
     )
 
 
@@ -237,19 +270,26 @@ def build_megatron_gpt(
     shard from its tensor-parallel RNG instead)."""
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    if use_te:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec as spec_fn
-    else:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec as spec_fn
     config = transformer_config(model, layout.tp_size, use_cpu_initialization=cpu)
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec()  # TE's norms follow config.normalization
+    else:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        # Apex's fused norm (taken when Apex is installed) has no RMS variant: the spec then takes torch's
+        spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    llama = model.name == "llama"
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=spec_fn(),
+        transformer_layer_spec=spec,
         vocab_size=padded_vocab(model.vocab_size, vocab_multiple),
         max_sequence_length=model.max_seq_len,
         parallel_output=False,
         share_embeddings_and_output_weights=bool(model.tie_embeddings),
-        position_embedding_type="learned_absolute",
+        position_embedding_type="rope" if llama else "learned_absolute",
+        rotary_base=model.rope_theta,
     )
     make_probe_aware(gpt)
     return MegatronGPT(gpt, model.max_seq_len, layout)
