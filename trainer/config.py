@@ -437,9 +437,10 @@ class EngineConfig:
     """torch intra-op threads per rank (0 = leave torch's default)."""
     precision: str = "fp32"
     """fp32, or bf16: compute in bfloat16 with fp32 master weights, gradients and optimizer state
-    (torch, fsdp: autocast; megatron: its bf16 module with fp32 main gradients; deepspeed: its bf16
+    (torch, fsdp: autocast; megatron: bf16 parameters with fp32 main gradients; deepspeed: its bf16
     mode), or fp16 (deepspeed only, dynamic loss scaling, GPU only). The probe accumulates in fp32.
-    CPUs without bf16 GEMMs run bf16 slower than fp32."""
+    megatron and deepspeed checkpoints resume only at the same precision. CPUs without bf16 GEMMs
+    run bf16 slower than fp32."""
     compile: bool = False
     """torch, fsdp: torch.compile each block (inductor). With the probe recording, the probe-aware
     layers run eagerly between compiled regions (a graph break per layer on probed micro-batches

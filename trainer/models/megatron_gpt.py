@@ -16,6 +16,9 @@ every TP size trains the same model), grouped-query attention with ``model.n_kv_
 (each TP rank holds whole groups), no biases, rotary positions (base ``model.rope_theta``, the
 rotate-half layout). Both tie the head to the embedding per ``model.tie_embeddings``.
 
+Precision: under ``bf16`` every parameter is bfloat16 (megatron's mixed precision: bf16 GEMMs,
+softmax in fp32); the engine keeps the fp32 main gradients and master weights.
+
 The probe. Megatron's activations are sequence-first ([s, b, h]), while the probe's domain blocks
 are contiguous rows of a batch-first [b, s] layout. ``make_probe_aware`` swaps the classes of the
 built modules (same parameters, same state_dict keys) to subclasses that, while a probe records,
@@ -37,7 +40,9 @@ inside the backward, past the probe).
 Biases that megatron returns separately (``skip_bias_add``) are added inside the layer while probed
 (the layer returns no bias, which megatron's bias-dropout-add and MLP accept), so their gradient is
 split by domain too. Each rank's pieces cover its local shard; the probe sums partial products over
-the TP group and counts replicated parameters on TP rank 0 only (``ParallelLayout``).
+the TP group and counts replicated parameters on TP rank 0 only (``ParallelLayout``). Under bf16
+the pieces come in bf16 and the probe sums them in fp32; class swaps and the bf16 conversion keep
+every Parameter object, so the probe's slots (keyed by parameter identity) are the layers' own.
 """
 
 from __future__ import annotations
@@ -202,10 +207,13 @@ def make_probe_aware(module: nn.Module) -> None:
             m.__class__ = target
 
 
-def transformer_config(model: ModelConfig, tp: int, use_cpu_initialization: bool):
-    """megatron's TransformerConfig for these knobs."""
+def transformer_config(model: ModelConfig, tp: int, use_cpu_initialization: bool, bf16: bool):
+    """megatron's TransformerConfig for these knobs. ``bf16``: megatron's mixed precision (bf16
+    parameters and activations, softmax in fp32); the fp32 main gradients and master weights are the
+    engine's."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    dtype = torch.bfloat16 if bf16 else torch.float32
     family = {}
     if model.name == "llama":
         family = {
@@ -229,8 +237,9 @@ def transformer_config(model: ModelConfig, tp: int, use_cpu_initialization: bool
         pipeline_model_parallel_size=1,
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=True,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
         init_method_std=0.02,  # GPT-2's; output projections get 0.02/sqrt(2·n_layer) (megatron's scaled init)
         # fused kernels need CUDA/apex; the unfused paths are what the probe wraps
         bias_activation_fusion=False,
@@ -262,15 +271,17 @@ class MegatronGPT(nn.Module):
 
 
 def build_megatron_gpt(
-    model: ModelConfig, vocab_multiple: int, layout: ParallelLayout, use_te: bool, cpu: bool
+    model: ModelConfig, vocab_multiple: int, layout: ParallelLayout, use_te: bool, cpu: bool, bf16: bool = False
 ) -> MegatronGPT:
     """The GPTModel for these knobs (parallel_state must be initialised); call with the same
     torch seed on every rank. ``cpu``: CPU initialisation draws the full matrices, then keeps this
     rank's slice, so every TP size starts from the same weights (on GPU megatron initialises each
-    shard from its tensor-parallel RNG instead)."""
+    shard from its tensor-parallel RNG instead). ``bf16``: every parameter in bfloat16, as megatron's
+    Float16Module converts the module (its forward's casts of float inputs and outputs have nothing
+    to do here: the inputs are token ids, and ``token_losses`` takes the cross-entropy in fp32)."""
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    config = transformer_config(model, layout.tp_size, use_cpu_initialization=cpu)
+    config = transformer_config(model, layout.tp_size, use_cpu_initialization=cpu, bf16=bf16)
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -291,5 +302,7 @@ def build_megatron_gpt(
         position_embedding_type="rope" if llama else "learned_absolute",
         rotary_base=model.rope_theta,
     )
+    if bf16:
+        gpt.bfloat16()  # the norms: torch's classes ignore params_dtype
     make_probe_aware(gpt)
     return MegatronGPT(gpt, model.max_seq_len, layout)
