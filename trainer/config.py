@@ -377,7 +377,7 @@ class MegatronConfig:
     tensor_parallel: int = 1
     """tensor-parallel size TP (Megatron's column/row-parallel split of every linear layer
     and of the vocabulary). Must be >= 1, divide the number of ranks (data-parallel size = ranks / TP)
-    and divide model.n_head. A checkpoint resumes only with the same TP."""
+    and divide model.n_head and model.n_kv_head. A checkpoint resumes only with the same TP."""
     vocab_multiple: int = 128
     """the vocabulary (model.vocab_size) is padded up to a multiple of this, independently
     of TP so runs with different TP train the same padded model; must be divisible by
@@ -437,9 +437,10 @@ class EngineConfig:
     """torch intra-op threads per rank (0 = leave torch's default)."""
     precision: str = "fp32"
     """fp32, or bf16: compute in bfloat16 with fp32 master weights, gradients and optimizer state
-    (torch, fsdp: autocast; megatron: its bf16 module with fp32 main gradients; deepspeed: its bf16
+    (torch, fsdp: autocast; megatron: bf16 parameters with fp32 main gradients; deepspeed: its bf16
     mode), or fp16 (deepspeed only, dynamic loss scaling, GPU only). The probe accumulates in fp32.
-    CPUs without bf16 GEMMs run bf16 slower than fp32."""
+    megatron and deepspeed checkpoints resume only at the same precision. CPUs without bf16 GEMMs
+    run bf16 slower than fp32."""
     compile: bool = False
     """torch: torch.compile each block (inductor). With the probe recording, the probe-aware
     layers run eagerly between compiled regions (a graph break per layer on probed micro-batches

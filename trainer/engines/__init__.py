@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from .. import checkpoint, safe_load
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, EngineConfig, ModelConfig
 from . import (
     deepspeed_engine,  # noqa: F401  (registers "deepspeed"; imports DeepSpeed only when built)
     fsdp_engine,  # noqa: F401  (registers "fsdp")
@@ -49,8 +50,10 @@ def check_engine_format(path: Path, saved: dict | None, current: dict | None) ->
     if saved == now:
         return
 
+    shared = {f.name for f in dataclasses.fields(EngineConfig)}  # engine.name, engine.precision, ...
+
     def knob(k: str) -> str:  # an engine's own knobs live under engine.<its name>
-        return "engine.name" if k == "name" else f"engine.{(saved if k in saved else now)['name']}.{k}"
+        return f"engine.{k}" if k in shared else f"engine.{(saved if k in saved else now)['name']}.{k}"
 
     diffs = [
         f"{knob(k)}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"

@@ -3,15 +3,21 @@
 - Process groups: the loop's group, then ``parallel_state.initialize_model_parallel(TP, PP=1)``;
   ranks are TP-fastest, so data-parallel rank = rank // TP and size = ranks / TP. Both TP ranks of a
   replica see the same micro-batches (the loop shards data with ``dp_rank``/``dp_size``).
-- Model: ``trainer.models.megatron_gpt`` (local layer spec; the Transformer Engine spec when CUDA and
-  TE are present), vocabulary padded to ``engine.megatron.vocab_multiple``. On CPU the CUDA shim
-  (``megatron_shim``) is applied and ``use_cpu_initialization`` draws full matrices before slicing,
-  so every TP size starts from the same weights for the same seed.
+- Model: ``trainer.models.megatron_gpt`` (``model.name`` gpt or llama; local layer spec, the
+  Transformer Engine spec when CUDA and TE are present), vocabulary padded to
+  ``engine.megatron.vocab_multiple``. On CPU the CUDA shim (``megatron_shim``) is applied and
+  ``use_cpu_initialization`` draws full matrices before slicing, so every TP size starts from the
+  same weights for the same seed.
 - Gradients: megatron's DistributedDataParallel (fp32 grad buffer, no overlap, no distributed
   optimizer) reduces over the data-parallel group into ``param.main_grad``; ``finish_grad_sync``
   runs once per step after the last micro-batch. megatron's optimizers hard-code CUDA buffers, so a
   torch AdamW (``torch_ddp.adamw``'s groups) steps on the local shards with ``.grad`` pointed at
   ``main_grad``.
+- ``engine.precision=bf16``: megatron's mixed precision (``TransformerConfig(bf16=True)``, bf16
+  parameters as megatron's Float16Module makes them, softmax in fp32) with the fp32 ``main_grad``
+  above; the AdamW steps fp32 master copies of the bf16 parameters (fp32 moments too) and each
+  step's result is rounded into them, as megatron's mixed-precision optimizer does.
+  ``engine.optimizer`` (what ``trainer.signals`` reads) is then a view keyed by the bf16 parameters.
 - Clipping: the global norm sums squared norms of sharded parameters over the TP group and counts
   replicated ones (layer norms, row-parallel biases, position table) once; after the DP reduction
   every DP replica holds the same gradient, so no DP sum is needed.
@@ -20,8 +26,9 @@
   for ``sequence_loss_sums`` and the ``on_losses`` hook.
 - Checkpoints (``save_checkpoint``/``load_checkpoint``, inside ``trainer.checkpoint``'s atomic
   directory): rank 0 writes the loop state as ``state.pt``; the first DP replica's ranks each write
-  ``megatron/tp_rank_XX.pt`` (their model shard and AdamW state). ``meta.json`` records
-  ``engine.megatron.tensor_parallel``; a different TP is refused at resume.
+  ``megatron/tp_rank_XX.pt`` (their model shard, the fp32 masters under bf16, and AdamW state), so
+  a bf16 run resumes bit-exactly. ``meta.json`` records ``engine.megatron.tensor_parallel`` and
+  ``engine.precision``; a different value of either is refused at resume.
 """
 
 from __future__ import annotations
@@ -51,6 +58,17 @@ def _transformer_engine_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+class _MasterView:
+    """``engine.optimizer`` under bf16 as ``trainer.signals`` reads it: the AdamW that steps the fp32
+    masters, with ``param_groups`` over the MODEL's (bf16) parameters and ``state.get(p)`` by model
+    parameter (its master's moments). Built on each access, so it never holds a stale group."""
+
+    def __init__(self, adam: torch.optim.Optimizer, params: list, masters: list):
+        model_of = {id(m): p for p, m in zip(params, masters)}
+        self.param_groups = [{**g, "params": [model_of[id(m)] for m in g["params"]]} for g in adam.param_groups]
+        self.state = {p: adam.state[m] for p, m in zip(params, masters) if m in adam.state}
 
 
 @register("megatron")
@@ -91,6 +109,7 @@ class MegatronEngine(Engine):
         if (self.layout.dp_rank, self.layout.dp_size) != (self.rank // tp, self.world_size // tp):
             raise RuntimeError("megatron's rank order is not TP-fastest; the loop's data sharding assumes it")
         self.train_cfg, self.engine_cfg = train_cfg, engine_cfg
+        self.bf16 = engine_cfg.precision == "bf16"
 
         torch.manual_seed(train_cfg.seed)  # same full-matrix draws on every rank and every TP size
         model_parallel_cuda_manual_seed(train_cfg.seed)  # megatron's dropout RNG tracker
@@ -100,6 +119,7 @@ class MegatronEngine(Engine):
             self.layout,
             use_te=_transformer_engine_available(),
             cpu=self.device.type == "cpu",
+            bf16=self.bf16,
         ).to(self.device)
         gpt = self.model.gpt
         self.ddp = DistributedDataParallel(
@@ -109,8 +129,13 @@ class MegatronEngine(Engine):
             ),
             gpt,
         )
-        self.optimizer = adamw(self.model, train_cfg)
-        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        named = [(n, p) for n, p in gpt.named_parameters() if p.requires_grad]
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        # megatron's own mixed-precision optimizer hard-codes CUDA: under bf16 the AdamW steps fp32
+        # master copies (fp32 state too), and each step's result is rounded into the bf16 parameters
+        self._masters = [torch.nn.Parameter(p.detach().float()) for p in self._params] if self.bf16 else self._params
+        self._adam = adamw(torch.nn.ParameterList(self._masters), train_cfg)
 
     @property
     def _accounts_losses(self) -> bool:
@@ -130,8 +155,15 @@ class MegatronEngine(Engine):
                 sq += p.main_grad.double().pow(2).sum()
         return self.layout.tp_sum(sq).sqrt()
 
+    @property
+    def optimizer(self):
+        """The optimizer as ``trainer.signals`` reads it (Adam's moments per model parameter): the
+        AdamW itself under fp32, a view keyed by the bf16 parameters of the AdamW over their masters
+        under bf16."""
+        return _MasterView(self._adam, self._params, self._masters) if self.bf16 else self._adam
+
     def optimizer_step(self, lr: float) -> float:
-        for group in self.optimizer.param_groups:
+        for group in self._adam.param_groups:
             group["lr"] = lr
         norm = self.grad_norm()
         if not torch.isfinite(norm):
@@ -140,33 +172,42 @@ class MegatronEngine(Engine):
         clip = self.train_cfg.grad_clip
         # torch.nn.utils.clip_grad_norm_'s rule, on the global norm
         coef = torch.clamp(clip / (norm + 1e-6), max=1.0).float() if clip > 0 else None
-        for p in self._params:
-            p.grad = p.main_grad if coef is None else p.main_grad.mul_(coef)
-        self.optimizer.step()
+        for p, master in zip(self._params, self._masters):
+            master.grad = p.main_grad if coef is None else p.main_grad.mul_(coef)
+        self._adam.step()
+        if self.bf16:
+            with torch.no_grad():
+                for p, master in zip(self._params, self._masters):
+                    p.copy_(master)
         self.discard_gradients()
         return float(norm)
 
     def discard_gradients(self) -> None:
-        for p in self._params:
-            p.grad = None  # else autograd would accumulate into main_grad and DDP's hook add it again
+        for p, master in zip(self._params, self._masters):
+            # a .grad left on main_grad (fp32: p is its own master): autograd would accumulate into
+            # it and DDP's hook add it again
+            p.grad = master.grad = None
         self.ddp.zero_grad_buffer()
 
     def state_dict(self) -> dict:
-        """This rank's shards: the model (megatron's keys, local slices) and the AdamW state."""
+        """This rank's shards: the model (megatron's keys, local slices; the fp32 master weights
+        under bf16) and the AdamW state."""
         # megatron adds `_extra_state` entries (None without Transformer Engine): tensors only
-        return {
-            "model": {k: v.detach().clone() for k, v in self.model.gpt.state_dict().items() if torch.is_tensor(v)},
-            "optimizer": self.optimizer.state_dict(),
-        }
+        model = {k: v for k, v in self.model.gpt.state_dict().items() if torch.is_tensor(v)}
+        model.update(zip(self._names, self._masters))
+        return {"model": {k: v.detach().clone() for k, v in model.items()}, "optimizer": self._adam.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             missing, unexpected = self.model.gpt.load_state_dict(state["model"], strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise KeyError(f"megatron state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            missing = [k for k in missing if not k.endswith("_extra_state")]
+            if missing or unexpected:
+                raise KeyError(f"megatron state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            if self.bf16:  # the bf16 parameters were rounded from these; the masters keep every bit
+                for name, master in zip(self._names, self._masters):
+                    master.copy_(state["model"][name])
         if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._adam.load_state_dict(state["optimizer"])
 
     @torch.no_grad()
     def sequence_loss_sums(self, batch: torch.Tensor) -> torch.Tensor:
@@ -177,7 +218,13 @@ class MegatronEngine(Engine):
     # ---- checkpoints ------------------------------------------------------------------------------
     @classmethod
     def checkpoint_format(cls, engine_cfg) -> dict:
-        return {"name": "megatron", "tensor_parallel": int(engine_cfg.megatron.tensor_parallel)}
+        # the shards hold fp32 weights and AdamW state either way, but a bf16 run continued in fp32
+        # (or the reverse) is no continuation of either: refused at resume like a changed TP
+        return {
+            "name": "megatron",
+            "tensor_parallel": int(engine_cfg.megatron.tensor_parallel),
+            "precision": engine_cfg.precision,
+        }
 
     @classmethod
     def vet_checkpoint(cls, directory: Path, meta: dict) -> None:

@@ -1,14 +1,23 @@
 """megatron-core's GPTModel behind our model interface, with probe-aware tensor-parallel layers.
 
-``build_megatron_gpt`` builds megatron's GPTModel from the same ``model.*`` knobs as our GPT and wraps
-it in ``MegatronGPT``, whose ``forward(ids [B, T]) -> logits [B, T, V_padded]`` is what
+``build_megatron_gpt`` builds megatron's GPTModel from the same ``model.*`` knobs as our models and
+wraps it in ``MegatronGPT``, whose ``forward(ids [B, T]) -> logits [B, T, V_padded]`` is what
 ``trainer.models.token_losses`` and ``trainer.signals`` expect. The logits are gathered over the
 tensor-parallel group (``parallel_output=False``): every TP rank computes the same loss, whose
 gradient with respect to its vocabulary slice is exact (the gather's backward is a split). That
 costs a B·T·V all-gather instead of Megatron's vocab-parallel cross-entropy; it keeps one loss path
 for training, evaluation, reference gradients and probe batches.
 
-Positions: learned absolute, like our GPT (the CPU shim covers the buffer they allocate).
+The families (``model.name``): ``gpt`` is GPT-2's layout (LayerNorm, GELU MLP, biases per
+``model.bias``, learned absolute positions; the CPU shim covers the buffer they allocate).
+``llama`` is ``trainer.models.llama``'s: RMSNorm (``model.norm_eps``), a SwiGLU MLP of width
+``model.hidden`` (megatron's gated linear_fc1 holds [gate; up], split over TP with stride 2 so
+every TP size trains the same model), grouped-query attention with ``model.n_kv_head`` query groups
+(each TP rank holds whole groups), no biases, rotary positions (base ``model.rope_theta``, the
+rotate-half layout). Both tie the head to the embedding per ``model.tie_embeddings``.
+
+Precision: under ``bf16`` every parameter is bfloat16 (megatron's mixed precision: bf16 GEMMs,
+softmax in fp32); the engine keeps the fp32 main gradients and master weights.
 
 The probe. Megatron's activations are sequence-first ([s, b, h]), while the probe's domain blocks
 are contiguous rows of a batch-first [b, s] layout. ``make_probe_aware`` swaps the classes of the
@@ -21,7 +30,8 @@ batch-first view of their input, around megatron's own tensor-parallel communica
 - RowParallelLinear: the local [out, in/TP] GEMM on the parallel input, reduce over TP, then the
   (replicated) bias through a probed add;
 - VocabParallelEmbedding: the local lookup of this rank's vocabulary slice, masked, reduced over TP;
-- LayerNorm and the learned position table (replicated): the probed affine / lookup.
+- LayerNorm / RMSNorm (torch's classes, which megatron's local spec builds without Apex) and the
+  learned position table (replicated): the probed affine / lookup.
 
 The probed paths assume what ``transformer_config`` pins: no sequence parallelism (so no
 reduce-scatter of embeddings) and no gradient-accumulation fusion (which would write ``main_grad``
@@ -30,7 +40,9 @@ inside the backward, past the probe).
 Biases that megatron returns separately (``skip_bias_add``) are added inside the layer while probed
 (the layer returns no bias, which megatron's bias-dropout-add and MLP accept), so their gradient is
 split by domain too. Each rank's pieces cover its local shard; the probe sums partial products over
-the TP group and counts replicated parameters on TP rank 0 only (``ParallelLayout``).
+the TP group and counts replicated parameters on TP rank 0 only (``ParallelLayout``). Under bf16
+the pieces come in bf16 and the probe sums them in fp32; class swaps and the bf16 conversion keep
+every Parameter object, so the probe's slots (keyed by parameter identity) are the layers' own.
 """
 
 from __future__ import annotations
@@ -39,9 +51,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .layers import Embedding, LayerNorm, ProbeAware, _EmbeddingFn, _LinearFn, _vector_grad
+from .layers import Embedding, LayerNorm, ProbeAware, RMSNorm, _EmbeddingFn, _LinearFn, _vector_grad
 
 
 def padded_vocab(vocab_size: int, multiple: int) -> int:
@@ -105,6 +118,23 @@ def _batch_first_linear(x: torch.Tensor, weight, bias, rec) -> torch.Tensor:
     return _LinearFn.apply(x, weight, bias, rec).transpose(0, 1).contiguous()
 
 
+class _SeqFirst:
+    """A probe-aware norm (``layers.LayerNorm``/``RMSNorm``) on megatron's sequence-first [s, b, h]
+    activations: the probed path runs on the batch-first view, whose flattened rows are the domain
+    blocks the gain's (and bias's) gradient is split into."""
+
+    def _probed(self, x: torch.Tensor) -> torch.Tensor:
+        return super()._probed(x.transpose(0, 1)).transpose(0, 1)
+
+
+class ProbedSeqFirstLayerNorm(_SeqFirst, LayerNorm):
+    pass
+
+
+class ProbedSeqFirstRMSNorm(_SeqFirst, RMSNorm):
+    pass
+
+
 def _probed_classes():
     from megatron.core.tensor_parallel import layers as tpl
     from megatron.core.tensor_parallel.mappings import (
@@ -156,17 +186,12 @@ def _probed_classes():
                 out = out.masked_fill(outside.unsqueeze(-1), 0.0)  # row 0 then gets zero pieces
             return reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
 
-    class ProbedSeqFirstLayerNorm(LayerNorm):
-        def forward(self, x):
-            if self._tap.current is None:
-                return super().forward(x)
-            return super().forward(x.transpose(0, 1)).transpose(0, 1)
-
     return {
         tpl.ColumnParallelLinear: ProbedColumnParallelLinear,
         tpl.RowParallelLinear: ProbedRowParallelLinear,
         tpl.VocabParallelEmbedding: ProbedVocabParallelEmbedding,
         nn.LayerNorm: ProbedSeqFirstLayerNorm,
+        nn.RMSNorm: ProbedSeqFirstRMSNorm,  # megatron's WrappedTorchNorm builds torch's own classes
         nn.Embedding: Embedding,
     }
 
@@ -182,23 +207,39 @@ def make_probe_aware(module: nn.Module) -> None:
             m.__class__ = target
 
 
-def transformer_config(model: ModelConfig, tp: int, use_cpu_initialization: bool):
+def transformer_config(model: ModelConfig, tp: int, use_cpu_initialization: bool, bf16: bool):
+    """megatron's TransformerConfig for these knobs. ``bf16``: megatron's mixed precision (bf16
+    parameters and activations, softmax in fp32); the fp32 main gradients and master weights are the
+    engine's."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    family = {}
+    if model.name == "llama":
+        family = {
+            "normalization": "RMSNorm",
+            "gated_linear_unit": True,  # SwiGLU: linear_fc1 holds the gate and up projections
+            "activation_func": F.silu,
+            "num_query_groups": model.kv_heads,
+            # the rotate-half pairs (i, i + hd/2) of trainer.models.llama, pinned against a changed default
+            "rotary_interleaved": False,
+        }
     return TransformerConfig(
         num_layers=model.n_layer,
         hidden_size=model.d_model,
         num_attention_heads=model.n_head,
         ffn_hidden_size=model.hidden,
         add_bias_linear=bool(model.bias),
+        layernorm_epsilon=model.norm_eps,
         hidden_dropout=model.dropout,
         attention_dropout=model.dropout,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=1,
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=True,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
         init_method_std=0.02,  # GPT-2's; output projections get 0.02/sqrt(2·n_layer) (megatron's scaled init)
         # fused kernels need CUDA/apex; the unfused paths are what the probe wraps
         bias_activation_fusion=False,
@@ -207,6 +248,7 @@ def transformer_config(model: ModelConfig, tp: int, use_cpu_initialization: bool
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
+        **family,
     )
 
 
@@ -229,27 +271,38 @@ class MegatronGPT(nn.Module):
 
 
 def build_megatron_gpt(
-    model: ModelConfig, vocab_multiple: int, layout: ParallelLayout, use_te: bool, cpu: bool
+    model: ModelConfig, vocab_multiple: int, layout: ParallelLayout, use_te: bool, cpu: bool, bf16: bool = False
 ) -> MegatronGPT:
     """The GPTModel for these knobs (parallel_state must be initialised); call with the same
     torch seed on every rank. ``cpu``: CPU initialisation draws the full matrices, then keeps this
     rank's slice, so every TP size starts from the same weights (on GPU megatron initialises each
-    shard from its tensor-parallel RNG instead)."""
+    shard from its tensor-parallel RNG instead). ``bf16``: every parameter in bfloat16, as megatron's
+    Float16Module converts the module (its forward's casts of float inputs and outputs have nothing
+    to do here: the inputs are token ids, and ``token_losses`` takes the cross-entropy in fp32)."""
     from megatron.core.models.gpt.gpt_model import GPTModel
 
+    config = transformer_config(model, layout.tp_size, use_cpu_initialization=cpu, bf16=bf16)
     if use_te:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec as spec_fn
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec()  # TE's norms follow config.normalization
     else:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec as spec_fn
-    config = transformer_config(model, layout.tp_size, use_cpu_initialization=cpu)
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        # Apex's fused norm (taken when Apex is installed) has no RMS variant: the spec then takes torch's
+        spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    llama = model.name == "llama"
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=spec_fn(),
+        transformer_layer_spec=spec,
         vocab_size=padded_vocab(model.vocab_size, vocab_multiple),
         max_sequence_length=model.max_seq_len,
         parallel_output=False,
         share_embeddings_and_output_weights=bool(model.tie_embeddings),
-        position_embedding_type="learned_absolute",
+        position_embedding_type="rope" if llama else "learned_absolute",
+        rotary_base=model.rope_theta,
     )
+    if bf16:
+        gpt.bfloat16()  # the norms: torch's classes ignore params_dtype
     make_probe_aware(gpt)
     return MegatronGPT(gpt, model.max_seq_len, layout)
