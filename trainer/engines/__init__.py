@@ -20,6 +20,11 @@ PLAIN = "torch"
 """The engine whose checkpoints carry no ``engine`` entry in meta.json (the plain layout)."""
 
 
+FORMAT_DEFAULTS = {"precision": "fp32"}
+"""meta.json ``engine`` entries that older checkpoints lack, with the value they were written with
+(engine=megatron recorded no precision before it had bf16)."""
+
+
 def engine_class(name: str) -> type[Engine]:
     if name not in ENGINES:
         raise ConfigError(f"engine.name={name!r}; allowed: {', '.join(sorted(ENGINES))}")
@@ -47,6 +52,8 @@ def check_engine_format(path: Path, saved: dict | None, current: dict | None) ->
     """Refuse a checkpoint written by another engine layout (naming the knobs that differ)."""
     saved = saved or {"name": PLAIN}
     now = current or {"name": PLAIN}
+    if saved.get("name") == now.get("name"):  # an entry a format gained later reads as its old value
+        saved = {**{k: v for k, v in FORMAT_DEFAULTS.items() if k in now}, **saved}
     if saved == now:
         return
 
