@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import train_tokenizer
 
 from trainer.data import shardset
 from trainer.data.demo import DOMAINS, TARGETS, DemoBuildError, add_parser, build, build_demo, clean, sources
 from trainer.data.demo.clean import Doc
 from trainer.data.indexed import IndexedTokens
 from trainer.data.tokenizer import get_tokenizer
+from trainer.data.tokenizer_options import load_tokenizer
 
 # --- chunking ---------------------------------------------------------------------------------------
 
@@ -510,6 +512,32 @@ def test_offline_mini_build_writes_manifest_and_is_idempotent(tmp_path, monkeypa
     monkeypatch.setattr(build, "fetch_all", lambda raw, docs_package, log: fetched)
     build_demo(tmp_path / "cache", tokenizer="bytes", max_tokens_per_domain=20_000, quiet=True, force=True)
     assert {k: v[1] for k, v in _tree_state(out).items()} == {k: v[1] for k, v in state.items()}  # byte-identical
+
+
+def test_demo_cache_is_keyed_by_a_hugging_face_tokenizer(tmp_path, monkeypatch):
+    fetched = _fake_packages(tmp_path / "pkgs")
+    monkeypatch.setattr(build, "fetch_all", lambda raw, docs_package, log: fetched)
+    monkeypatch.setattr(sources, "docs_package", lambda: None)
+    paths = [str(train_tokenizer(tmp_path / f"t{seed}" / "tokenizer.json", seed=seed)) for seed in (0, 1)]
+    toks = [load_tokenizer(p) for p in paths]
+    outs = [build_demo(tmp_path / "cache", tokenizer=tok, max_tokens_per_domain=20_000, quiet=True) for tok in toks]
+    assert outs[0] != outs[1]
+    recipe = lambda tok: build.recipe_hash(build.make_recipe(tok, None, 0.02, 20_000))  # noqa: E731
+    assert recipe(toks[0]) != recipe(load_tokenizer(paths[0], "Ġ"))  # one file, another EOD: another folder
+    for tok, out in zip(toks, outs):
+        loaded = shardset.ShardSet.load(out)
+        assert loaded.tokenizer == tok.identity()
+        code = IndexedTokens(loaded.domains["code"]["train"].prefix)
+        assert code.tokens[np.cumsum(code.sequence_lengths) - 1].tolist() == [tok.eod] * code.sequence_count
+    assert build_demo(tmp_path / "cache", tokenizer=paths[1], max_tokens_per_domain=20_000, quiet=True) == outs[1]
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["demo", "--tokenizer", paths[0], "--eod-token", "Ġ", "--cache-dir", str(tmp_path / "c")])
+    assert (args.tokenizer, args.eod_token) == (paths[0], "Ġ")
+    args.tokenizer = str(tmp_path / "none.json")
+    with pytest.raises(SystemExit, match=r"mixtrain data demo: error: --tokenizer='.*none\.json' is neither"):
+        args.func(args)
 
 
 def test_build_without_any_domain_raises_clear_error(tmp_path, monkeypatch):

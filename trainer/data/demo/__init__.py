@@ -10,16 +10,21 @@ import argparse
 from pathlib import Path
 
 from trainer.data.demo.build import DOMAINS, TARGETS, DemoBuildError, build_demo
-from trainer.data.tokenizer import TOKENIZERS
+from trainer.data.tokenizer import TokenizerError
+from trainer.data.tokenizer_options import add_tokenizer_options, tokenizer_from_options
 
 __all__ = ["DOMAINS", "TARGETS", "DemoBuildError", "add_parser", "build_demo"]
 
 
 def _run(args: argparse.Namespace) -> int:
+    try:
+        tok = tokenizer_from_options(args)
+    except TokenizerError as e:
+        raise SystemExit(f"mixtrain data demo: error: {e}") from None
     path = build_demo(
         args.cache_dir,
         force=args.force,
-        tokenizer=args.tokenizer,
+        tokenizer=tok,
         max_tokens_per_domain=args.max_tokens_per_domain or None,
     )
     print(path)
@@ -38,7 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--cache-dir", type=Path, default=None, help="cache root (default: $MIXTRAIN_CACHE, else ./.cache/mixtrain)"
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if the shard set exists")
-    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="gpt2", help="tokenizer (default: gpt2)")
+    add_tokenizer_options(parser, note="; the cache folder is keyed by its identity")
     parser.add_argument(
         "--max-tokens-per-domain",
         type=int,
