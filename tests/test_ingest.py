@@ -11,14 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import train_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from trainer.commands import ingest as ingest_module  # noqa: E402
 from trainer.commands.ingest import IngestError, add_parser, ingest  # noqa: E402
 from trainer.data.indexed import IndexedTokens, write_indexed  # noqa: E402
 from trainer.data.shardset import ShardSet  # noqa: E402
 from trainer.data.tokenizer import get_tokenizer  # noqa: E402
+from trainer.data.tokenizer_options import load_tokenizer  # noqa: E402
 
 TOK = get_tokenizer("bytes")
 ROWS = [{"text": f"web page {i} ✓ héllo", "domain": "web"} for i in range(12)] + [
@@ -34,6 +37,7 @@ def run(inputs, out, **kw):
 
 def write_jsonl(path: Path, rows) -> Path:
     data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
     return path
 
@@ -256,6 +260,11 @@ def bad_inputs(tmp_path: Path) -> dict:
     badjson.write_text('{"text": "ok", "domain": "a"}\n{not json\n')
     uint8 = tmp_path / "u8" / "p"
     write_indexed(uint8, [np.array([1, 2, 3])], np.uint8)  # a byte-level corpus without room for EOD 256
+    int32 = tmp_path / "i32" / "p"
+    write_indexed(int32, [np.array([1, 2, 256])], np.int32)
+    wide = tmp_path / "wide" / "p"
+    write_indexed(wide, [np.array([300, 256])], np.uint16)  # ids of a larger vocabulary than bytes' 257
+    one, two = make_prefix(tmp_path / "pp" / "one", ["x"]), make_prefix(tmp_path / "pp" / "two", ["y"])
     return {
         "missing path": ([tmp_path / "nope.jsonl"], {}, ["does not exist", "nope.jsonl"]),
         "unknown type": ([csv], {}, ["unknown file type", "data.csv"]),
@@ -290,6 +299,24 @@ def bad_inputs(tmp_path: Path) -> dict:
         "bad json": ([badjson], {}, ["bad.jsonl line 2", "not valid JSON"]),
         "megatron missing": ([], {"megatron": {"old": str(tmp_path / "gone")}}, ["'old'", "gone"]),
         "megatron dtype": ([], {"megatron": {"small": str(uint8)}}, ["'small'", "uint8", "257"]),
+        "megatron dtypes differ": (
+            [],
+            {"megatron": {"mixed": [str(one), str(int32)]}},
+            ["'mixed'", "different dtypes", "uint16", "int32"],
+        ),
+        "megatron vocabulary": (
+            [],
+            {"megatron": {"wide": str(wide)}},
+            ["'wide'", "token id 300", "257", "--tokenizer"],
+        ),
+        "megatron valid for some": (
+            [],
+            {"megatron": {"part": [f"{one}:{two}", str(two)]}},
+            ["'part'", "VALID_PREFIX", "every prefix"],
+        ),
+        "megatron glob": ([], {"megatron": {"g": str(tmp_path / "pp" / "z*")}}, ["'g'", "z*", "matches nothing"]),
+        "glob matches nothing": ([f"web={tmp_path}/none-*.jsonl"], {}, ["none-*.jsonl", "matches nothing"]),
+        "workers": ([j("w.jsonl", ROWS)], {"workers": 0}, ["workers=0", "--workers"]),
         "megatron clash": (
             [j("c.jsonl", ROWS)],
             {"megatron": {"web": str(make_prefix(tmp_path / "w", ["x"]))}},
@@ -318,6 +345,12 @@ ERROR_CASES = [
     "bad json",
     "megatron missing",
     "megatron dtype",
+    "megatron dtypes differ",
+    "megatron vocabulary",
+    "megatron valid for some",
+    "megatron glob",
+    "glob matches nothing",
+    "workers",
     "megatron clash",
     "bad fraction",
     "nothing",
@@ -403,3 +436,104 @@ def test_cli(tmp_path):
         cli(["ingest", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o2"), "--quiet"])
     with pytest.raises(SystemExit, match="given twice"):
         cli(["ingest", "--out", str(tmp_path / "o3"), "--megatron", f"a={prefix}", "--megatron", f"a={prefix}"])
+
+
+# ---------------------------------------------------------------- Hugging Face tokenizers, workers, many inputs
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def hf_documents(prefix, tok) -> list[str]:
+    tokens = np.asarray(IndexedTokens(prefix).tokens)
+    cuts = np.flatnonzero(tokens == tok.eod)
+    assert tokens[-1] == tok.eod
+    return [tok.decode(tokens[s:e].tolist()) for s, e in zip(np.concatenate([[0], cuts[:-1] + 1]), cuts)]
+
+
+def test_hf_tokenizer_round_trips_and_its_identity_is_recorded(tmp_path):
+    path = train_tokenizer(tmp_path / "bpe" / "tokenizer.json")
+    tok = load_tokenizer(str(path))
+    out = run([write_jsonl(tmp_path / "a.jsonl", ROWS)], tmp_path / "out", tokenizer=str(path), valid_fraction=0.3)
+    meta = json.loads((out / "manifest.json").read_text())
+    assert meta["tokenizer"] == tok.identity() and meta["tokenizer"]["files"] == {
+        "tokenizer.json": tok.files["tokenizer.json"]
+    }
+    shards = ShardSet.load(out)
+    for domain, splits in shards.domains.items():
+        assert Counter(t for s in splits.values() for t in hf_documents(s.prefix, tok)) == domain_texts(ROWS, domain)
+    # Another EOD choice is another tokenizer: a new recipe, and a set that records the other id.
+    other = run([write_jsonl(tmp_path / "a.jsonl", ROWS)], tmp_path / "o", tokenizer=load_tokenizer(str(path), "Ġ"))
+    assert ShardSet.load(other).tokenizer["eod"] != tok.eod and ShardSet.load(other).recipe_hash != shards.recipe_hash
+
+
+def test_any_number_of_workers_writes_the_same_bytes(tmp_path, monkeypatch):
+    """Batches of 5 documents over several inputs, so 2 and 3 workers finish them out of order."""
+    monkeypatch.setattr(ingest_module, "BATCH", 5)
+    rows = [{"text": f"page {i} " * (i % 7) + "✓", "domain": ("web", "code", "news")[i % 3]} for i in range(60)]
+    rows[9]["text"] = ""  # an empty text, skipped and counted
+    write_jsonl(tmp_path / "in" / "a.jsonl", rows[:35])
+    write_parquet(tmp_path / "in" / "b.parquet", rows[35:])
+    (tmp_path / "book.txt").write_text("\n\n\n".join(f"chapter {i}" for i in range(12)))
+    tok = str(train_tokenizer(tmp_path / "bpe" / "tokenizer.json"))
+    inputs = [tmp_path / "in", f"books={tmp_path / 'book.txt'}"]
+    sets = {n: tree(run(inputs, tmp_path / f"w{n}", tokenizer=tok, workers=n, valid_fraction=0.3)) for n in (1, 2, 3)}
+    assert sets[1] == sets[2] == sets[3]
+    manifest = json.loads(sets[1]["manifest.json"])
+    assert set(manifest["domains"]) == {"web", "code", "news", "books"}
+    assert manifest["domains"]["web"]["empty_texts_skipped"] == 1
+
+
+def test_globs_and_repeated_names_add_inputs_to_one_domain(tmp_path):
+    for i in range(3):
+        write_jsonl(tmp_path / "web" / f"part-{i}.jsonl", [{"text": f"web {i}.{k}"} for k in range(2)])
+    write_jsonl(tmp_path / "more.jsonl", [{"text": "web extra"}])
+    write_jsonl(tmp_path / "mixed" / "m.jsonl", [{"text": "tagged", "domain": "web"}])
+    out = run(
+        [f"web={tmp_path}/web/part-*.jsonl", f"web={tmp_path / 'more.jsonl'}", f"{tmp_path}/mixed/**/*.jsonl"],
+        tmp_path / "out",
+        valid_fraction=0,
+    )
+    assert decode_prefix(ShardSet.load(out).domains["web"]["train"].prefix) == [
+        *(f"web {i}.{k}" for i in range(3) for k in range(2)),
+        "web extra",
+        "tagged",
+    ]
+    assert len(json.loads((out / "manifest.json").read_text())["domains"]["web"]["sources"]) == 5
+
+
+def test_several_megatron_prefixes_make_one_domain(tmp_path):
+    parts = [
+        make_prefix(tmp_path / "m" / f"part{i}_text_document", [f"doc {i}.{k}" for k in range(5)]) for i in range(3)
+    ]
+    docs = [f"doc {i}.{k}" for i in range(3) for k in range(5)]
+    out = run([], tmp_path / "out", megatron={"old": [str(parts[0]), str(tmp_path / "m" / "part[12]_text_document")]})
+    meta = json.loads((out / "manifest.json").read_text())["domains"]["old"]
+    assert meta["sources"] == [str(p) for p in parts] and meta["splits"]["train"]["prefix"] == "old/train"
+    splits = ShardSet.load(out).domains["old"]
+    assert (
+        decode_prefix(splits["train"].prefix)[: splits["train"].documents] + decode_prefix(splits["valid"].prefix)
+        == docs
+    )
+    valids = [make_prefix(tmp_path / "v" / f"v{i}", [f"held {i}"]) for i in range(2)]
+    out = run([], tmp_path / "out2", megatron={"old": [f"{parts[0]}:{valids[0]}", f"{parts[1]}:{valids[1]}"]})
+    splits = ShardSet.load(out).domains["old"]
+    assert decode_prefix(splits["train"].prefix) == docs[:10]
+    assert decode_prefix(splits["valid"].prefix) == ["held 0", "held 1"]
+
+
+def test_cli_tokenizer_workers_and_repeated_megatron(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "code.jsonl", [{"text": f"x = {i}"} for i in range(5)])
+    one, two = make_prefix(tmp_path / "m" / "one", ["a", "b"]), make_prefix(tmp_path / "m" / "two", ["c", "d"])
+    tok = train_tokenizer(tmp_path / "bpe" / "tokenizer.json", special=("<|endoftext|>", "<|end|>"))
+    out = tmp_path / "out"
+    flags = ["--tokenizer", str(tok), "--eod-token", "<|end|>", "--workers", "2", "--quiet", "--out", str(out)]
+    cli(["ingest", f"code={src}", "--megatron", f"old={one}", "--megatron", f"old={two}", *flags])
+    shards = ShardSet.load(out)
+    assert shards.tokenizer == load_tokenizer(str(tok), "<|end|>").identity()
+    assert sum(s.documents for s in shards.domains["old"].values()) == 4
+    with pytest.raises(SystemExit, match=r"mixtrain data ingest: error: --tokenizer='nope' is neither a named"):
+        cli(["ingest", f"code={src}", "--out", str(tmp_path / "o2"), "--tokenizer", "nope"])
+    with pytest.raises(SystemExit, match=r"--eod-token='<\|x\|>' is not a token of --tokenizer="):
+        cli(["ingest", f"code={src}", "--out", str(tmp_path / "o3"), "--tokenizer", str(tok), "--eod-token", "<|x|>"])

@@ -1,6 +1,7 @@
 """``mixtrain data ingest``: tokenize user data into a shard set (see ``shardset.py`` for the layout).
 
-Inputs, each a path or ``NAME=PATH``:
+Inputs, each a path or ``NAME=PATH``; a path may be a glob (``web=data/web-*.jsonl.gz``, ``**`` recursive),
+matched in sorted order, and one domain may be named by several inputs (``code=a.jsonl code=b/``):
 
 - JSON lines (``.jsonl``, ``.json``, optionally ``.gz``) and Parquet files with a text field and a
   domain field (``text_key``, ``domain_key``). Parquet is streamed in record batches.
@@ -13,11 +14,18 @@ Inputs, each a path or ``NAME=PATH``:
 - ``.txt`` files (only as ``NAME=PATH``): documents are separated by two or more consecutive blank
   lines, so a single blank line (a paragraph break) stays inside a document; leading and trailing
   newlines of each document are dropped.
-- ``megatron={name: "PREFIX[:VALID_PREFIX]"}``: existing ``.bin/.idx`` prefixes, referenced in place
-  by absolute path, never copied. Without a valid prefix, the last ``valid_fraction`` of the
-  documents is copied into ``<name>/valid`` here and the train split keeps the prefix but records
+- ``megatron={name: "PREFIX[:VALID_PREFIX]"}`` (or a list of them; a prefix may be a glob over
+  ``PREFIX.bin``): existing ``.bin/.idx`` prefixes. One prefix is referenced in place by absolute
+  path, never copied; several are concatenated, in the order given, into ``<name>/train`` (and
+  ``<name>/valid``) here by megatron's own ``IndexedDatasetBuilder.add_index``. Either every
+  prefix of a domain has a valid prefix or none has; without one, the last ``valid_fraction`` of
+  the documents is copied into ``<name>/valid`` and the train split keeps the prefix but records
   only the documents before them: **a split always means the first ``tokens`` tokens of its
   prefix**, which is the whole ``.bin`` for every split this module writes itself.
+
+Tokenizer: ``gpt2``, ``bytes`` or a local Hugging Face ``tokenizer.json`` / tokenizer folder
+(``trainer.data.hf_tokenizer``; ``--eod-token`` picks its EOD). ``workers`` processes tokenize
+(``trainer.data.encode_pool``); the output is byte-identical for any number of them.
 
 Train/valid: a document is valid when a 64-bit blake2b hash of its id, read as a fraction of
 2**64, is below ``valid_fraction``. The id is the ``id_key`` field if given, else the file's path
@@ -33,6 +41,7 @@ end, so a failed ingest leaves nothing behind.
 from __future__ import annotations
 
 import argparse
+import glob
 import gzip
 import hashlib
 import json
@@ -50,9 +59,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from trainer.data.indexed import IndexedTokens, ShardFormatError, exists, write_indexed
+from trainer.data.encode_pool import EncodePool
+from trainer.data.indexed import IndexedTokens, ShardFormatError, exists, merge_indexed, write_indexed
 from trainer.data.shardset import MANIFEST, write_manifest
-from trainer.data.tokenizer import TOKENIZERS, Tokenizer, get_tokenizer
+from trainer.data.tokenizer import Tokenizer, TokenizerError
+from trainer.data.tokenizer_options import add_tokenizer_options, load_tokenizer, tokenizer_from_options
 
 SUFFIXES = {
     ".jsonl": "jsonl",
@@ -104,11 +115,18 @@ def _check_name(name: str, what: str, origin: str = "") -> str:
     return name
 
 
-def _existing(path: str | os.PathLike) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise IngestError(f"input path {str(p)!r} does not exist")
-    return p.resolve()
+def _matches(pattern: str | os.PathLike, suffix: str = "", what: str = "input path") -> list[Path]:
+    """The path, or the sorted paths a glob matches (each with ``suffix``, which is then cut off:
+    Megatron prefixes are matched by their ``.bin``); an existing path is never read as a glob."""
+    p = Path(pattern).expanduser()
+    if Path(f"{p}{suffix}").exists():
+        return [p.resolve()]
+    if glob.has_magic(str(p)):
+        found = sorted(glob.glob(f"{p}{suffix}", recursive=True))
+        if not found:
+            raise IngestError(f"{what} pattern {str(p)!r} matches nothing")
+        return [Path(f[: len(f) - len(suffix)]).resolve() for f in found]
+    raise IngestError(f"{what} {str(p)!r} does not exist")
 
 
 def _is_hf(path: Path) -> bool:
@@ -174,13 +192,17 @@ def _domain_dirs(folder: Path) -> list[Source]:
 
 
 def _expand_input(spec, per_domain_dirs: bool) -> list[Source]:
-    name, path = _split_named(spec)
+    name, pattern = _split_named(spec)
     if name is not None:
-        return _sources(_existing(path), "domains", _check_name(name, "domain"))
-    path = _existing(path)
-    if per_domain_dirs and path.is_dir() and not _is_hf(path):
-        return _domain_dirs(path)
-    return _sources(path, "domains", None)
+        name = _check_name(name, "domain")
+        return [s for path in _matches(pattern) for s in _sources(path, "domains", name)]
+    out = []
+    for path in _matches(pattern):
+        if per_domain_dirs and path.is_dir() and not _is_hf(path):
+            out += _domain_dirs(path)
+        else:
+            out += _sources(path, "domains", None)
+    return out
 
 
 # ---------------------------------------------------------------- sources -> rows
@@ -364,7 +386,7 @@ class Spill:
     """
 
     path: Path
-    tokenizer: Tokenizer
+    dtype: np.dtype
     lengths: array = field(default_factory=lambda: array("q"))
     scores: array = field(default_factory=lambda: array("d"))
     sources: dict = field(default_factory=dict)  # path -> None: ordered set
@@ -374,23 +396,21 @@ class Spill:
     def __post_init__(self):
         self._file = open(self.path, "wb")
 
-    def add(self, ids: list[int], doc_id: str) -> None:
-        if not ids:
-            self.empty += 1
-            return
-        doc = np.empty(len(ids) + 1, dtype=self.tokenizer.dtype)
-        doc[:-1] = ids
-        doc[-1] = self.tokenizer.eod
-        doc.tofile(self._file)
-        self.lengths.append(doc.size)
-        self.scores.append(_split_score(doc_id))
+    def add(self, docs: list[np.ndarray], doc_ids: list[str]) -> None:
+        """Documents (EOD included; an empty array is an empty text, counted and skipped)."""
+        kept = [(doc, doc_id) for doc, doc_id in zip(docs, doc_ids) if doc.size]
+        self.empty += len(docs) - len(kept)
+        if kept:
+            np.concatenate([doc for doc, _ in kept]).tofile(self._file)
+            self.lengths.extend(doc.size for doc, _ in kept)
+            self.scores.extend(_split_score(doc_id) for _, doc_id in kept)
 
     def write(self, root: Path, rel: str, valid_fraction: float) -> dict:
         """Write ``rel/train`` and ``rel/valid`` under root; returns their manifest entries."""
         self._file.close()
         lengths = np.frombuffer(self.lengths, dtype=np.int64)
         valid = _valid_mask(np.frombuffer(self.scores, dtype=np.float64), valid_fraction)
-        tokens = np.memmap(self.path, dtype=self.tokenizer.dtype, mode="r")
+        tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
         ends = np.cumsum(lengths)
         starts = ends - lengths
         splits = {}
@@ -399,7 +419,7 @@ class Spill:
                 docs = (tokens[s:e] for s, e in zip(starts[mask], ends[mask]))
                 splits[split] = {
                     "prefix": f"{rel}/{split}",
-                    **write_indexed(root / rel / split, docs, self.tokenizer.dtype),
+                    **write_indexed(root / rel / split, docs, self.dtype),
                 }
         del tokens
         self.path.unlink()
@@ -409,37 +429,47 @@ class Spill:
         self._file.close()
 
 
-def _tokenize_source(source: Source, keys: Keys, tokenizer: Tokenizer, spills: dict, spill_dir: Path, quiet: bool):
-    """Read one input, tokenize in batches and append each document to its domain's spill."""
+def _batches(sources: list[Source], keys: Keys) -> Iterator[tuple[tuple, list[str]]]:
+    """((source, domain per document, document ids), texts) in batches of up to BATCH documents of one source."""
+    for source in sources:
+        docs = _documents(READERS[source.fmt](source, keys), source, keys)
+        try:
+            while batch := list(islice(docs, BATCH)):
+                names, doc_ids, texts = zip(*batch)
+                yield (source, names, doc_ids), list(texts)
+        except UnicodeDecodeError as e:
+            raise IngestError(f"{source.path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
-    def spill(name: str) -> Spill:
+
+def _tokenize(
+    sources: list[Source], keys: Keys, tokenizer: Tokenizer, workers: int, spill_dir: Path, spills: dict, quiet: bool
+) -> None:
+    """Read every input, tokenize its batches in ``workers`` processes and append each document, in
+    input order, to its domain's spill."""
+
+    def spill(source: Source, name: str) -> Spill:
         key = (source.group, name)
         if key not in spills:
-            spills[key] = Spill(spill_dir / f"{len(spills)}.tokens", tokenizer)
+            spills[key] = Spill(spill_dir / f"{len(spills)}.tokens", tokenizer.dtype)
         spills[key].sources[str(source.path)] = None
         spills[key].formats.add(source.fmt)
         return spills[key]
 
-    if source.name is not None:
-        spill(source.name)  # registered even if the file turns out empty, so the error can name it
-    rows = tqdm(
-        READERS[source.fmt](source, keys),
-        total=_row_count(source),
-        desc=source.label,
-        unit="doc",
-        disable=quiet,
-        leave=False,
-    )
-    docs = _documents(rows, source, keys)
-    try:
-        while batch := list(islice(docs, BATCH)):
-            encoded = tokenizer.encode_batch([text for _, _, text in batch])
-            for (name, doc_id, _), ids in zip(batch, encoded):
-                spill(name).add(ids, doc_id)
-    except UnicodeDecodeError as e:
-        raise IngestError(f"{source.path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    finally:
-        rows.close()
+    for source in sources:
+        if source.name is not None:
+            spill(source, source.name)  # registered even if the file turns out empty, so the error can name it
+    counts = [_row_count(s) for s in sources]
+    total = None if None in counts else sum(counts)
+    with (
+        EncodePool(tokenizer, workers) as pool,
+        tqdm(total=total, desc="[tokenize]", unit="doc", disable=quiet, leave=False) as bar,
+    ):
+        for (source, names, doc_ids), flat, lengths in pool.map(_batches(sources, keys)):
+            docs = np.split(flat, np.cumsum(lengths)[:-1])
+            for name in dict.fromkeys(names):
+                rows = [i for i, n in enumerate(names) if n == name]
+                spill(source, name).add([docs[i] for i in rows], [doc_ids[i] for i in rows])
+            bar.update(len(names))
 
 
 # ---------------------------------------------------------------- existing Megatron prefixes
@@ -447,36 +477,69 @@ def _tokenize_source(source: Source, keys: Keys, tokenizer: Tokenizer, spills: d
 
 @dataclass
 class MegatronDomain:
-    """An existing prefix used in place; checked before any tokenizing so a bad one fails fast."""
+    """Existing prefixes of one domain, checked before any tokenizing so a bad one fails fast."""
 
     name: str
-    train: Path
-    valid: Path | None
+    train: list[Path]
+    valid: list[Path]  # empty: carve the valid split off the train documents
+    tokenizer: Tokenizer
 
     @classmethod
-    def open(cls, name: str, spec: str | os.PathLike, tokenizer: Tokenizer) -> MegatronDomain:
+    def open(cls, name: str, specs: list[str | os.PathLike], tokenizer: Tokenizer) -> MegatronDomain:
         _check_name(name, "megatron domain")
-        train, _, valid = str(spec).partition(":")
-        train_p = _check_prefix(name, train, tokenizer)
-        valid_p = _check_prefix(name, valid, tokenizer) if valid else None
-        return cls(name, train_p, valid_p)
+        parts = [str(spec).partition(":")[::2] for spec in specs]
+        if len({bool(valid) for _, valid in parts}) > 1:
+            raise IngestError(
+                f"megatron domain {name!r}: give a VALID_PREFIX (NAME=PREFIX:VALID_PREFIX) with every prefix "
+                "of the domain or with none (then its valid split is carved off the end)"
+            )
+        what = f"megatron domain {name!r}: prefix"
+        train = [_check_prefix(name, p, tokenizer) for t, _ in parts for p in _matches(t, ".bin", what)]
+        valid = [_check_prefix(name, p, tokenizer) for _, v in parts if v for p in _matches(v, ".bin", what)]
+        dtypes = {IndexedTokens(p).dtype.name: p for p in train + valid}
+        if len(dtypes) > 1:
+            raise IngestError(
+                f"megatron domain {name!r}: its prefixes store different dtypes ("
+                + ", ".join(f"{p} {d}" for d, p in dtypes.items())
+                + "); one tokenizer's prefixes share one"
+            )
+        return cls(name, train, valid, tokenizer)
 
     @property
     def dtype(self) -> np.dtype:
-        return IndexedTokens(self.train).dtype
+        return IndexedTokens(self.train[0]).dtype
 
     def entry(self, root: Path, valid_fraction: float) -> dict:
         entry = {
             "format_in": ["megatron"],
             "dtype": self.dtype.name,
-            "sources": [str(p) for p in (self.train, self.valid) if p is not None],
+            "sources": [str(p) for p in self.train + self.valid],
         }
-        if self.valid is not None:
-            entry["splits"] = {"train": _whole_split(self.train), "valid": _whole_split(self.valid)}
+        train, train_at = _joined(self.train, root, f"{self.name}/train")
+        if self.valid:
+            valid, valid_at = _joined(self.valid, root, f"{self.name}/valid")
+            splits = {"train": _whole_split(train), "valid": {**_whole_split(valid), "prefix": valid_at}}
         else:
-            entry["splits"] = _carve_valid(self.name, self.train, root, valid_fraction)
-            entry["valid_carved"] = "valid" in entry["splits"]
-        return entry
+            splits = _carve_valid(self.name, train, root, valid_fraction)
+            entry["valid_carved"] = "valid" in splits
+        splits["train"]["prefix"] = train_at
+        for split, info in splits.items():
+            if info["max_token"] >= self.tokenizer.vocab_size:
+                raise IngestError(
+                    f"megatron domain {self.name!r}: its {split} split holds token id {info['max_token']}, beyond "
+                    f"the {self.tokenizer.vocab_size} ids of tokenizer {self.tokenizer.name!r}: it was tokenized "
+                    "with another vocabulary; pass that tokenizer (--tokenizer)"
+                )
+        return {**entry, "splits": splits}
+
+
+def _joined(prefixes: list[Path], root: Path, rel: str) -> tuple[Path, str]:
+    """One prefix for a split and how the manifest names it: a single prefix in place (absolute),
+    several concatenated into ``root/rel`` (relative, as the set is renamed into place)."""
+    if len(prefixes) == 1:
+        return prefixes[0], str(prefixes[0])
+    merge_indexed(prefixes, root / rel)
+    return root / rel, rel
 
 
 def _check_prefix(name: str, prefix: str, tokenizer: Tokenizer) -> Path:
@@ -549,7 +612,7 @@ def _recipe_hash(
     recipe = {
         "inputs": [{"group": s.group, "name": s.name, "files": _fingerprint(s.path)} for s in sources],
         "megatron": {
-            m.name: [_fingerprint(Path(f"{p}.{ext}")) for p in (m.train, m.valid) if p for ext in ("bin", "idx")]
+            m.name: [_fingerprint(Path(f"{p}.{ext}")) for p in m.train + m.valid for ext in ("bin", "idx")]
             for m in megatron
         },
         "keys": {"text": keys.text, "domain": keys.domain, "id": keys.id},
@@ -565,8 +628,8 @@ def _check_out_dir(out_dir: Path, overwrite: bool, megatron: list[MegatronDomain
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise IngestError(f"out_dir {out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     for m in megatron:
-        for p in (m.train, m.valid):
-            if p is not None and out_dir in p.parents:
+        for p in m.train + m.valid:
+            if out_dir in p.parents:
                 raise IngestError(
                     f"megatron domain {m.name!r}: prefix {p} lies inside out_dir {out_dir}, "
                     "which the new set replaces; write the new set elsewhere"
@@ -588,7 +651,7 @@ def _write_spills(spills: dict, root: Path, valid_fraction: float) -> dict:
             "splits": spill.write(root, rel, valid_fraction),
             "sources": list(spill.sources),
             "format_in": sorted(spill.formats),
-            "dtype": spill.tokenizer.dtype.name,
+            "dtype": spill.dtype.name,
             "empty_texts_skipped": spill.empty,
         }
     return out
@@ -601,14 +664,14 @@ def _build(
     keys: Keys,
     valid_fraction: float,
     tokenizer: Tokenizer,
+    workers: int,
     quiet: bool,
 ) -> dict:
     spill_dir = root / ".spill"
     spill_dir.mkdir()
     spills: dict[tuple[str, str], Spill] = {}
     try:
-        for source in sources:
-            _tokenize_source(source, keys, tokenizer, spills, spill_dir, quiet)
+        _tokenize(sources, keys, tokenizer, workers, spill_dir, spills, quiet)
     finally:
         for spill in spills.values():
             spill.close()
@@ -653,7 +716,8 @@ def ingest(
     inputs: Iterable[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
-    tokenizer: str = "gpt2",
+    tokenizer: str | Tokenizer = "gpt2",
+    workers: int = 1,
     text_key: str = "text",
     domain_key: str = "domain",
     valid_fraction: float = 0.02,
@@ -664,23 +728,29 @@ def ingest(
     overwrite: bool = False,
     quiet: bool = False,
 ) -> Path:
-    """Build a shard set in ``out_dir`` from ``inputs`` (paths or ``NAME=PATH``), ``megatron``
-    ({name: "PREFIX[:VALID_PREFIX]"}) and ``targets`` ({name: path}); returns ``out_dir``.
+    """Build a shard set in ``out_dir`` from ``inputs`` (paths, globs or ``NAME=PATH``), ``megatron``
+    ({name: "PREFIX[:VALID_PREFIX]" or a list of them}) and ``targets`` ({name: path or a list of
+    paths}); returns ``out_dir``. ``tokenizer`` is a name, the path of a Hugging Face tokenizer, or a
+    :class:`Tokenizer` (``load_tokenizer``, to choose its EOD); ``workers`` processes tokenize.
 
     Raises ``IngestError`` naming the path, field, domain or option at fault; on any failure
     nothing is left at ``out_dir`` (an existing set is only replaced once the new one is complete).
     """
     if not 0 <= valid_fraction < 1:
         raise IngestError(f"valid_fraction={valid_fraction} must be in [0, 1)")
-    tok = get_tokenizer(tokenizer)
+    if workers < 1:
+        raise IngestError(f"workers={workers} (--workers) must be at least 1")
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer, knob="--tokenizer")
     keys = Keys(text_key, domain_key, id_key)
     sources = [s for spec in inputs for s in _expand_input(spec, per_domain_dirs)]
     sources += [
         s
-        for name, path in (targets or {}).items()
-        for s in _sources(_existing(path), "targets", _check_name(name, "target"))
+        for name, paths in (targets or {}).items()
+        for pattern in _listed(paths)
+        for path in _matches(pattern)
+        for s in _sources(path, "targets", _check_name(name, "target"))
     ]
-    domains = [MegatronDomain.open(name, spec, tok) for name, spec in (megatron or {}).items()]
+    domains = [MegatronDomain.open(name, _listed(specs), tok) for name, specs in (megatron or {}).items()]
     if not any(s.group == "domains" for s in sources) and not domains:
         raise IngestError("nothing to ingest: give input paths, NAME=PATH inputs or megatron prefixes")
     out_dir = Path(out_dir).expanduser().resolve()
@@ -689,7 +759,7 @@ def ingest(
     tmp = out_dir.parent / f".{out_dir.name}.ingest-{secrets.token_hex(4)}"
     tmp.mkdir()  # not mkdtemp: its 0700 mode would stick to the published set
     try:
-        meta = _build(tmp, sources, domains, keys, valid_fraction, tok, quiet)
+        meta = _build(tmp, sources, domains, keys, valid_fraction, tok, workers, quiet)
         write_manifest(
             tmp,
             {
@@ -724,33 +794,40 @@ def _name_value(text: str) -> tuple[str, str]:
     return name, value
 
 
-def _pairs(pairs: list[tuple[str, str]] | None, flag: str) -> dict:
-    out = {}
+def _listed(value) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _grouped(pairs: list[tuple[str, str]] | None, flag: str) -> dict[str, list[str]]:
+    """Repeated ``NAME=VALUE`` flags, the values of each name in order; one value twice is refused."""
+    out: dict[str, list[str]] = {}
     for name, value in pairs or []:
-        if name in out:
-            raise IngestError(f"{flag} {name}=... is given twice")
-        out[name] = value
+        if value in out.get(name, []):
+            raise IngestError(f"{flag} {name}={value} is given twice")
+        out.setdefault(name, []).append(value)
     return out
 
 
 def _run(args: argparse.Namespace) -> Path:
     """CLI entry: user errors end the command with their message instead of a traceback."""
     try:
+        tok = tokenizer_from_options(args)
         return ingest(
             args.inputs,
             args.out,
-            tokenizer=args.tokenizer,
+            tokenizer=tok,
+            workers=args.workers,
             text_key=args.text_key,
             domain_key=args.domain_key,
             valid_fraction=args.valid_fraction,
             id_key=args.id_key,
-            megatron=_pairs(args.megatron, "--megatron"),
-            targets=_pairs(args.target, "--target"),
+            megatron=_grouped(args.megatron, "--megatron"),
+            targets=_grouped(args.target, "--target"),
             per_domain_dirs=args.per_domain_dirs,
             overwrite=args.overwrite,
             quiet=args.quiet,
         )
-    except IngestError as e:
+    except (IngestError, TokenizerError) as e:
         raise SystemExit(f"mixtrain data ingest: error: {e}") from None
 
 
@@ -766,10 +843,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "inputs",
         nargs="*",
         metavar="INPUT",
-        help="file or folder with a domain field, or NAME=PATH for a file/folder of one domain",
+        help="file, folder or glob with a domain field, or NAME=PATH for files/folders/globs of one domain "
+        "(a domain may be named several times)",
     )
     p.add_argument("--out", required=True, help="shard-set folder to create")
-    p.add_argument("--tokenizer", default="gpt2", choices=TOKENIZERS)
+    add_tokenizer_options(p)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="tokenizing processes; the output is the same for any number (default: 1)",
+    )
     p.add_argument("--text-key", default="text", help="field holding the document text (default: text)")
     p.add_argument("--domain-key", default="domain", help="field holding the domain name (default: domain)")
     p.add_argument(
@@ -783,14 +867,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="append",
         type=_name_value,
         metavar="NAME=PREFIX[:VALID_PREFIX]",
-        help="existing .bin/.idx prefix used in place as domain NAME (repeatable)",
+        help="existing .bin/.idx prefix (or glob) used in place as domain NAME; repeated for one NAME, the prefixes "
+        "are concatenated into the set",
     )
     p.add_argument(
         "--target",
         action="append",
         type=_name_value,
         metavar="NAME=PATH",
-        help="target data (few-shot pool / held-out eval) written to targets/NAME (repeatable)",
+        help="target data (few-shot pool / held-out eval) written to targets/NAME (repeatable, also for one NAME)",
     )
     p.add_argument("--per-domain-dirs", action="store_true", help="folder inputs: each sub-folder is one domain")
     p.add_argument("--overwrite", action="store_true", help=f"replace an existing non-empty --out (and its {MANIFEST})")

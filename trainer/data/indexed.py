@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import struct
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -34,39 +35,55 @@ def exists(prefix: str | os.PathLike) -> bool:
     return os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")
 
 
-def write_indexed(prefix: str | os.PathLike, documents: Iterable[np.ndarray], dtype=np.uint16) -> dict:
-    """Write documents (1-D integer arrays, each already ending with EOD) as one Megatron prefix.
-
-    Written under a temporary name and renamed, so an interrupted write never leaves a prefix that
-    looks complete. Returns ``{"documents": n, "tokens": t, "max_token": largest id}`` (-1 if empty),
-    which a manifest records so a load checks the ids against the model without a scan.
-    """
+@contextmanager
+def _building(prefix: str | os.PathLike, dtype) -> Iterator:
+    """Megatron's ``IndexedDatasetBuilder`` writing under a temporary name, renamed to ``prefix`` at
+    the end, so an interrupted write never leaves a prefix that looks complete."""
     with warnings.catch_warnings():  # megatron announces missing Transformer Engine/Apex on import
         warnings.simplefilter("ignore")
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     prefix = str(prefix)
-    dtype = np.dtype(dtype).type  # megatron's DType lookup wants the scalar type, not a dtype instance
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{prefix}.tmp{os.getpid()}"
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
-    n_docs = n_tokens = 0
-    top = -1
-    info = np.iinfo(dtype)
-    for doc in documents:
-        doc = np.asarray(doc)
-        if doc.size == 0:
-            continue
-        if doc.min() < info.min or doc.max() > info.max:
-            raise ValueError(f"token ids outside the range of {np.dtype(dtype).name} while writing {prefix}")
-        builder.add_document(doc.astype(dtype, copy=False), [int(doc.size)])
-        n_docs += 1
-        n_tokens += int(doc.size)
-        top = max(top, int(doc.max()))
+    # megatron's DType lookup wants the scalar type, not a dtype instance
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=np.dtype(dtype).type)
+    yield builder
     builder.finalize(tmp + ".idx")
     os.replace(tmp + ".bin", prefix + ".bin")
     os.replace(tmp + ".idx", prefix + ".idx")
+
+
+def write_indexed(prefix: str | os.PathLike, documents: Iterable[np.ndarray], dtype=np.uint16) -> dict:
+    """Write documents (1-D integer arrays, each already ending with EOD) as one Megatron prefix.
+
+    Returns ``{"documents": n, "tokens": t, "max_token": largest id}`` (-1 if empty), which a
+    manifest records so a load checks the ids against the model without a scan.
+    """
+    dtype = np.dtype(dtype).type
+    n_docs = n_tokens = 0
+    top = -1
+    info = np.iinfo(dtype)
+    with _building(prefix, dtype) as builder:
+        for doc in documents:
+            doc = np.asarray(doc)
+            if doc.size == 0:
+                continue
+            if doc.min() < info.min or doc.max() > info.max:
+                raise ValueError(f"token ids outside the range of {np.dtype(dtype).name} while writing {prefix}")
+            builder.add_document(doc.astype(dtype, copy=False), [int(doc.size)])
+            n_docs += 1
+            n_tokens += int(doc.size)
+            top = max(top, int(doc.max()))
     return {"documents": n_docs, "tokens": n_tokens, "max_token": top}
+
+
+def merge_indexed(prefixes: list[str | os.PathLike], out: str | os.PathLike) -> None:
+    """Concatenate Megatron prefixes of one dtype, in order, into ``out`` (megatron's ``add_index``:
+    the ``.bin`` files are copied whole, the indexes joined)."""
+    with _building(out, IndexedTokens(prefixes[0]).dtype) as builder:
+        for prefix in prefixes:
+            builder.add_index(str(prefix))
 
 
 @dataclass
