@@ -469,8 +469,9 @@ def test_hf_tokenizer_round_trips_and_its_identity_is_recorded(tmp_path):
 
 
 def test_any_number_of_workers_writes_the_same_bytes(tmp_path, monkeypatch):
-    """Batches of 5 documents over several inputs, so 2 and 3 workers finish them out of order."""
+    """Batches of 5 documents or 40 characters over several inputs, so 2 and 3 workers finish them out of order."""
     monkeypatch.setattr(ingest_module, "BATCH", 5)
+    monkeypatch.setattr(ingest_module, "BATCH_CHARS", 40)
     rows = [{"text": f"page {i} " * (i % 7) + "✓", "domain": ("web", "code", "news")[i % 3]} for i in range(60)]
     rows[9]["text"] = ""  # an empty text, skipped and counted
     write_jsonl(tmp_path / "in" / "a.jsonl", rows[:35])

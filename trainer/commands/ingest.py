@@ -53,7 +53,6 @@ import tempfile
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +76,9 @@ SUFFIXES = {
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 BATCH = 1024  # texts per tokenizer call and rows per Parquet/datasets batch
+BATCH_CHARS = 1 << 20
+"""A tokenizer batch also ends at this many characters: with large documents, 1024 of them would be
+a few batches for the whole input, too few to share among workers."""
 KNOBS = {"text": "text_key / --text-key", "domain": "domain_key / --domain-key", "id": "id_key / --id-key"}
 
 
@@ -430,15 +432,27 @@ class Spill:
 
 
 def _batches(sources: list[Source], keys: Keys) -> Iterator[tuple[tuple, list[str]]]:
-    """((source, domain per document, document ids), texts) in batches of up to BATCH documents of one source."""
+    """((source, domain per document, document ids), texts): up to BATCH documents or BATCH_CHARS
+    characters of one source at a time."""
     for source in sources:
-        docs = _documents(READERS[source.fmt](source, keys), source, keys)
+        batch: list[tuple[str, str, str]] = []
+        chars = 0
         try:
-            while batch := list(islice(docs, BATCH)):
-                names, doc_ids, texts = zip(*batch)
-                yield (source, names, doc_ids), list(texts)
+            for doc in _documents(READERS[source.fmt](source, keys), source, keys):
+                batch.append(doc)
+                chars += len(doc[2])
+                if len(batch) == BATCH or chars >= BATCH_CHARS:
+                    yield _batch(source, batch)
+                    batch, chars = [], 0
         except UnicodeDecodeError as e:
             raise IngestError(f"{source.path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if batch:
+            yield _batch(source, batch)
+
+
+def _batch(source: Source, docs: list[tuple[str, str, str]]) -> tuple[tuple, list[str]]:
+    names, doc_ids, texts = zip(*docs)
+    return (source, names, doc_ids), list(texts)
 
 
 def _tokenize(

@@ -42,18 +42,21 @@ class _TokenizersEncoding:
         # Like tiktoken's encode_ordinary: a literal "<|endoftext|>" in a text is text, never EOD.
         tok.encode_special_tokens = True
         self._tok = tok
+        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets encode computes: 15-20%
+        # less CPU on code. It runs a batch on the library's thread pool (RAYON_NUM_THREADS), one
+        # text on one thread.
+        self._encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
 
     def __reduce__(self):
         # A pickled tokenizers.Tokenizer forgets encode_special_tokens: rebuild through __init__.
         return type(self), (self._tok,)
 
     def encode_ordinary(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._encode([text], add_special_tokens=False)[0].ids
 
     def encode_ordinary_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
-        # The tokenizers library sizes its own thread pool (RAYON_NUM_THREADS); num_threads is tiktoken's knob.
-        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [e.ids for e in encode(texts, add_special_tokens=False)]
+        # num_threads is tiktoken's knob; the tokenizers library sizes its own pool.
+        return [e.ids for e in self._encode(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
