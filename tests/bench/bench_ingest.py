@@ -13,9 +13,10 @@ pool (its start-up is part of the time); within each round the worker counts alt
 (1, 2, then 2, 1 in the next round), so drift in machine speed hits both alike. Printed per
 tokenizer and worker count: the median wall time over the rounds, input MB/s (UTF-8 text bytes),
 tokens/s (written tokens, EOD included), the speed-up over one worker, and the median CPU seconds
-of the ingest (this process and its workers): on a machine whose cores are busy with other work
-the wall-clock speed-up stays small, and the CPU column shows what the workers' hand-offs cost.
-The load average before and after is printed with them.
+of the ingest (this process and its workers). A second worker only helps where a core is free:
+the last column is how many cores other processes kept busy meanwhile (``/proc/stat``'s busy time
+minus the ingest's own CPU time, per second of wall time), so figures from a shared machine can be
+read for what they are.
 """
 
 from __future__ import annotations
@@ -105,6 +106,12 @@ def cpu_seconds() -> float:
     )
 
 
+def busy_seconds() -> float:
+    """CPU seconds all processes of the machine have spent busy (``/proc/stat``: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=32, help="corpus size in MB of text (default: 32)")
@@ -141,21 +148,23 @@ def main() -> None:
 
         times: dict[tuple[str, int], list[float]] = {(t, w): [] for t in toks for w in counts}
         cpu: dict[tuple[str, int], list[float]] = {(t, w): [] for t in toks for w in counts}
+        others: dict[tuple[str, int], list[float]] = {(t, w): [] for t in toks for w in counts}
         tokens: dict[str, int] = {}
         for r in range(args.rounds):
             order = counts if r % 2 == 0 else counts[::-1]
             for name, tok in toks.items():
                 for w in order:
                     out = tmp / f"out-{name}-{w}"
-                    t0, c0 = time.perf_counter(), cpu_seconds()
+                    t0, c0, b0 = time.perf_counter(), cpu_seconds(), busy_seconds()
                     ingest(inputs, out, tokenizer=tok, workers=w, quiet=True, overwrite=True)
                     times[name, w].append(time.perf_counter() - t0)
                     cpu[name, w].append(cpu_seconds() - c0)
+                    others[name, w].append(max(0.0, busy_seconds() - b0 - cpu[name, w][-1]) / times[name, w][-1])
                     splits = [s for d in ShardSet.load(out).domains.values() for s in d.values()]
                     tokens[name] = sum(s.tokens for s in splits)
                     print(
                         f"round {r + 1}: {name:>4} workers={w}: {times[name, w][-1]:6.2f} s, "
-                        f"CPU {cpu[name, w][-1]:6.2f} s",
+                        f"CPU {cpu[name, w][-1]:6.2f} s, other processes {others[name, w][-1]:.2f} cores",
                         flush=True,
                     )
 
@@ -163,7 +172,7 @@ def main() -> None:
         print(f"\nload average after: {load}")
         print(
             f"{'tokenizer':>9} {'workers':>7} {'median s':>9} {'MB/s':>7} {'Mtokens/s':>10} {'speed-up':>9} "
-            f"{'CPU s':>7}"
+            f"{'CPU s':>7} {'others':>7}"
         )
         for name in toks:
             base = statistics.median(times[name, counts[0]])
@@ -171,7 +180,8 @@ def main() -> None:
                 t = statistics.median(times[name, w])
                 print(
                     f"{name:>9} {w:>7} {t:>9.2f} {text_bytes / 1e6 / t:>7.2f} {tokens[name] / 1e6 / t:>10.3f} "
-                    f"{base / t:>8.2f}x {statistics.median(cpu[name, w]):>7.2f}"
+                    f"{base / t:>8.2f}x {statistics.median(cpu[name, w]):>7.2f} "
+                    f"{statistics.median(others[name, w]):>7.2f}"
                 )
         print(f"\ntokens written: {', '.join(f'{n} {tokens[n]:,}' for n in toks)}")
 
