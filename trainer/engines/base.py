@@ -37,6 +37,10 @@ class Engine(ABC):
     skips_nonfinite = True
     """Whether optimizer_step leaves the parameters alone when the gradient norm is not finite (it
     checks the norm before stepping); an engine that learns the norm only after its step sets False."""
+    weight_names = "mixtrain"
+    """Whose parameter names :meth:`read_checkpoint`'s model weights carry: ``mixtrain`` (our models',
+    what ``trainer.models.build_model`` loads) or ``megatron`` (megatron-core's GPTModel;
+    ``trainer.models.hf`` maps both)."""
 
     def _join(self, engine_cfg) -> None:
         """Join the process group (if launched under torchrun), set intra-op threads and pick the
@@ -193,7 +197,7 @@ class Engine(ABC):
     @classmethod
     def read_checkpoint(cls, directory: Path, meta: dict) -> dict:
         """Without a process group (a reference or scoring model, an export): the client state with
-        ``state["engine"]["model"]``, the full fp32 model weights."""
+        ``state["engine"]["model"]``, the full fp32 model weights under :attr:`weight_names`' names."""
         return safe_load.load(Path(directory) / checkpoint.STATE_FILE)
 
     @torch.no_grad()
