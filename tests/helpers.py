@@ -116,6 +116,22 @@ def tiny_values(data_path: Path, run_dir: Path, **overrides) -> dict:
     return values
 
 
+FAR_TRAINED = {"train.steps": 30, "train.lr": 3e-2, "train.min_lr": 3e-3, "train.eval_every": 0}
+"""tiny_values overrides for a model far from its initialisation (large steps: logits up to ~5, far
+from linear), for tests that compare what it computes elsewhere (an export, an evaluation)."""
+
+
+def cli_status(argv: list[str]) -> int:
+    """``mixtrain ARGV`` in this process; its exit status."""
+    from trainer import cli
+
+    try:
+        cli.main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
 def tiny_config(data_path: Path, run_dir: Path, **overrides):
     return load_config(tiny_values(data_path, run_dir, **overrides))
 

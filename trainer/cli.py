@@ -12,6 +12,9 @@
                                      per-sample learnability for the irreducible curriculum
     mixtrain export RUN --format F   a run's weights as a Megatron --data-path blend (megatron), a
                                      per-split blend JSON (json) or a static-mixture YAML (yaml)
+    mixtrain export-model RUN [--step N] --out DIR
+                                     a checkpoint (any engine) as a Hugging Face transformers model
+                                     folder: config, safetensors weights, tokenizer files
     mixtrain compare RUN [RUN …] [--out DIR] [--labels L …]
                                      runs or Hydra multirun dirs side by side: final losses per domain,
                                      worst domain, targets, tokens, weights, time, seed mean ± sd; PNGs
@@ -155,6 +158,7 @@ COMMANDS = {
     "data": _data,
     "score": _score,
     "export": _offline("export"),
+    "export-model": _offline("export_model"),
     "compare": _offline("compare"),
     "study": _offline("study"),
 }
