@@ -15,6 +15,8 @@
     mixtrain export-model RUN [--step N] --out DIR
                                      a checkpoint (any engine) as a Hugging Face transformers model
                                      folder: config, safetensors weights, tokenizer files
+    mixtrain eval RUN --tasks T1,T2 [--step N] [--limit N] [--batch-size B] [--include-path DIR] [--out FILE]
+                                     downstream evaluation with EleutherAI's lm-eval on the exported model
     mixtrain compare RUN [RUN …] [--out DIR] [--labels L …]
                                      runs or Hydra multirun dirs side by side: final losses per domain,
                                      worst domain, targets, tokens, weights, time, seed mean ± sd; PNGs
@@ -159,6 +161,7 @@ COMMANDS = {
     "score": _score,
     "export": _offline("export"),
     "export-model": _offline("export_model"),
+    "eval": _offline("evaluate"),
     "compare": _offline("compare"),
     "study": _offline("study"),
 }
