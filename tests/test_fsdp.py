@@ -82,6 +82,7 @@ def test_fsdp_resume_is_exact(runs):
         assert a["history"] == b["history"] and a["params_sha256"] == b["params_sha256"]
 
 
+@pytest.mark.slow
 def test_fsdp_bf16_with_activation_checkpointing_tracks_fp32(runs):
     """bf16 parameters gathered and computed in bf16, fp32 shards and reduce-scatter, every block
     recomputed in the backward: the losses of 20 steps within 0.05 nats of the fp32 run."""
