@@ -90,6 +90,11 @@ class FSDPEngine(TorchEngine):
             options=StateDictOptions(full_state_dict=True),
         )
 
+    def load_model_weights(self, weights: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True))
+
     @classmethod
     def checkpoint_format(cls, engine_cfg) -> dict | None:
         # the optimizer state is keyed by parameter name (the torch engine's by position): another layout

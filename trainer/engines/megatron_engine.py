@@ -73,6 +73,11 @@ class _MasterView:
 
 @register("megatron")
 class MegatronEngine(Engine):
+    reshard_refusal = (
+        "its per-TP-rank shard files would load on another data-parallel size, but that is untested; resume on "
+        "the same number of ranks"
+    )
+
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, train_cfg: TrainConfig):
         self._join(engine_cfg)
         tp = int(engine_cfg.megatron.tensor_parallel)  # divides the ranks: dist.data_parallel checked it

@@ -62,6 +62,9 @@ class TorchEngine(Engine):
     def discard_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def load_model_weights(self, weights: dict) -> None:
+        self.model.load_state_dict(weights)
+
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
