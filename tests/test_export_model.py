@@ -23,7 +23,7 @@ import re
 
 import pytest
 import torch
-from helpers import FAR_TRAINED, cli_status, make_shardset, run_torchrun, tiny_config, tiny_values
+from helpers import FAR_TRAINED, TINY_LLAMA, cli_status, make_shardset, run_torchrun, tiny_config, tiny_values
 
 from trainer import checkpoint, engines
 from trainer.config import ConfigError, ModelConfig
@@ -38,12 +38,11 @@ tanh GELU in place of megatron's exact one moves megatron's GPT by 8.4e-5, which
 TRAIN = FAR_TRAINED
 """Large steps, so that the model is far from linear (after 4 steps at lr 3e-3 the wrong GELU moved
 the logits by 2e-6 only)."""
-LLAMA = {"name": "llama", "n_head": 4, "n_kv_head": 2, "bias": False}
 CASES = {
     "gpt-tied": {},
     "gpt-untied-nobias": {"tie_embeddings": False, "bias": False},
-    "llama-untied": {**LLAMA, "tie_embeddings": False},
-    "llama-tied": LLAMA,
+    "llama-untied": {**TINY_LLAMA, "tie_embeddings": False},
+    "llama-tied": TINY_LLAMA,
 }
 
 
@@ -230,7 +229,7 @@ def test_deepspeed_zero3_checkpoint_logits_match(data, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "family, model",
-    [("gpt", {}), ("llama", {**LLAMA, "tie_embeddings": False})],
+    [("gpt", {}), ("llama", {**TINY_LLAMA, "tie_embeddings": False})],
 )
 def test_megatron_tp2_checkpoint_logits_match(data, tmp_path, family, model):
     pytest.importorskip("megatron.core")

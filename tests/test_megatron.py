@@ -301,6 +301,7 @@ def test_probe_on_tensor_parallel_layers_matches_oracle(tmp_path, tp, model, pre
             assert half["gram_err"] < 2e-2 and half["norm_err"] < 2e-2 and half["align_err"] < 2e-2, half
 
 
+@pytest.mark.slow  # the Llama spec also runs in the fast suite through the TP=2 probe oracle
 def test_llama_tiny_trains(llama):
     """model=llama_tiny on engine=megatron (one rank, fp32, DGA's probe in the training backward):
     50 finite losses that fall (measured: 5.56 over the first 5 steps to 1.56 over the last 5), and

@@ -34,6 +34,9 @@ class Engine(ABC):
     model: torch.nn.Module  # the unwrapped module
     fuses_reference_rows = False
     """Whether forward_backward takes reference rows in its micro-batches (MicroBatch.domains)."""
+    reshard_refusal: str | None = None
+    """Why this engine's checkpoint cannot resume on another number of ranks (None: it can, the
+    global batch kept: train.global_batch)."""
     skips_nonfinite = True
     """Whether optimizer_step leaves the parameters alone when the gradient norm is not finite (it
     checks the norm before stepping); an engine that learns the norm only after its step sets False."""
@@ -148,6 +151,11 @@ class Engine(ABC):
         """Drop the accumulated gradients without stepping (a skipped step whose loss is not finite);
         only engines that ``skips_nonfinite`` are asked to."""
         raise NotImplementedError(f"{type(self).__name__} cannot drop a step's gradients")
+
+    def load_model_weights(self, weights: dict) -> None:
+        """Replace the model's weights with ``weights`` (full fp32 tensors under the model's own names,
+        as ``read_checkpoint`` gives them); the optimizer is untouched (train.init_from)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load model weights alone")
 
     @abstractmethod
     def state_dict(self) -> dict:

@@ -75,6 +75,10 @@ class _MasterView:
 @register("megatron")
 class MegatronEngine(Engine):
     weight_names = "megatron"
+    reshard_refusal = (
+        "its per-TP-rank shard files would load on another data-parallel size, but that is untested; resume on "
+        "the same number of ranks"
+    )
 
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, train_cfg: TrainConfig):
         self._join(engine_cfg)
