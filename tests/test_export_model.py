@@ -122,7 +122,7 @@ def test_tokenizers_give_mixtrains_ids(tmp_path):
     from transformers import AutoTokenizer
 
     from trainer.commands.planted import train_bpe
-    from trainer.data import hf_tokenizer
+    from trainer.data import tokenizer_export
     from trainer.data.tokenizer import get_tokenizer, load_tokenizer_json
 
     text = "Hello world! It's 2024 — naïve café,   spaces\n\nnew  lines 12345 end\t 😀 'll"
@@ -135,15 +135,15 @@ def test_tokenizers_give_mixtrains_ids(tmp_path):
         (load_tokenizer_json(bpe_file), [tmp_path / "elsewhere", bpe_file.parent]),
     ):
         out = tmp_path / tok.name
-        hf_tokenizer.write(tok.identity(), out, 64, search)
+        tokenizer_export.write(tok.identity(), out, 64, search)
         hf = AutoTokenizer.from_pretrained(out)
         assert hf(text)["input_ids"] == tok.encode(text), tok.name
         assert hf.eos_token_id == tok.eod and hf.decode(tok.encode(text)) == text
     identity = load_tokenizer_json(bpe_file).identity()
-    with pytest.raises(hf_tokenizer.NoHFTokenizer, match="tokenizer.json"):
-        hf_tokenizer.build(identity, [tmp_path])  # not there
-    with pytest.raises(hf_tokenizer.NoHFTokenizer, match="tokenizer.json"):
-        hf_tokenizer.build({**identity, "files": {"tokenizer.json": "0" * 64}}, [bpe_file.parent])  # another file
+    with pytest.raises(tokenizer_export.NoHFTokenizer, match="tokenizer.json"):
+        tokenizer_export.build(identity, [tmp_path])  # not there
+    with pytest.raises(tokenizer_export.NoHFTokenizer, match="tokenizer.json"):
+        tokenizer_export.build({**identity, "files": {"tokenizer.json": "0" * 64}}, [bpe_file.parent])  # another file
 
 
 def test_tensor_parallel_shards_merge_as_megatron_splits_them():

@@ -10,7 +10,7 @@ merged). DIR receives:
 - ``model.safetensors``: the fp32 weights under transformers' names (``trainer.models.hf``), the
   vocabulary with the checkpoint's padded rows (model.vocab_size, or megatron's padding);
 - ``tokenizer.json`` and ``tokenizer_config.json`` where the run's tokenizer can be written for
-  Hugging Face (``trainer.data.hf_tokenizer``: gpt2, bytes, a tokenizers JSON found beside the
+  Hugging Face (``trainer.data.tokenizer_export``: gpt2, bytes, a tokenizers JSON found beside the
   run's data); otherwise a note says why, and the model is written without;
 - ``mixtrain.json``: the checkpoint it came from (path, step, run id, engine).
 
@@ -97,7 +97,7 @@ def _write(ckpt: Path, meta: dict, dest: Path) -> list[str]:
     from safetensors.torch import save_file
     from transformers import AutoConfig, GenerationConfig
 
-    from ..data import hf_tokenizer
+    from ..data import tokenizer_export
     from ..engines import format_of, read_checkpoint
     from ..models import hf
 
@@ -118,8 +118,8 @@ def _write(ckpt: Path, meta: dict, dest: Path) -> list[str]:
     save_file(weights, str(dest / WEIGHTS), metadata={"format": "pt"})
     notes = []
     try:
-        hf_tokenizer.write(identity, dest, cfg.max_seq_len, _search_dirs(fingerprint, ckpt))
-    except hf_tokenizer.NoHFTokenizer as e:
+        tokenizer_export.write(identity, dest, cfg.max_seq_len, _search_dirs(fingerprint, ckpt))
+    except tokenizer_export.NoHFTokenizer as e:
         notes.append(f"no Hugging Face tokenizer written: {e}")
     (dest / PROVENANCE).write_text(json.dumps(provenance(ckpt, meta), indent=2) + "\n")
     return notes
