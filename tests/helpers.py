@@ -141,6 +141,55 @@ def tiny_values(data_path: Path, run_dir: Path, **overrides) -> dict:
     return values
 
 
+TINY_LLAMA = {
+    "name": "llama",
+    "n_layer": 2,
+    "n_head": 4,
+    "n_kv_head": 2,
+    "d_model": 32,
+    "max_seq_len": 64,
+    "bias": False,
+}
+"""The Llama family at tiny_values' size: grouped-query attention (4 query heads on 2 key/value
+heads), no biases, tied head."""
+
+
+def two_rank_values(data_path: Path, run_dir: Path, engine: dict, mixture: dict, **overrides) -> dict:
+    """20 steps of 2 ranks x 2 micro-batches x 2 sequences, shards of 4 steps, an evaluation and a
+    checkpoint every 5 (the multi-rank engine parity and resume tests' layout)."""
+    return tiny_values(
+        data_path,
+        run_dir,
+        **{
+            "train.steps": 20,
+            "train.micro_batch": 2,
+            "train.grad_accum": 2,
+            "train.eval_every": 5,
+            "train.checkpoint_every": 5,
+            "data.steps_per_shard": 4,
+            "engine": {"threads": 1, **engine},
+            "mixture": mixture,
+            **overrides,
+        },
+    )
+
+
+FAR_TRAINED = {"train.steps": 30, "train.lr": 3e-2, "train.min_lr": 3e-3, "train.eval_every": 0}
+"""tiny_values overrides for a model far from its initialisation (large steps: logits up to ~5, far
+from linear), for tests that compare what it computes elsewhere (an export, an evaluation)."""
+
+
+def cli_status(argv: list[str]) -> int:
+    """``mixtrain ARGV`` in this process; its exit status."""
+    from trainer import cli
+
+    try:
+        cli.main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
 def tiny_config(data_path: Path, run_dir: Path, **overrides):
     return load_config(tiny_values(data_path, run_dir, **overrides))
 

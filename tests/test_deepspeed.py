@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import DGA_IN_BATCH, REPO, losses_by_step, make_shardset, run_torchrun, tiny_values
+from helpers import DGA_IN_BATCH, REPO, losses_by_step, make_shardset, run_torchrun, two_rank_values
 
 from trainer import checkpoint, engines
 from trainer.config import ConfigError, DeepSpeedConfig, EngineConfig, TrainConfig, load_config
@@ -45,22 +45,7 @@ ZERO = {
 
 
 def _values(data, run_dir, engine: dict, mixture=None, **extra):
-    """20 steps, 2 ranks x 2 micro-batches x 2 sequences, shards of 4 steps, a checkpoint every 5."""
-    return tiny_values(
-        data,
-        run_dir,
-        **{
-            "train.steps": 20,
-            "train.micro_batch": 2,
-            "train.grad_accum": 2,
-            "train.eval_every": 5,
-            "train.checkpoint_every": 5,
-            "data.steps_per_shard": 4,
-            "engine": {"threads": 1, **engine},
-            "mixture": mixture or DGA,
-            **extra,
-        },
-    )
+    return two_rank_values(data, run_dir, engine, mixture or DGA, **extra)
 
 
 def _launch(values: dict, cfg_path):

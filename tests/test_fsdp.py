@@ -13,33 +13,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import losses_by_step, make_shardset, run_torchrun, tiny_values
+from helpers import TINY_LLAMA, losses_by_step, make_shardset, run_torchrun, two_rank_values
 from test_megatron import SCRIPT, _max_rel
 
 from trainer import checkpoint, engines
 
 TOL = 1e-5
 DOGE = {"name": "doge"}
-LLAMA = {"name": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "max_seq_len": 64, "bias": False}
 
 
 def _values(data, run_dir, engine: str, **extra):
-    return tiny_values(
-        data,
-        run_dir,
-        **{
-            "model": LLAMA,
-            "train.steps": 20,
-            "train.micro_batch": 2,
-            "train.grad_accum": 2,
-            "train.eval_every": 5,
-            "train.checkpoint_every": 5,
-            "data.steps_per_shard": 4,
-            "engine": {"name": engine, "threads": 1},
-            "mixture": DOGE,
-            **extra,
-        },
-    )
+    return two_rank_values(data, run_dir, {"name": engine}, DOGE, model=TINY_LLAMA, **extra)
 
 
 def _launch(values: dict, cfg_path):
@@ -98,6 +82,7 @@ def test_fsdp_resume_is_exact(runs):
         assert a["history"] == b["history"] and a["params_sha256"] == b["params_sha256"]
 
 
+@pytest.mark.slow
 def test_fsdp_bf16_with_activation_checkpointing_tracks_fp32(runs):
     """bf16 parameters gathered and computed in bf16, fp32 shards and reduce-scatter, every block
     recomputed in the backward: the losses of 20 steps within 0.05 nats of the fp32 run."""

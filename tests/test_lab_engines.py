@@ -8,23 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import losses_by_step, make_shardset, tiny_config, tiny_values
+from helpers import TINY_LLAMA, losses_by_step, make_shardset, tiny_config, tiny_values
 
 from trainer import schema, throughput
 from trainer.config import ConfigError, EngineConfig, ModelConfig, load_config
 from trainer.loop import Loop
 from trainer.models import build_model
 from trainer.models.layers import Linear
-
-TINY_LLAMA = {
-    "name": "llama",
-    "n_layer": 2,
-    "n_head": 4,
-    "n_kv_head": 2,
-    "d_model": 32,
-    "max_seq_len": 64,
-    "bias": False,
-}
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,20 @@ def _grads(model) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters()]
 
 
+def _case(family: str):
+    """An untied 2-block model of ``family`` with its probe, references, an accumulation-2 step's
+    micro-batches, the oracle's statistics and the unprobed training gradient (then zeroed)."""
+    model = tiny_model(False, family=family)
+    probe = Probe(model, K)
+    refs = reference_vectors(probe, model)
+    mbs = micro_batches(TWO_MB, seed=1)
+    oracle = oracle_stats(model, mbs, refs)
+    probed_step(None, model, mbs)
+    plain = _grads(model)
+    model.zero_grad(set_to_none=True)
+    return model, probe, refs, mbs, oracle, plain
+
+
 @pytest.mark.parametrize("layout", [ONE_MB, TWO_MB], ids=["one_micro_batch", "accumulation_2"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_llama_statistics_match_oracle(layout, tied):
@@ -51,14 +65,7 @@ def test_llama_statistics_match_oracle(layout, tied):
 def test_activation_checkpointing_keeps_the_probe_exact(family):
     """Each block recomputed in the backward: the recomputed forward runs probed too, so statistics
     match the oracle (taken without checkpointing) and the training gradient is the unprobed one."""
-    model = tiny_model(False, family=family)
-    probe = Probe(model, K)
-    refs = reference_vectors(probe, model)
-    mbs = micro_batches(TWO_MB, seed=1)
-    oracle = oracle_stats(model, mbs, refs)
-    probed_step(None, model, mbs)
-    plain = _grads(model)
-    model.zero_grad(set_to_none=True)
+    model, probe, refs, mbs, oracle, plain = _case(family)
     model.activation_checkpointing = True
     check(probed_step(probe, model, mbs, EXACT, refs), oracle)
     for g, p in zip(plain, model.parameters()):
@@ -97,20 +104,14 @@ def test_bf16_autocast_probe_within_tolerance_of_fp32_oracle():
 
 
 def test_compiled_blocks_with_the_probe_match_the_oracle():
-    """torch.compile (inductor, the system C++ compiler) on each block: unprobed micro-batches run the
-    compiled graph; probed ones break it at each probe-aware layer (their Functions run eagerly) and
-    stay exact."""
+    """torch.compile on each block: unprobed micro-batches run the compiled graph; probed ones break it
+    at each probe-aware layer (their Functions run eagerly) and stay exact. The aot_eager backend
+    traces and splits the graphs as inductor would without generating C++ (~40 s here); inductor
+    itself runs in tests/test_lab_engines.py's slow compiled-DoGE run."""
     torch._dynamo.reset()
-    model = tiny_model(False, family="llama")
-    probe = Probe(model, K)
-    refs = reference_vectors(probe, model)
-    mbs = micro_batches(TWO_MB, seed=1)
-    oracle = oracle_stats(model, mbs, refs)
-    probed_step(None, model, mbs)
-    plain = _grads(model)
-    model.zero_grad(set_to_none=True)
+    model, probe, refs, mbs, oracle, plain = _case("llama")
     for block in model.blocks:
-        block.compile()
+        block.compile(backend="aot_eager")
     probed_step(None, model, mbs)
     for g, q in zip(plain, model.parameters()):
         torch.testing.assert_close(q.grad, g, rtol=1e-4, atol=1e-6)

@@ -20,7 +20,7 @@ import yaml
 
 from mixtures import build_controller
 
-from . import callbacks, checkpoint, dist, engines, resume, rundir
+from . import callbacks, checkpoint, dist, engines, resume, rundir, warm_start
 from . import throughput as _throughput  # noqa: F401  (registers the MFU / memory meter)
 from .config import Config, ConfigError
 from .console import say
@@ -87,12 +87,36 @@ def curriculum_order(cfg: Config, data: DataBundle, pools) -> tuple[SampleOrder 
     return OnlineOrder(full, seed=cfg.train.seed, pool_factor=c.pool_factor), None
 
 
+def with_global_batch(cfg: Config, dp_size: int) -> Config:
+    """``cfg`` with train.grad_accum derived from train.global_batch on ``dp_size`` data-parallel
+    ranks (unchanged when train.global_batch is 0)."""
+    t = cfg.train
+    if not t.global_batch:
+        return cfg
+    per_pass = t.micro_batch * dp_size
+    if t.global_batch % per_pass:
+        fits = [m for m in range(1, t.global_batch // dp_size + 1) if t.global_batch % (m * dp_size) == 0]
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch={t.micro_batch} x "
+            f"{dp_size} data-parallel rank(s); train.micro_batch allowed here: {fits}"
+        )
+    accum = t.global_batch // per_pass
+    if t.grad_accum not in (1, accum):
+        raise ConfigError(
+            f"train.grad_accum={t.grad_accum} conflicts with train.global_batch={t.global_batch} (which makes it "
+            f"{accum} on {dp_size} data-parallel rank(s)); leave train.grad_accum unset"
+        )
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum=accum))
+
+
 def fingerprint(cfg: Config, world: int, data: DataBundle, scores_meta: dict | None) -> dict:
     """What a checkpoint must agree with to be resumed: the knobs, the world size, the domains,
     the tokenizer and the shard set's own fingerprint (the data itself)."""
+    t = cfg.train
     out = {
         **cfg.fingerprint(),
         "world_size": world,
+        "global_batch": t.micro_batch * t.grad_accum * world // cfg.engine.tensor_parallel,
         "domains": data.domains,
         "tokenizer": data.tokenizer,
         "shards": shard_fingerprint(data),
@@ -142,6 +166,7 @@ def prepare(cfg: Config) -> Prepared:
         p.data = load_data(cfg.data, quiet=True)
     p.cfg = cfg = resolve_model(cfg, p.data)
     p.K = len(p.data.domains)
+    p.cfg = cfg = with_global_batch(cfg, p.dp_size)
     t = cfg.train
     p.global_batch = t.micro_batch * t.grad_accum * p.dp_size
     p.controller = controller(cfg, p.data, p.global_batch)
@@ -185,8 +210,11 @@ def start(loop) -> None:
     if dist.broadcast_object(loop.run_dir.is_dir()):
         rundir.take_lock(loop.lock, loop.rank)  # before reading checkpoints another job might be writing
     resume_from, loaded = resume.find_resume(t.resume, loop.run_dir, loop.ckpt_root, loop.rank)
+    events, init_from = [], None
     if resume_from is not None:
-        resume.check_resume(resume_from, loaded[0], loop.fingerprint, loop.cfg.engine)
+        events = resume.check_resume(resume_from, loaded[0], loop.fingerprint, loop.cfg.engine, loop.rank, t.extend)
+    elif t.init_from:
+        init_from = warm_start.check(t.init_from, loop.fingerprint)
     kept = checkpoint.run_id(resume_from) if resume_from else None  # None: a fresh run, or one from before run ids
     loop.run_id = dist.broadcast_object(kept or rundir.new_run_id())
     # Nothing is written before this point: bad input never touches an existing run.
@@ -205,6 +233,20 @@ def start(loop) -> None:
     loop.callbacks.append(loop.tracker)  # last: it logs what the others added to a record
     if resume_from is not None:
         resume.restore(loop, resume_from)
+        if loop.step > t.steps:
+            raise ConfigError(
+                f"train.steps={t.steps} is below the checkpoint's step {loop.step}: an extension only lengthens a run"
+            )
+    if init_from is not None:
+        events = [warm_start.load(loop.engine, init_from)]
+        say(loop.rank, f"warm start from {init_from}: its model weights; optimizer, mixture and schedule start fresh")
+    for event in events:
+        loop.state.lineage.append({**event, "at_step": loop.step})
+        if event["event"] == "extended":
+            say(
+                loop.rank,
+                f"extending the run from {event['steps_before']} to {event['steps']} steps at step {loop.step}",
+            )
     rundir.take_lock(loop.lock, loop.rank)
     if loop.rank == 0:
         if t.resume == "replace" and rundir.step_dirs(loop.ckpt_root):

@@ -12,6 +12,11 @@
                                      per-sample learnability for the irreducible curriculum
     mixtrain export RUN --format F   a run's weights as a Megatron --data-path blend (megatron), a
                                      per-split blend JSON (json) or a static-mixture YAML (yaml)
+    mixtrain export-model RUN [--step N] --out DIR
+                                     a checkpoint (any engine) as a Hugging Face transformers model
+                                     folder: config, safetensors weights, tokenizer files
+    mixtrain eval RUN --tasks T1,T2 [--step N] [--limit N] [--batch-size B] [--include-path DIR] [--out FILE]
+                                     downstream evaluation with EleutherAI's lm-eval on the exported model
     mixtrain compare RUN [RUN …] [--out DIR] [--labels L …]
                                      runs or Hydra multirun dirs side by side: final losses per domain,
                                      worst domain, targets, tokens, weights, time, seed mean ± sd; PNGs
@@ -155,6 +160,8 @@ COMMANDS = {
     "data": _data,
     "score": _score,
     "export": _offline("export"),
+    "export-model": _offline("export_model"),
+    "eval": _offline("evaluate"),
     "compare": _offline("compare"),
     "study": _offline("study"),
 }

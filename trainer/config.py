@@ -192,7 +192,13 @@ class TrainConfig:
     micro_batch: int = 8
     """Sequences per rank per micro-batch."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step (derived when train.global_batch is set)."""
+    global_batch: int = 0
+    """Sequences per optimizer step over all data-parallel ranks; 0 = train.micro_batch x
+    train.grad_accum x ranks. When set, train.grad_accum is derived (global_batch / (micro_batch x
+    data-parallel ranks), a whole number), so the step means the same on any number of ranks and a
+    checkpoint resumes on another rank count (an elastic restart; engine=torch and engine=fsdp
+    reshard, deepspeed and megatron refuse, saying why)."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr: float = 1e-4
@@ -220,6 +226,16 @@ class TrainConfig:
     with a warning), 'never' (start from step 0; refused in a run dir that holds checkpoints),
     'replace' (start from step 0, moving an earlier run's checkpoints and logs into
     ``<run.dir>/replaced-<time>/``), or a checkpoint path."""
+    init_from: str | None = None
+    """Warm start: a run directory (its newest complete checkpoint) or a checkpoint directory whose
+    MODEL WEIGHTS this run starts from, with a fresh optimizer, mixture, data order and schedule
+    (continue a main run on a new mixture, cool down on a target mix). The model knobs and the
+    tokenizer must match it. Used only when the run starts; a resumed run continues its own state.
+    engine=torch and engine=fsdp."""
+    extend: bool = False
+    """On resume, accept a train.steps other than the checkpoint's: the run continues (or, if it
+    had finished, goes on) to the new train.steps, and the learning-rate schedule from the resumed
+    step on is the new one (warm-up and cosine over the new total). Recorded in the run's lineage."""
     on_nonfinite: str = "abort"
     """A step whose training loss or gradient norm is not finite: 'abort' stops the run (exit 1,
     naming the step and domains; the last checkpoint stays the last good one, nothing non-finite is
@@ -243,6 +259,10 @@ class TrainConfig:
         for knob in ("steps", "micro_batch", "grad_accum"):
             if getattr(self, knob) <= 0:
                 raise ConfigError(f"train.{knob}={getattr(self, knob)} must be positive")
+        if self.global_batch < 0:
+            raise ConfigError(
+                f"train.global_batch={self.global_batch} must be >= 0 (0 = micro_batch x grad_accum x ranks)"
+            )
         if not self.lr > 0:
             raise ConfigError(f"train.lr={self.lr} must be > 0")
         if not 0 <= self.min_lr <= self.lr:
@@ -674,6 +694,11 @@ class Config:
 
     def validate(self):
         """Knobs that constrain each other across groups."""
+        if self.train.init_from and self.engine.name not in ("torch", "fsdp"):
+            raise ConfigError(
+                f"train.init_from applies to engine.name torch or fsdp (engine.name={self.engine.name!r}): the "
+                "weights are loaded into the unsharded model names those engines keep"
+            )
         self.engine.check_model(self.model)
         if self.curriculum.name != "none" and self.data.subset != "main":
             raise ConfigError(

@@ -43,19 +43,73 @@ def find_resume(mode: str, run_dir: Path, ckpt_root: Path, rank: int) -> tuple[P
         raise ConfigError(f"train.resume={mode!r} is not a readable checkpoint: {e}") from None
 
 
-def check_resume(path: Path, meta: dict, now: dict, engine_cfg) -> None:
-    """Refuse a checkpoint of another engine layout or configuration, naming what differs."""
+RANK_LAYOUT = ("world_size", "train.micro_batch", "train.grad_accum")
+"""Fingerprint entries that may change at resume while the global batch stays (elastic restart)."""
+
+
+def saved_global_batch(fp: dict, meta: dict) -> int | None:
+    """The global batch a checkpoint was written with (older ones record its factors only)."""
+    if "global_batch" in fp:
+        return fp["global_batch"]
+    t, tp = fp.get("train", {}), (meta.get("engine") or {}).get("tensor_parallel", 1)
+    if not {"micro_batch", "grad_accum"} <= set(t) or "world_size" not in fp:
+        return None
+    return t["micro_batch"] * t["grad_accum"] * fp["world_size"] // tp
+
+
+MAY_CHANGE = (
+    "what may change on resume: train.steps with train.extend=true; the number of ranks with train.global_batch "
+    "kept; train.eval_every/log_every/checkpoint_every/keep_checkpoints and run.*. To take this run's weights "
+    "under other knobs (a new mixture, schedule or batch), start a new run with train.init_from=<its run dir>"
+)
+
+
+def check_resume(path: Path, meta: dict, now: dict, engine_cfg, rank: int = 0, extend: bool = False) -> list[dict]:
+    """Refuse a checkpoint of another engine layout or configuration, naming what differs; the
+    lineage records of the changes allowed. Another rank count with the same global batch is an
+    elastic restart, allowed where the engine reshards; another train.steps is an extension, allowed
+    with ``extend`` (train.extend)."""
     engines.check_engine_format(path, meta.get("engine"), engines.checkpoint_format(engine_cfg))
-    saved = meta.get("fingerprint", {})
+    saved = dict(meta.get("fingerprint", {}))
     if "shards" not in saved:  # written before shard fingerprints
         now = {k: v for k, v in now.items() if k != "shards"}
+    if "global_batch" not in saved:  # written before train.global_batch
+        saved["global_batch"] = saved_global_batch(saved, meta)
     diffs = checkpoint.diff_fingerprints(saved, now)  # "shards": the data itself changed (re-ingested, …)
+    layout = [d for d in diffs if d.split(":")[0] in RANK_LAYOUT]
+    events, hint = [], ""
+    steps = [d for d in diffs if d.startswith("train.steps:")]
+    if steps and extend:
+        diffs.remove(steps[0])
+        events.append({"event": "extended", "steps_before": saved["train"]["steps"], "steps": now["train"]["steps"]})
+    if layout and saved["global_batch"] == now["global_batch"]:
+        why = engines.engine_class(engine_cfg.name).reshard_refusal
+        if why is None or saved.get("world_size") == now["world_size"]:
+            diffs = [d for d in diffs if d not in layout]
+            if saved.get("world_size") != now["world_size"]:
+                events.append({"event": "elastic", "ranks_before": saved.get("world_size"), "ranks": now["world_size"]})
+                t = now["train"]
+                say(
+                    rank,
+                    f"elastic restart: checkpoint of {saved.get('world_size')} rank(s) resumed on {now['world_size']}; "
+                    f"global batch {now['global_batch']} kept (micro-batch {t['micro_batch']} x accumulation "
+                    f"{t['grad_accum']} per rank now)",
+                )
+        else:
+            hint = f"\nengine={engine_cfg.name} cannot resume on another rank count: {why}"
+    elif any(d.startswith("world_size:") for d in layout):
+        hint = (
+            f"\nanother rank count needs the same global batch (checkpoint {saved['global_batch']}, now "
+            f"{now['global_batch']}): set train.global_batch={saved['global_batch']}"
+        )
     if diffs:
         raise checkpoint.CheckpointMismatch(
             f"checkpoint {path} was written with a different configuration; differing knobs:\n  "
             + "\n  ".join(diffs)
-            + "\nuse train.resume=replace (moves the old run aside) or another run.dir to start fresh"
+            + hint
+            + f"\n{MAY_CHANGE}; or use train.resume=replace (moves the old run aside) or another run.dir to start fresh"
         )
+    return events
 
 
 def restore(loop, path: Path) -> None:

@@ -23,6 +23,9 @@ class TrainState:
     nonfinite_in_row: int = 0
     tokens_seen: np.ndarray = field(default=None)  # type: ignore[assignment]
     history: list[dict] = field(default_factory=list)
+    lineage: list[dict] = field(default_factory=list)
+    """How this run came to be what it is: a warm start (train.init_from), an extension of
+    train.steps, an elastic restart on another rank count; one record each, with its step."""
 
     def __post_init__(self):
         if self.tokens_seen is None:
@@ -34,6 +37,7 @@ class TrainState:
             "nonfinite_in_row": self.nonfinite_in_row,
             "tokens_seen": self.tokens_seen.tolist(),
             "history": self.history,
+            "lineage": self.lineage,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -41,6 +45,7 @@ class TrainState:
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self.tokens_seen = np.asarray(state["tokens_seen"], dtype=np.float64)
         self.history = list(state["history"])
+        self.lineage = list(state.get("lineage", []))  # none before lineage was kept
 
 
 class ShardCursor:

@@ -22,9 +22,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from helpers import TINY_LLAMA  # noqa: E402
 
 from trainer import dist  # noqa: E402
 from trainer.config import load_config  # noqa: E402
@@ -35,17 +37,7 @@ from trainer.probe import Probe, ProbeSpec  # noqa: E402
 K = 3
 MODELS = {
     "gpt": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64, "vocab_size": 320},
-    "llama": {
-        "name": "llama",
-        "n_layer": 2,
-        "n_head": 4,
-        "n_kv_head": 2,
-        "d_model": 32,
-        "max_seq_len": 64,
-        "vocab_size": 320,
-        "bias": False,
-        "tie_embeddings": False,
-    },
+    "llama": {**TINY_LLAMA, "vocab_size": 320, "tie_embeddings": False},
 }
 
 

@@ -93,8 +93,15 @@ def load_frozen(cfg: ModelConfig, ckpt, device):
     scoring model that is read, never trained)."""
     from ..models import build_model
 
+    state, meta, _ = read_checkpoint(ckpt)
+    names = format_of(meta).weight_names
+    if names != "mixtrain":
+        raise ConfigError(
+            f"{ckpt} holds {names}'s model (engine={meta['engine']['name']}), which mixtrain's models do not "
+            "load: take a reference or scoring model from a run of another engine"
+        )
     model = build_model(cfg)
-    model.load_state_dict(read_checkpoint(ckpt)[0]["engine"]["model"])
+    model.load_state_dict(state["engine"]["model"])
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

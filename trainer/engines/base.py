@@ -34,9 +34,16 @@ class Engine(ABC):
     model: torch.nn.Module  # the unwrapped module
     fuses_reference_rows = False
     """Whether forward_backward takes reference rows in its micro-batches (MicroBatch.domains)."""
+    reshard_refusal: str | None = None
+    """Why this engine's checkpoint cannot resume on another number of ranks (None: it can, the
+    global batch kept: train.global_batch)."""
     skips_nonfinite = True
     """Whether optimizer_step leaves the parameters alone when the gradient norm is not finite (it
     checks the norm before stepping); an engine that learns the norm only after its step sets False."""
+    weight_names = "mixtrain"
+    """Whose parameter names :meth:`read_checkpoint`'s model weights carry: ``mixtrain`` (our models',
+    what ``trainer.models.build_model`` loads) or ``megatron`` (megatron-core's GPTModel;
+    ``trainer.models.hf`` maps both)."""
 
     def _join(self, engine_cfg) -> None:
         """Join the process group (if launched under torchrun), set intra-op threads and pick the
@@ -145,6 +152,11 @@ class Engine(ABC):
         only engines that ``skips_nonfinite`` are asked to."""
         raise NotImplementedError(f"{type(self).__name__} cannot drop a step's gradients")
 
+    def load_model_weights(self, weights: dict) -> None:
+        """Replace the model's weights with ``weights`` (full fp32 tensors under the model's own names,
+        as ``read_checkpoint`` gives them); the optimizer is untouched (train.init_from)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load model weights alone")
+
     @abstractmethod
     def state_dict(self) -> dict:
         """Model and optimizer state (rank 0's is saved)."""
@@ -193,7 +205,7 @@ class Engine(ABC):
     @classmethod
     def read_checkpoint(cls, directory: Path, meta: dict) -> dict:
         """Without a process group (a reference or scoring model, an export): the client state with
-        ``state["engine"]["model"]``, the full fp32 model weights."""
+        ``state["engine"]["model"]``, the full fp32 model weights under :attr:`weight_names`' names."""
         return safe_load.load(Path(directory) / checkpoint.STATE_FILE)
 
     @torch.no_grad()

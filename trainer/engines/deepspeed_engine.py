@@ -185,6 +185,10 @@ class _FullStateView:
 
 @register("deepspeed")
 class DeepSpeedEngine(Engine):
+    reshard_refusal = (
+        "DeepSpeed writes one ZeRO partition file per rank and reloads them on as many ranks (its universal "
+        "checkpoint conversion is not wired in); resume on the same number of ranks"
+    )
     skips_nonfinite = False  # DeepSpeed reports the norm of the step it took (its fp32 path checks nothing)
 
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, train_cfg: TrainConfig):

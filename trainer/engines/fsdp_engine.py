@@ -24,25 +24,22 @@ sharded data parallelism of torchtitan.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 import torch.distributed as tdist
 
 from ..config import EngineConfig, ModelConfig, TrainConfig
-from ..models import build_model, token_losses
-from .base import Engine, register
-from .torch_ddp import adamw
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's global value on every rank (a plain tensor as it is)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+from ..models import build_model
+from .base import register
+from .torch_ddp import TorchEngine, adamw
 
 
 @register("fsdp")
-class FSDPEngine(Engine):
-    fuses_reference_rows = True
+class FSDPEngine(TorchEngine):
+    """The torch engine's optimizer step (clipping on the sharded gradients' global norm), loss path
+    and reference-row fusion, on a fully sharded model."""
 
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, train_cfg: TrainConfig):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -63,28 +60,13 @@ class FSDPEngine(Engine):
         for block in self.model.blocks:
             fully_shard(block, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(self.model, mp_policy=policy, reshard_after_forward=reshard)
+        self.wrapped = self.model  # FSDP2 shards in place: the module is its own wrapper
         self.optimizer = adamw(self.model, train_cfg)
 
     # ---- the micro-batch loop ------------------------------------------------------------------
     def _accumulating(self, last: bool):
         self.model.set_requires_gradient_sync(last)
-        return super()._accumulating(last)
-
-    def _training_losses(self, tokens: torch.Tensor) -> torch.Tensor:
-        return token_losses(self.model, tokens)
-
-    def optimizer_step(self, lr: float) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        clip = self.train_cfg.grad_clip
-        norm = float(_full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))))
-        if torch.isfinite(torch.tensor(norm)):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def discard_gradients(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        return contextlib.nullcontext()
 
     # ---- checkpoints ---------------------------------------------------------------------------
     _OPTIONS = dict(full_state_dict=True, cpu_offload=True)
@@ -107,6 +89,11 @@ class FSDPEngine(Engine):
             optim_state_dict=state["optimizer"],
             options=StateDictOptions(full_state_dict=True),
         )
+
+    def load_model_weights(self, weights: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True))
 
     @classmethod
     def checkpoint_format(cls, engine_cfg) -> dict | None:

@@ -28,7 +28,8 @@
   directory): rank 0 writes the loop state as ``state.pt``; the first DP replica's ranks each write
   ``megatron/tp_rank_XX.pt`` (their model shard, the fp32 masters under bf16, and AdamW state), so
   a bf16 run resumes bit-exactly. ``meta.json`` records ``engine.megatron.tensor_parallel`` and
-  ``engine.precision``; a different value of either is refused at resume.
+  ``engine.precision``; a different value of either is refused at resume. ``read_checkpoint``
+  (no process group: an export) merges the shards into the full weights under megatron's names.
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ class _MasterView:
 
 @register("megatron")
 class MegatronEngine(Engine):
+    weight_names = "megatron"
+    reshard_refusal = (
+        "its per-TP-rank shard files would load on another data-parallel size, but that is untested; resume on "
+        "the same number of ranks"
+    )
+
     def __init__(self, engine_cfg: EngineConfig, model_cfg: ModelConfig, train_cfg: TrainConfig):
         self._join(engine_cfg)
         tp = int(engine_cfg.megatron.tensor_parallel)  # divides the ranks: dist.data_parallel checked it
@@ -233,10 +240,20 @@ class MegatronEngine(Engine):
 
     @classmethod
     def read_checkpoint(cls, directory: Path, meta: dict) -> dict:
-        raise ValueError(
-            f"{directory} is an engine=megatron checkpoint (tensor-parallel shards under {CHECKPOINT_SUBDIR}/): "
-            "resume it with engine=megatron and the same engine.megatron.tensor_parallel"
-        )
+        """The loop's state with ``engine.model``: the full fp32 weights under megatron's names (a
+        TP=1 GPTModel's state dict), merged from the TP ranks' shards (the fp32 masters under bf16)."""
+        from ..models.megatron_gpt import merge_tensor_parallel
+
+        state = super().read_checkpoint(directory, meta)
+        tp = int((meta.get("engine") or {}).get("tensor_parallel", 1))
+        shards = []
+        for r in range(tp):
+            path = _shard_file(directory, r)
+            if not path.is_file():
+                raise checkpoint.DamagedCheckpoint(f"{directory} holds no megatron shard for TP rank {r} ({path})")
+            shards.append(safe_load.load(path)["model"])
+        state["engine"] = {"model": merge_tensor_parallel(shards)}
+        return state
 
     def save_checkpoint(self, directory: Path, client_state: dict | None) -> None:
         """Collective. Rank 0 writes the loop's state (``client_state``) as ``state.pt``; each rank of

@@ -16,6 +16,11 @@ from ..models import build_model, token_losses
 from .base import Engine, register
 
 
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's global value on every rank (FSDP2's sharded parameters and norms); a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices and embeddings only (nanoGPT's grouping)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -48,7 +53,7 @@ class TorchEngine(Engine):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         clip = self.train_cfg.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        norm = full_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf")))
         if torch.isfinite(norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -56,6 +61,9 @@ class TorchEngine(Engine):
 
     def discard_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def load_model_weights(self, weights: dict) -> None:
+        self.model.load_state_dict(weights)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

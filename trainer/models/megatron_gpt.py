@@ -252,6 +252,47 @@ def transformer_config(model: ModelConfig, tp: int, use_cpu_initialization: bool
     )
 
 
+_COLUMN_PARALLEL = (
+    "word_embeddings.weight",
+    "output_layer.weight",
+    "linear_qkv.weight",
+    "linear_qkv.bias",
+    "linear_fc1.weight",
+    "linear_fc1.bias",
+)
+"""State-dict keys (by suffix) split over TP along dim 0: ColumnParallelLinear, VocabParallelEmbedding."""
+_ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
+"""Split along dim 1: RowParallelLinear (its bias is replicated)."""
+
+
+def merge_tensor_parallel(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The full weights (a TP=1 model's state dict) from the TP ranks' shards, in rank order.
+
+    Column-parallel weights are concatenated along dim 0, row-parallel ones along dim 1, and
+    replicated ones (norms, the position table, row-parallel biases) taken from rank 0. A gated
+    ``linear_fc1`` (SwiGLU: [gate; up], twice linear_fc2's input width) is split with stride 2:
+    each rank holds its slice of the gate and then its slice of up (megatron's
+    ``_initialize_affine_weight_cpu`` hands rank r the chunks r, r + TP, ...), so the full tensor
+    interleaves the ranks' halves. The query groups of ``linear_qkv`` lie whole on one rank (TP
+    divides model.n_kv_head), so a plain concatenation keeps megatron's per-group layout."""
+    if len(shards) == 1:
+        return dict(shards[0])
+    out = {}
+    for key, first in shards[0].items():
+        parts = [s[key] for s in shards]
+        if key.endswith(_ROW_PARALLEL):
+            out[key] = torch.cat(parts, dim=1)
+        elif key.endswith(_COLUMN_PARALLEL):
+            stride = 1
+            if ".linear_fc1." in key:
+                fc2 = shards[0][key[: key.index(".linear_fc1.")] + ".linear_fc2.weight"]
+                stride = first.shape[0] // fc2.shape[1]  # 2 when gated
+            out[key] = torch.cat([p.chunk(stride)[s] for s in range(stride) for p in parts])
+        else:
+            out[key] = first
+    return out
+
+
 class MegatronGPT(nn.Module):
     """forward(ids [B, T]) -> full (TP-gathered) logits [B, T, V_padded]."""
 
