@@ -526,7 +526,7 @@ def test_demo_cache_is_keyed_by_a_hugging_face_tokenizer(tmp_path, monkeypatch):
     assert recipe(toks[0]) != recipe(load_tokenizer(paths[0], "Ġ"))  # one file, another EOD: another folder
     for tok, out in zip(toks, outs):
         loaded = shardset.ShardSet.load(out)
-        assert loaded.tokenizer == tok.identity()
+        assert loaded.tokenizer == tok.identity() == load_tokenizer(str(out)).identity()  # the set ships it
         code = IndexedTokens(loaded.domains["code"]["train"].prefix)
         assert code.tokens[np.cumsum(code.sequence_lengths) - 1].tolist() == [tok.eod] * code.sequence_count
     assert build_demo(tmp_path / "cache", tokenizer=paths[1], max_tokens_per_domain=20_000, quiet=True) == outs[1]

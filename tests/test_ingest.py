@@ -86,7 +86,7 @@ def test_json_lines_round_trip(tmp_path, suffix):
     assert meta["domains"]["web"]["format_in"] == ["jsonl"]
     assert meta["domains"]["web"]["sources"] == [str(src)]
     assert meta["domains"]["web"]["splits"]["train"]["prefix"] == "web/train"
-    assert meta["tokenizer"] == TOK.identity()
+    assert meta["tokenizer"] == TOK.identity() and not (tmp_path / "out" / "tokenizer.json").exists()
     (tmp_path / "plain").mkdir()
     assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode  # umask respected, not 0700
 
@@ -466,6 +466,16 @@ def test_hf_tokenizer_round_trips_and_its_identity_is_recorded(tmp_path):
     # Another EOD choice is another tokenizer: a new recipe, and a set that records the other id.
     other = run([write_jsonl(tmp_path / "a.jsonl", ROWS)], tmp_path / "o", tokenizer=load_tokenizer(str(path), "Ġ"))
     assert ShardSet.load(other).tokenizer["eod"] != tok.eod and ShardSet.load(other).recipe_hash != shards.recipe_hash
+    # Each set ships the file it was written with and names its EOD: reloading the set's folder, the
+    # planted builder's reader and export-model's search all find that identity.
+    from trainer.commands.planted import source_tokenizer
+    from trainer.data import tokenizer_export
+
+    for root in (out, other):
+        identity = ShardSet.load(root).tokenizer
+        assert (root / "tokenizer.json").read_bytes() == path.read_bytes()
+        assert load_tokenizer(str(root)).identity() == source_tokenizer(root, identity).identity() == identity
+        assert tokenizer_export.build(identity, [root])[1] == ("<|endoftext|>" if root == out else "Ġ")
 
 
 def test_any_number_of_workers_writes_the_same_bytes(tmp_path, monkeypatch):

@@ -59,6 +59,7 @@ import numpy as np
 from tqdm import tqdm
 
 from trainer.data.encode_pool import EncodePool
+from trainer.data.hf_tokenizer import ship
 from trainer.data.indexed import IndexedTokens, ShardFormatError, exists, merge_indexed, write_indexed
 from trainer.data.shardset import MANIFEST, write_manifest
 from trainer.data.tokenizer import Tokenizer, TokenizerError
@@ -774,6 +775,7 @@ def ingest(
     tmp.mkdir()  # not mkdtemp: its 0700 mode would stick to the published set
     try:
         meta = _build(tmp, sources, domains, keys, valid_fraction, tok, workers, quiet)
+        ship(tok, tmp)
         write_manifest(
             tmp,
             {

@@ -47,7 +47,7 @@ import numpy as np
 
 from trainer.data import indexed, shardset
 from trainer.data.hf_tokenizer import load_hf_tokenizer
-from trainer.data.tokenizer import EOD_TOKEN, Tokenizer, get_tokenizer
+from trainer.data.tokenizer import EOD_TOKEN, Tokenizer, get_tokenizer, identity_difference
 
 VERSION = 2
 """Bump when the construction changes: it is part of the recipe hash, so old sets are not reused."""
@@ -89,10 +89,17 @@ def source_order(meta: dict) -> list[str]:
 
 
 def source_tokenizer(root: Path, identity: dict) -> Tokenizer:
-    """The tokenizer a shard set was written with: its own ``tokenizer.json`` if it ships one, else a named one."""
-    if TOKENIZER_FILE in identity.get("files", {}):
-        return load_hf_tokenizer(root / TOKENIZER_FILE, EOD_TOKEN, name=identity["name"])
-    return get_tokenizer(identity["name"])
+    """The tokenizer a shard set was written with: its own ``tokenizer.json`` if it ships one (this
+    command's sets, and those ingest and the demo write with a Hugging Face tokenizer: EOD from their
+    ``tokenizer_config.json``, else ``<|endoftext|>``), else a named one; refused unless it is the
+    manifest's identity."""
+    if TOKENIZER_FILE not in identity.get("files", {}):
+        return get_tokenizer(identity["name"])
+    tok = load_hf_tokenizer(root, name=identity["name"])
+    differs = identity_difference(tok.identity(), identity)
+    if differs:
+        raise ValueError(f"{root / TOKENIZER_FILE} is not the tokenizer its manifest records: {differs}")
+    return tok
 
 
 def split_documents(split: shardset.Split) -> list[np.ndarray]:
@@ -526,11 +533,7 @@ def build_planted(
 def planted_tokenizer(root: str | os.PathLike) -> Tokenizer:
     """The tokenizer of a shard set that ships ``tokenizer.json``, checked against its manifest's identity."""
     root = Path(root)
-    identity = json.loads((root / shardset.MANIFEST).read_text())["tokenizer"]
-    tok = load_hf_tokenizer(root / TOKENIZER_FILE, EOD_TOKEN, name=identity["name"])
-    if tok.identity() != identity:
-        raise ValueError(f"{root / TOKENIZER_FILE} is {tok.identity()}, but the manifest records {identity}")
-    return tok
+    return source_tokenizer(root, json.loads((root / shardset.MANIFEST).read_text())["tokenizer"])
 
 
 # --- report and command line ---------------------------------------------------------------------

@@ -25,6 +25,7 @@ tokenizer file ``transformers`` reads from the folder.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from ..config import TOKENIZERS
@@ -91,14 +92,14 @@ def _config_eos(folder: Path) -> str | None:
     return None
 
 
-def _pick_eod(vocab: dict, eod_token: str | None, eos: str | None, where: str, eod_knob: str) -> int:
+def _pick_eod(vocab: dict, eod_token: str | None, eos: str | None, where: str, eod_knob: str) -> str:
     if eod_token is not None:
         if eod_token not in vocab:
             raise TokenizerError(f"{eod_knob}={eod_token!r} is not a token of {where}")
-        return vocab[eod_token]
+        return eod_token
     for token in (eos, *FALLBACK_EOD):
         if token is not None and token in vocab:
-            return vocab[token]
+            return token
     raise TokenizerError(
         f"{where} has no end-of-document token: no eos_token in its {' or '.join(CONFIG_FILES)} and neither "
         f"{' nor '.join(FALLBACK_EOD)} in its vocabulary; name one with {eod_knob}=TOKEN"
@@ -114,12 +115,15 @@ def _from_tokenizer_json(path: Path, eos: str | None, eod_token, name, where: st
         raise TokenizerError(f"{where}: {path} is not a readable tokenizers tokenizer.json ({e})") from None
     vocab = tok.get_vocab(with_added_tokens=True)
     vocab_size = max(vocab.values()) + 1
+    eod = _pick_eod(vocab, eod_token, eos, where, eod_knob)
     return Tokenizer(
         name=name or f"{type(tok.model).__name__.lower()}-{vocab_size}",
         vocab_size=vocab_size,
-        eod=_pick_eod(vocab, eod_token, eos, where, eod_knob),
+        eod=vocab[eod],
         files={TOKENIZER_JSON: file_sha256(path)},
         _encoding=_TokenizersEncoding(tok),
+        source_file=str(path.resolve()),
+        eod_token=eod,
     )
 
 
@@ -143,13 +147,27 @@ def _from_transformers(folder: Path, eod_token, name, where: str, eod_knob: str)
         kind, encoding = type(tok.backend_tokenizer.model).__name__.lower(), _TokenizersEncoding(tok.backend_tokenizer)
     else:
         kind, encoding = type(tok).__name__.lower(), _TransformersEncoding(tok)
+    eod = _pick_eod(vocab, eod_token, tok.eos_token, where, eod_knob)
     return Tokenizer(
         name=name or f"{kind}-{vocab_size}",
         vocab_size=vocab_size,
-        eod=_pick_eod(vocab, eod_token, tok.eos_token, where, eod_knob),
+        eod=vocab[eod],
         files={f: file_sha256(folder / f) for f in sorted(set(read)) if (folder / f).is_file()},
         _encoding=encoding,
+        eod_token=eod,
     )
+
+
+def ship(tok: Tokenizer, root: Path) -> None:
+    """Copy the ``tokenizer.json`` ``tok`` was read from into a shard set's folder ``root``, with a
+    ``tokenizer_config.json`` naming its EOD as ``eos_token``: the set then holds the tokenizer it
+    was written with (loading ``root`` gives the same identity; export-model finds the file there by
+    its sha256). A tokenizer read from no ``tokenizer.json`` (named, or through transformers) ships
+    nothing."""
+    if tok.source_file is None:
+        return
+    shutil.copyfile(tok.source_file, root / TOKENIZER_JSON)
+    (root / CONFIG_FILES[0]).write_text(json.dumps({"eos_token": tok.eod_token}, indent=2) + "\n")
 
 
 def load_hf_tokenizer(

@@ -5,6 +5,7 @@ Layout (prefixes are relative to the folder)::
     manifest.json
     <domain>/train.{bin,idx}   <domain>/valid.{bin,idx}
     targets/<name>/train.{bin,idx}  targets/<name>/valid.{bin,idx}
+    tokenizer.json  tokenizer_config.json      # a Hugging Face tokenizer's copy, when the set has one
 
 ``manifest.json``::
 

@@ -42,6 +42,11 @@ class Tokenizer:
     eod: int
     files: dict = field(default_factory=dict)  # file name -> sha256, for identity
     _encoding: object = field(default=None, repr=False, compare=False)
+    source_file: str | None = field(default=None, compare=False)
+    """The ``tokenizer.json`` a Hugging Face tokenizer was read from: a shard set written with it
+    ships a copy (``hf_tokenizer.ship``)."""
+    eod_token: str | None = field(default=None, compare=False)
+    """EOD spelled as a token, where the tokenizer has one."""
 
     def encode(self, text: str) -> list[int]:
         if self._encoding is None:
@@ -115,7 +120,7 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
         special_tokens={"<|endoftext|>": 50256},
         pat_str=GPT2_PATTERN,
     )
-    return Tokenizer(name="gpt2", vocab_size=50257, eod=50256, files=files, _encoding=enc)
+    return Tokenizer(name="gpt2", vocab_size=50257, eod=50256, files=files, _encoding=enc, eod_token=EOD_TOKEN)
 
 
 def _describe(identity: dict) -> str:

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from trainer.data import indexed, shardset
 from trainer.data.demo import clean, sources
 from trainer.data.demo.clean import Doc
+from trainer.data.hf_tokenizer import ship
 from trainer.data.tokenizer import Tokenizer
 from trainer.data.tokenizer_options import load_tokenizer
 
@@ -606,6 +607,7 @@ def build_demo(
         meta = _build_into(
             scratch, demo_dir / "raw", tok, recipe, docs_package, valid_fraction, max_tokens_per_domain, log
         )
+        ship(tok, scratch)
         shardset.write_manifest(scratch, meta)
         if out.exists():
             shutil.rmtree(out)
