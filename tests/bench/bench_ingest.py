@@ -7,7 +7,7 @@ The corpus is real text that every machine has: the running interpreter's standa
 per file, written as four JSON-lines files with a domain field (``tests`` for files under a
 ``test`` folder, else ``library``) into a temporary folder, so the read, the two-domain spill and
 the write are the real ones. Tokenizers: ``gpt2`` (tiktoken) and ``bpe``, a 32k byte-level BPE the
-benchmark trains first on 8 MB of the same text with the ``tokenizers`` library. An untimed ingest
+benchmark trains first on 8 MB of the same text (``mixtrain data planted``'s trainer). An untimed ingest
 first imports what the first one would (megatron's writer). Every ingest starts its own process
 pool (its start-up is part of the time); within each round the worker counts alternate in order
 (1, 2, then 2, 1 in the next round), so drift in machine speed hits both alike. Printed per
@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from trainer.commands.ingest import ingest  # noqa: E402
+from trainer.commands.planted import train_bpe  # noqa: E402
 from trainer.data.shardset import ShardSet  # noqa: E402
 from trainer.data.tokenizer_options import load_tokenizer  # noqa: E402
 
@@ -80,24 +81,6 @@ def write_corpus(folder: Path, megabytes: float) -> tuple[list[Path], int, list[
     return [folder / f"part-{i}.jsonl" for i in range(FILES)], total, sample
 
 
-def train_bpe(texts: list[str], path: Path) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB - 1,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
-    )
-    tok.train_from_iterator(texts, trainer)
-    tok.add_special_tokens(["<|endoftext|>"])
-    tok.save(str(path))
-    return path
-
-
 def cpu_seconds() -> float:
     """User + system time of this process and of its waited-for children (a finished pool's workers)."""
     return sum(
@@ -114,7 +97,9 @@ def busy_seconds() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mb", type=float, default=32, help="corpus size in MB of text (default: 32)")
+    parser.add_argument(
+        "--mb", type=float, default=32, help="corpus size in MB of text; the 32k BPE needs 8 or more (default: 32)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", default="1,2", help="worker counts, comma-separated (default: 1,2)")
     parser.add_argument("--tokenizers", default="gpt2,bpe", help="gpt2 and/or bpe (default: both)")
@@ -133,7 +118,8 @@ def main() -> None:
         for name in args.tokenizers.split(","):
             if name == "bpe":
                 t0 = time.perf_counter()
-                toks[name] = load_tokenizer(str(train_bpe(sample, tmp / "bpe.json")))
+                train_bpe(sample, BPE_VOCAB).save(str(tmp / "bpe.json"))
+                toks[name] = load_tokenizer(str(tmp / "bpe.json"))
                 print(
                     f"bpe: {BPE_VOCAB:,}-id byte-level BPE trained on {BPE_TRAIN_MB} MB "
                     f"in {time.perf_counter() - t0:.1f} s"
