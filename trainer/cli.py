@@ -34,6 +34,7 @@ Irreducible curriculum (within-domain order; composes with any mixture):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -104,7 +105,9 @@ def _forget_launch(output_dir: Path) -> None:
         shutil.rmtree(output_dir, ignore_errors=True)
         parent = output_dir.parent
         if parent.name == "runs" and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
+            # every refusing rank of a torchrun job gets here: another may have removed it first
+            with contextlib.suppress(FileNotFoundError, OSError):
+                parent.rmdir()
 
 
 def _data_parser() -> argparse.ArgumentParser:
