@@ -79,6 +79,7 @@ def _elastic(data, root, before: int, after: int, engine: str = "torch"):
     assert worst <= TOL
 
 
+@pytest.mark.slow  # three 2-rank launches; the refusals below stay in the default suite
 def test_two_ranks_resume_on_one(data, tmp_path):
     _elastic(data, tmp_path, 2, 1)
 

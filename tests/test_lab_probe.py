@@ -110,6 +110,7 @@ def test_compiled_blocks_with_the_probe_match_the_oracle():
     itself runs in tests/test_lab_engines.py's slow compiled-DoGE run."""
     torch._dynamo.reset()
     model, probe, refs, mbs, oracle, plain = _case("llama")
+    layers.keep_probed_paths_eager()
     for block in model.blocks:
         block.compile(backend="aot_eager")
     probed_step(None, model, mbs)

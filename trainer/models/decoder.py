@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from .layers import Linear, checkpointed
+from .layers import Linear, checkpointed, keep_probed_paths_eager
 
 
 class Decoder(nn.Module):
@@ -55,6 +55,7 @@ class Decoder(nn.Module):
         self.autocast_dtype = torch.bfloat16 if autocast and engine_cfg.precision == "bf16" else None
         self.activation_checkpointing = bool(engine_cfg.activation_checkpointing)
         if engine_cfg.compile:
+            keep_probed_paths_eager()
             for block in self.blocks:
                 block.compile()
 

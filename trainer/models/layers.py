@@ -93,11 +93,24 @@ class ProbeAware:
     """Mixin: ``_tap`` is replaced by a probe's own Tap when a probe attaches to the model.
 
     A layer's ``forward`` takes the stock path unless ``_tap.on``; the probed path is ``_probed``,
-    excluded from torch.compile (its autograd Function hands pieces to the probe, a side effect a
-    graph cannot hold), so a compiled model breaks its graph at each probed layer on probed
-    micro-batches only."""
+    which :func:`keep_probed_paths_eager` excludes from torch.compile, so a compiled model breaks
+    its graph at each probe-aware layer on probed micro-batches only."""
 
     _tap: Tap = OFF
+
+
+def keep_probed_paths_eager() -> None:
+    """Exclude every probe-aware layer's probed path from torch.compile: its autograd Function hands
+    pieces to the probe, a side effect a graph cannot hold. Call it before compiling a model made of
+    these layers (``Decoder.configure`` does). Not done at import: ``torch.compiler.disable``
+    imports torch._dynamo, ~2.5 s of start-up in every process that never compiles."""
+    pending = list(ProbeAware.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        own = cls.__dict__.get("_probed")
+        if own is not None and not getattr(own, "_torchdynamo_disable", False):
+            cls._probed = torch.compiler.disable(own)
 
 
 def tap_of(module: nn.Module) -> Tap:
@@ -237,7 +250,6 @@ class Linear(ProbeAware, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._probed(x) if self._tap.on else super().forward(x)
 
-    @torch.compiler.disable
     def _probed(self, x: torch.Tensor) -> torch.Tensor:
         return _LinearFn.apply(x, self.weight, self.bias, self._tap.current)
 
@@ -249,7 +261,6 @@ class Embedding(ProbeAware, nn.Embedding):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self._probed(ids) if self._tap.on else super().forward(ids)
 
-    @torch.compiler.disable
     def _probed(self, ids: torch.Tensor) -> torch.Tensor:
         return _EmbeddingFn.apply(ids, self.weight, self._tap.current)
 
@@ -259,7 +270,6 @@ class PositionEmbedding(Embedding):
     probed the lookup is expanded to [b, T] so that its gradient still has one row per token, which
     the domain split needs (the stock path sums over the batch before the table sees it)."""
 
-    @torch.compiler.disable
     def _probed(self, pos: torch.Tensor) -> torch.Tensor:
         rec = self._tap.current
         return _EmbeddingFn.apply(pos.expand(rec.sequences, -1), self.weight, rec)
@@ -269,7 +279,6 @@ class LayerNorm(ProbeAware, nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._probed(x) if self._tap.on and self.weight is not None else super().forward(x)
 
-    @torch.compiler.disable
     def _probed(self, x: torch.Tensor) -> torch.Tensor:
         xhat = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
         return _AffineFn.apply(xhat, self.weight, self.bias, self._tap.current)
@@ -282,7 +291,6 @@ class RMSNorm(ProbeAware, nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._probed(x) if self._tap.on and self.weight is not None else super().forward(x)
 
-    @torch.compiler.disable
     def _probed(self, x: torch.Tensor) -> torch.Tensor:
         xhat = F.rms_norm(x, self.normalized_shape, None, self.eps)
         return _AffineFn.apply(xhat, self.weight, None, self._tap.current)
