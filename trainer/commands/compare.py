@@ -723,10 +723,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mixtrain")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["compare", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    from . import standalone
+
+    return standalone(add_parser, "compare", argv)
 
 
 if __name__ == "__main__":

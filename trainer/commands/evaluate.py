@@ -173,10 +173,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mixtrain")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    from . import standalone
+
+    return standalone(add_parser, "eval", argv)
 
 
 if __name__ == "__main__":

@@ -331,10 +331,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mixtrain")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    from . import standalone
+
+    return standalone(add_parser, "export", argv)
 
 
 if __name__ == "__main__":
