@@ -66,10 +66,24 @@ class Request:
     per_sample: bool = False
     """With source="probe_batch": also return every probe sequence's own alignments
     (``DomainStats.sample_align``, ``sample_domain``); ``align`` is then their per-domain mean."""
+    grad_var: bool = False
+    """Per-domain per-sequence gradient variance σ_k² (``DomainStats.grad_var``: the trace of the
+    covariance of the gradients of single sequences' mean token loss), unbiased, from the pieces of
+    each domain's gradient the probe sees (micro-batches x ranks, or single sequences:
+    ``probe.grad_var``); implies ``norms``."""
+    params: str = "all"
+    """Which parameters the per-domain norms/Gram cover: "all", or "final" (the model's last block,
+    R&B's cheap final-layer gradients). Alignments and variances need "all"."""
+    accumulate: bool = False
+    """With norms/Gram from the training batch: add this step's per-domain gradients to a running
+    sum instead of reporting them (``DomainStats`` then has no gradient fields); the next step whose
+    request asks for the same statistics with accumulate=False reports those of the whole sum,
+    i.e. of each domain's mean gradient over every sequence of those steps (R&B's round). The sum
+    is part of the checkpoint."""
 
     @property
     def any_gradient(self) -> bool:
-        return bool(self.align) or self.norms or self.gram
+        return bool(self.align) or self.norms or self.gram or self.grad_var
 
 
 @dataclass
@@ -95,6 +109,7 @@ class DomainStats:
     align_names: tuple[str, ...] | None = None  # the reference names behind align's columns (expanded)
     sample_align: np.ndarray | None = None  # [n, R] <g_s, r_k> of each probe sequence s (mean token loss)
     sample_domain: np.ndarray | None = None  # [n] domain index of each probe sequence
+    grad_var: np.ndarray | None = None  # [K] σ_k²: trace of the per-sequence gradient covariance (NaN: < 2 pieces)
     extra: dict = field(default_factory=dict)
 
     def finite(self) -> bool:
