@@ -22,6 +22,19 @@ adds up across micro-batches and data-parallel ranks with one all-reduce, and th
   uses (<head_i, emb_j>): the rows an embedding lookup touches are noted in the forward, and each
   use's parts on those rows are kept (K x rows x width) for the next use's cross terms.
 
+- per-domain gradient variance (``ProbeSpec.variance``): σ_k², the trace of the covariance of
+  single sequences' gradients, from the pieces of domain k's gradient the backward already
+  materialises. Each piece j (a micro-batch on a rank, b_j of domain k's sequences; or, with
+  "sequence", each sequence alone) has sum G_j; with n = Σ_j b_j and G = Σ_j G_j, the unbiased
+  estimator is σ̂² = c² (Σ_j ‖G_j‖²/b_j − ‖G‖²/n) / (m − 1) over the m pieces, c turning piece
+  sums into per-sequence gradients: with ḡ_j = cG_j/b_j and ḡ = cG/n, E‖ḡ_j‖² = ‖μ‖² + σ²/b_j
+  and E‖ḡ‖² = ‖μ‖² + σ²/n, so E[Σ_j b_j‖ḡ_j‖² − n‖ḡ‖²] = (m − 1)σ²; with one piece per sequence
+  it is the sample variance Σ_s ‖g_s − ḡ‖²/(n − 1). Σ_j ‖G_j‖²/b_j is linear in the pieces' squared
+  norms, so it adds up over micro-batches and ranks with the other small accumulators; ‖G‖² is
+  the norm tier's. A piece's squared norm is taken layer by layer as its parts arrive (a K-vector,
+  or one float per sequence); a tied matrix's two uses need their cross term, taken on the table
+  rows the piece's own lookups touched (noted in the forward).
+
 Tied weights need no special case: both uses of the shared matrix (LM head and input embedding)
 key into the same parameter slot, so their pieces land in the same accumulator row (exact), are
 dotted with the same reference slice (alignment, linear) and hashed with the same sketch map; the
@@ -64,6 +77,14 @@ class ProbeSpec:
     """Reference groups after the K domains (group ids K, K+1, ...): rows of the micro-batch whose
     pieces enter the products (a reference's alignments and norm are Gram entries) but never the
     training gradient. The direct tier only."""
+    variance: str = ""
+    """Per-domain gradient variance σ_k² (``ProbeResult.grad_var``; needs ``norms``): "" none,
+    "pieces" (the pieces are the micro-batches on each rank: free, m = micro-batches x ranks), or
+    "sequence" (every sequence its own piece: m = the domain's sequences; the layers then
+    materialise one piece per sequence, chunked within the transient budget)."""
+    rows: bool = False
+    """Return the reduced exact K x P rows themselves (``ProbeResult.rows``, unscaled), e.g. to sum
+    them over several steps; forces the exact tier (no sketch, no direct products)."""
 
     @property
     def products(self) -> bool:
@@ -80,6 +101,12 @@ class ProbeResult:
     """[K, K] <g_i, g_j>."""
     sketch_dim: int = 0
     """0 when norms/Gram are exact, else the sketch dimension they were estimated with."""
+    grad_var: np.ndarray | None = None
+    """[K] σ_k², the per-sequence gradient variance of each domain (NaN with fewer than 2 pieces)."""
+    pieces: np.ndarray | None = None
+    """[K] how many pieces σ_k² was estimated from."""
+    rows: torch.Tensor | None = None
+    """[K, P] the reduced exact rows (``ProbeSpec.rows``): a view valid until the next step starts."""
 
 
 class _Slot(NamedTuple):
@@ -179,6 +206,57 @@ class _Direct:
         self._add(slot, index, _products(flat, flat), compact)
 
 
+class _Squares:
+    """Squared norms of the variance pieces of one micro-batch, summed over the layers as their parts
+    arrive: a piece is one group the layers see (a domain block, or one sequence with
+    ``variance="sequence"``). A tied matrix's parts meet on the table rows the piece's own lookups
+    touched (``own``, noted in the forward; its dense part is zero nowhere else that matters): each
+    later part adds 2<part, earlier parts> there (``stash``)."""
+
+    def __init__(self, groups: int, device):
+        self.sq = torch.zeros(groups, dtype=torch.float64, device=device)
+        self.own: dict[int, list[torch.Tensor]] = {}
+        self.stash: dict[int, list[torch.Tensor | None]] = {}
+
+    def note_rows(self, slot: _Slot, ids: torch.Tensor, seq_bounds: list[int]) -> None:
+        per_seq = ids.reshape(seq_bounds[-1], -1)
+        seen = [torch.unique(per_seq[a:b]) for a, b in zip(seq_bounds[:-1], seq_bounds[1:])]
+        if slot.index in self.own:  # a second lookup of the same table
+            seen = [torch.unique(torch.cat([old, new])) for old, new in zip(self.own[slot.index], seen)]
+        self.own[slot.index] = seen
+        self.stash[slot.index] = [None] * len(seen)
+
+    def _meet(self, slot: _Slot, g: int, part: torch.Tensor) -> None:
+        earlier = self.stash[slot.index][g]
+        if earlier is None:
+            self.stash[slot.index][g] = part.float().clone()
+        else:
+            self.sq[g] += 2 * torch.dot(part.reshape(-1).float(), earlier.reshape(-1)).double()
+            earlier += part
+
+    def dense(self, slot: _Slot, first: int, pieces: torch.Tensor) -> None:
+        flat = pieces.reshape(pieces.shape[0], -1).float()
+        self.sq[first : first + flat.shape[0]] += _squared_norms(flat)
+        for j, rows in enumerate(self.own.get(slot.index, [])[first : first + flat.shape[0]]):
+            self._meet(slot, first + j, flat[j].view(-1, slot.width)[rows])
+
+    def rows(self, slot: _Slot, ids: torch.Tensor, values: torch.Tensor, bounds: list[int]) -> None:
+        own = self.own.get(slot.index)
+        for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if a == b:
+                continue
+            touched, at = torch.unique(ids[a:b], return_inverse=True)
+            part = values.new_zeros(touched.numel(), slot.width, dtype=torch.float32)
+            part.index_add_(0, at, values[a:b].float())  # a row looked up twice is one row of the gradient
+            self.sq[g] += _squared_norms(part.reshape(1, -1))[0]
+            if own is not None:
+                if own[g].numel() != touched.numel():  # the table's other lookups touched more rows
+                    part = part.new_zeros(own[g].numel(), slot.width).index_copy_(
+                        0, torch.searchsorted(own[g], touched), part
+                    )
+                self._meet(slot, g, part)
+
+
 class _StepState:
     """The linear accumulators of one optimizer step (see the module docstring)."""
 
@@ -203,6 +281,18 @@ class _StepState:
             torch.zeros(K, spec.refs, dtype=torch.float64, device=device) if spec.refs and exact is None else None
         )
         self.sketch = torch.zeros(K, sketch_dim, device=device) if sketch_dim else None
+        # variance: per micro-batch (squares, domain of each group, sequences of each group), folded
+        # into q[k] = Σ_j ‖G_jk‖²/b_jk and the piece counts m[k] before the reduction
+        self.squares: list[tuple[_Squares, torch.Tensor, torch.Tensor]] = []
+        self.q = torch.zeros(K, dtype=torch.float64, device=device) if spec.variance else None
+        self.m = torch.zeros(K, dtype=torch.float64, device=device) if spec.variance else None
+
+    def _fold_squares(self) -> None:
+        for squares, group_domain, sizes in self.squares:
+            train = group_domain < self.K - self.spec.extra_groups
+            self.q.index_add_(0, group_domain[train], squares.sq[train] / sizes[train])
+            self.m.index_add_(0, group_domain[train], torch.ones_like(squares.sq[train]))
+        self.squares = []
 
     def _refs_of(self, slot: _Slot) -> torch.Tensor:
         return self.refs[:, slot.offset : slot.offset + slot.numel]
@@ -272,7 +362,9 @@ class _StepState:
     def all_reduce(self) -> None:
         """Sum the state over data-parallel ranks: the small accumulators in one collective, the exact
         K x P ones (only present when exact norms/Gram were asked for) in a second."""
-        small = [t for t in (self.align, self.sketch) if t is not None]
+        if self.q is not None:
+            self._fold_squares()
+        small = [t for t in (self.align, self.sketch, self.q, self.m) if t is not None]
         flat = torch.cat([self.seqs.double()] + [t.reshape(-1).double() for t in small])
         dist.all_reduce_sum(flat)
         self.seqs.copy_(flat[: self.K])
@@ -289,7 +381,12 @@ class _StepState:
 
 
 class _MicroBatch:
-    """The Recording the probe-aware layers see for one micro-batch (see layers.Recording)."""
+    """The Recording the probe-aware layers see for one micro-batch (see layers.Recording).
+
+    The groups the layers split by are the micro-batch's domain blocks, or, with
+    ``variance="sequence"``, its sequences: each layer then hands over one piece per sequence,
+    whose squared norms the variance takes before the pieces of a domain are summed for the other
+    statistics."""
 
     def __init__(self, probe: Probe, state: _StepState, seq_domains: torch.Tensor):
         seq = seq_domains.detach().to("cpu", torch.int64).reshape(-1)
@@ -308,10 +405,23 @@ class _MicroBatch:
             state.seqs += counts.to(state.seqs)
         self.probe, self.state, self.sequences = probe, state, seq.numel()
         self.domains = torch.nonzero(counts).flatten().tolist()
-        self.train_groups = sum(1 for d in self.domains if d < probe.K)
         self.seq_bounds = [0] + torch.cumsum(counts[self.domains], 0).tolist()
         self.device = probe.device
         self.domains_t = torch.tensor(self.domains, device=self.device)
+        self.per_sequence = state.spec.variance == "sequence"
+        if self.per_sequence:
+            self.group_domain = seq.tolist()
+            self.group_bounds = list(range(seq.numel() + 1))
+        else:
+            self.group_domain = self.domains
+            self.group_bounds = self.seq_bounds
+        self.train_groups = sum(1 for d in self.group_domain if d < probe.K)
+        self.squares = None
+        if state.spec.variance:
+            self.squares = _Squares(len(self.group_domain), self.device)
+            group_domain = torch.tensor(self.group_domain, device=self.device)
+            sizes = torch.diff(torch.tensor(self.group_bounds, device=self.device)).double()
+            state.squares.append((self.squares, group_domain, sizes))
         self._bounds: dict[int, list[int]] = {}
 
     def slot(self, param):
@@ -324,7 +434,7 @@ class _MicroBatch:
                 raise ValueError(
                     f"a probed activation has {rows} rows, not a multiple of the {self.sequences} sequences"
                 )
-            self._bounds[rows] = [s * per_seq for s in self.seq_bounds]
+            self._bounds[rows] = [s * per_seq for s in self.group_bounds]
         return self._bounds[rows]
 
     def chunk(self, numel: int) -> int:
@@ -333,8 +443,12 @@ class _MicroBatch:
         return max(1, self.probe.transient_bytes // (4 * numel))
 
     def note_rows(self, slot, ids: torch.Tensor) -> None:
-        if slot is not None and slot.counted and self.state.direct is not None:
+        if slot is None or not slot.counted:
+            return
+        if self.state.direct is not None:
             self.state.direct.note_rows(slot, ids)
+        if self.squares is not None and slot.index in self.probe.tied:
+            self.squares.note_rows(slot, ids, self.group_bounds)
 
     def workspace(self, k: int, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
         return self.probe.workspace(k * shape.numel(), like).view(k, *shape)
@@ -346,13 +460,29 @@ class _MicroBatch:
         return self.state
 
     def dense(self, slot, first: int, pieces: torch.Tensor) -> None:
-        k = pieces.shape[0]
-        if slot.counted:
-            self._open_state().dense(slot, self.domains[first : first + k], self.domains_t[first : first + k], pieces)
+        if not slot.counted:
+            return
+        state, k = self._open_state(), pieces.shape[0]
+        if self.squares is not None:
+            self.squares.dense(slot, first, pieces)
+        if not self.per_sequence:
+            state.dense(slot, self.domains[first : first + k], self.domains_t[first : first + k], pieces)
+            return
+        doms = self.group_domain[first : first + k]  # the chunk's sequences, summed per domain
+        cuts = [0] + [j for j in range(1, k) if doms[j] != doms[j - 1]] + [k]
+        summed = torch.stack([pieces[a:b].sum(0, dtype=torch.float32) for a, b in zip(cuts[:-1], cuts[1:])])
+        runs = [doms[c] for c in cuts[:-1]]
+        state.dense(slot, runs, torch.tensor(runs, device=self.device), summed)
 
     def rows(self, slot, ids, values, bounds) -> None:
-        if slot.counted:
-            self._open_state().rows(slot, self.domains, self.domains_t, ids, values, bounds)
+        if not slot.counted:
+            return
+        state = self._open_state()
+        if self.squares is not None:
+            self.squares.rows(slot, ids, values, bounds)
+        if self.per_sequence:  # domain d's rows start at its first sequence's
+            bounds = [bounds[g] for g in self.seq_bounds]
+        state.rows(slot, self.domains, self.domains_t, ids, values, bounds)
 
 
 def _full_shape(p: torch.Tensor) -> torch.Size:
@@ -410,10 +540,13 @@ class Probe:
         exact_budget_bytes: int = 512 << 20,
         fallback_sketch_dim: int = 4096,
         transient_bytes: int = 64 << 20,
+        scope: torch.nn.Module | None = None,
     ):
         """``fallback_sketch_dim``: sketch dimension used when exact norms/Gram exceed the budget and
         the spec asked for exact; ``transient_bytes``: cap on the dense pieces a layer materialises at
-        once (it then processes its domains in chunks)."""
+        once (it then processes its domains in chunks); ``scope``: a submodule of ``model`` (e.g. its
+        last block) whose parameters alone the statistics cover: the layers outside it keep the stock
+        backward. Several probes may share a model; :meth:`attach` hands the layers to one."""
         if isinstance(model, DistributedDataParallel):
             model = model.module
         # Tensor parallelism (engine=megatron: ``MegatronGPT.parallel_layout``): pieces cover this
@@ -426,7 +559,10 @@ class Probe:
         self.exact_budget_bytes = exact_budget_bytes
         self.fallback_sketch_dim = fallback_sketch_dim
         self.transient_bytes = transient_bytes
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        within = model if scope is None else scope
+        self.params = [p for p in within.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the probe's scope has no trainable parameters")
         self.device = self.params[0].device
         self._slots: dict[int, _Slot] = {}
         offset = 0
@@ -436,7 +572,7 @@ class Probe:
             offset += shape.numel()
         self.P = offset
         self._tap = Tap()
-        self._layers = [m for m in model.modules() if isinstance(m, ProbeAware)]
+        self._layers = [m for m in within.modules() if isinstance(m, ProbeAware)]
         covered = set()
         # (layer, attribute) -> slot: FSDP2 swaps a layer's sharded parameter for a gathered one during
         # its forward and backward, which ``slot_of`` then finds by where it sits
@@ -448,7 +584,7 @@ class Probe:
                 if id(p) in self._slots:
                     self._places[(id(m), name)] = self._slots[id(p)]
         self._sharded = any(hasattr(p, "full_tensor") for p in self.params)
-        missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+        missing = [n for n, p in within.named_parameters() if p.requires_grad and id(p) not in covered]
         if missing:
             raise ValueError(f"parameters outside probe-aware layers would be missing from every statistic: {missing}")
         # The direct tier keeps a parameter's earlier parts only on the rows embedding lookups touch,
@@ -460,11 +596,20 @@ class Probe:
                 for p in m.parameters(recurse=False):
                     dense_uses[id(p)] = dense_uses.get(id(p), 0) + 1
         self._direct_ok = all(n <= 1 for n in dense_uses.values()) and not tp
+        tables = [m for m in self._layers if isinstance(m, torch.nn.Embedding)]
+        looked_up = {id(p) for m in tables for p in m.parameters(recurse=False)}
+        # slot indices of matrices used both as a lookup table and densely (tied embedding and head)
+        self.tied = {self._slots[i].index for i in looked_up if i in dense_uses and i in self._slots}
         self._largest = max(_full_shape(p).numel() for p in self.params)
         self._state: _StepState | None = None
         self._exact_rows: torch.Tensor | None = None  # K x P, allocated on first use, kept between steps
         self._workspace: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> the layers' buffer for dense pieces
         self._warned = False
+
+    def attach(self) -> None:
+        """Point this probe's layers at it again (after another probe on the same model used them)."""
+        for m in self._layers:
+            m._tap = self._tap
 
     def workspace(self, numel: int, like: torch.Tensor) -> torch.Tensor:
         """A flat buffer of at least ``numel`` entries for a layer's dense pieces, kept between layers
@@ -578,6 +723,15 @@ class Probe:
             )
         if len(refs) != spec.refs:
             raise ValueError(f"spec.refs={spec.refs} but {len(refs)} reference vectors were given")
+        if spec.variance not in ("", "pieces", "sequence"):
+            raise ValueError(f"ProbeSpec.variance={spec.variance!r}; allowed: '', 'pieces', 'sequence'")
+        if spec.variance and not spec.norms:
+            raise ValueError("ProbeSpec.variance needs norms (σ² subtracts the mean gradient's squared norm)")
+        if spec.variance and self.layout is not None and self.layout.tp_size > 1:
+            raise ConfigError(
+                "per-domain gradient variance is not supported under tensor parallelism "
+                f"(engine.megatron.tensor_parallel={self.layout.tp_size}): use tensor_parallel=1"
+            )
         for r in refs:
             if len(r) != len(self.params) or any(t.shape != _full_shape(p) for t, p in zip(r, self.params)):
                 raise ValueError("a reference vector must have one tensor per trainable parameter, shaped like it")
@@ -588,6 +742,11 @@ class Probe:
         )
         direct = _Direct(K, self.device) if self.direct_applies(spec) else None
         exact = spec.products and spec.sketch_dim == 0 and direct is None and self._exact_fits()
+        if spec.rows and not exact:
+            raise ConfigError(
+                f"the per-domain gradient rows need exact K x P accumulators: {self.K * self.P * 4 / 2**20:.0f} MiB, "
+                f"over probe.exact_budget_mb={self.exact_budget_bytes >> 20} (raise it; probe.sketch_dim must be 0)"
+            )
         if spec.products and not exact and direct is None and self.layout is not None and self.layout.tp_size > 1:
             # every TP rank would hash its own shard with the same per-parameter map: correlated
             # buckets across shards, a biased estimate. Refused rather than wrong.
@@ -618,6 +777,8 @@ class Probe:
         groups = self.K + spec.extra_groups
         return (
             spec.products
+            and spec.variance != "sequence"
+            and not spec.rows
             and spec.sketch_dim == 0
             and spec.micro_batches == 1
             and self.dp_size == 1
@@ -661,10 +822,11 @@ class Probe:
         if spec.refs:
             raw = self._tp_sum(_products(rows, state.refs)) if state.exact is not None else state.align
             out.align = scale[:, None] * raw.cpu().numpy()
+        squared = None
         if spec.products and state.direct is not None:
             raw = state.direct.gram.cpu().numpy()
             out.gram = np.outer(scale, scale) * raw if spec.gram else None
-            out.norms = np.abs(scale) * np.sqrt(np.diag(raw)) if spec.norms else None
+            squared = np.diag(raw)
         elif spec.products:
             if spec.gram:
                 raw = self._tp_sum(_products(rows, rows)).cpu().numpy()
@@ -672,5 +834,15 @@ class Probe:
                 squared = np.diag(raw)
             else:
                 squared = self._tp_sum(_squared_norms(rows)).cpu().numpy()
-            out.norms = np.abs(scale) * np.sqrt(squared) if spec.norms else None
+        if spec.norms:
+            out.norms = np.abs(scale) * np.sqrt(squared)
+        if spec.variance:
+            train = slice(0, state.K - spec.extra_groups)
+            n = state.seqs.double().cpu().numpy()[train]
+            q, m = state.q.cpu().numpy()[train], state.m.cpu().numpy()[train]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                var = scale[train] ** 2 * (n**2 * q - n * squared[train]) / (m - 1)
+            out.grad_var, out.pieces = np.where(m >= 2, var, np.nan), m
+        if spec.rows:
+            out.rows = state.exact.rows
         return out
