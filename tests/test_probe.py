@@ -180,6 +180,12 @@ def test_two_ranks_match_union_oracle(tmp_path):
             np.array(got["sketch_gram"])[np.ix_(PRESENT, PRESENT)] - single[np.ix_(PRESENT, PRESENT)]
         ) / np.outer(n, n)
         assert err.max() <= TOL
+        # Variance pieces are (rank, micro-batch) pairs: 2 ranks x 2 equal 1 rank x 4 (test_grad_var
+        # checks that one against the per-sequence oracle); per sequence the layout does not matter.
+        for variance, want in got["grad_var"].items():
+            model.zero_grad(set_to_none=True)
+            single = probed_step(probe, model, everything, ProbeSpec(norms=True, variance=variance)).grad_var
+            np.testing.assert_allclose(np.array(want, dtype=float), single, rtol=1e-5, equal_nan=True)
 
 
 def test_sketch_is_unbiased_with_the_iid_spread():

@@ -2,7 +2,8 @@
 tests/test_probe.py). Rank r trains on micro-batches 2r and 2r+1 of ``probe_case.TWO_RANK_LAYOUT``.
 
 Writes ``out/probe_two_ranks.json`` from rank 0: for tied and untied embeddings, the exact
-alignments (2 references), norms and Gram, and a sketched Gram; plus whether reference_gradient
+alignments (2 references), norms and Gram, a sketched Gram and the gradient variances (micro-batch
+pieces and per sequence); plus whether reference_gradient
 left .grad untouched under DDP and whether both ranks ended with the same training gradient.
 """
 
@@ -45,7 +46,13 @@ def run(tied: bool, rank: int) -> dict:
     same_grad = bool(all(torch.equal(g, grad) for g in dist.all_gather_object(grad)))
     model.zero_grad(set_to_none=True)
     sketched = probed_step(probe, wrapped, mine, SKETCH, None, n_global)
+    variances = {}
+    for variance in ("pieces", "sequence"):
+        model.zero_grad(set_to_none=True)
+        spec = ProbeSpec(norms=True, variance=variance)
+        variances[variance] = probed_step(probe, wrapped, mine, spec, None, n_global).grad_var.tolist()
     return {
+        "grad_var": variances,
         "align": exact.align.tolist(),
         "norms": exact.norms.tolist(),
         "gram": exact.gram.tolist(),
