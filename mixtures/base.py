@@ -213,6 +213,12 @@ class Controller(ABC):
         return None
 
     @property
+    def accumulates(self) -> bool:
+        """Whether its requests sum per-domain gradients over several steps (``Request.accumulate``):
+        the trainer then keeps the running sum, and puts it in the checkpoint."""
+        return False
+
+    @property
     def adaptive(self) -> bool:
         """Whether weights can change during a run (static controllers skip the per-step sync)."""
         return True

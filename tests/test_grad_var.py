@@ -14,7 +14,7 @@ from helpers import REPO
 
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
 
-from probe_case import K, LOSS_WEIGHTS, micro_batches, probed_step, tiny_model  # noqa: E402
+from probe_case import LOSS_WEIGHTS, K, micro_batches, probed_step, tiny_model  # noqa: E402
 
 from trainer.models import token_losses  # noqa: E402
 from trainer.probe import Probe, ProbeSpec  # noqa: E402

@@ -546,6 +546,9 @@ class EngineConfig:
             )
 
 
+GRAD_VAR_MODES = ("auto", "pieces", "sequence")
+
+
 @dataclass
 class ProbeConfig:
     exact_budget_mb: int = 512
@@ -555,9 +558,19 @@ class ProbeConfig:
     """0 = exact norms/Gram; > 0 = always use a shared-seed sketch of this dimension (unbiased,
     relative error about sqrt(2/m))."""
 
+    grad_var: str = "auto"
+    """How the per-domain gradient variance σ_k² is estimated when a controller asks for it (PiKE):
+    "pieces" (every micro-batch on every rank is one piece of each domain's gradient: no extra
+    work, m ≤ train.grad_accum x ranks pieces, NaN for a domain in fewer than 2), "sequence" (every
+    sequence is a piece: n_k - 1 degrees of freedom; the layers materialise one weight-gradient
+    piece per sequence instead of per domain, the same FLOPs in smaller GEMMs) or "auto" (pieces
+    when a step has at least 8 micro-batches over all ranks, else per sequence)."""
+
     def validate(self):
         if self.exact_budget_mb < 0 or self.sketch_dim < 0:
             raise ConfigError("probe.exact_budget_mb and probe.sketch_dim must be >= 0")
+        if self.grad_var not in GRAD_VAR_MODES:
+            raise ConfigError(f"probe.grad_var={self.grad_var!r}; allowed: {', '.join(GRAD_VAR_MODES)}")
 
 
 @dataclass

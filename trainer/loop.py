@@ -35,7 +35,7 @@ from .data.sampler import DataExhausted, DomainSampler
 from .engines import MicroBatch
 from .errors import Diverged
 from .schedule import lr_at
-from .signals import NOTHING, ReferenceModel, Signals
+from .signals import NOTHING, GradientRound, ReferenceModel, Signals
 from .train_state import TrainState
 
 __all__ = ["Diverged", "Loop", "RunResult", "lr_at", "run"]
@@ -165,6 +165,7 @@ class Loop:
                 self.reference,
                 self.global_batch,
                 self.cfg.train.grad_accum,
+                next((cb for cb in self.callbacks if isinstance(cb, GradientRound)), None),
             )
         return self._signals
 
@@ -188,6 +189,7 @@ class Loop:
             loss=np.where(present, sums / np.where(present, counts, 1), np.nan),
             tokens=counts,
             sample_weights=self.plan.weights.copy(),
+            extra={"batch_sequences": self.global_batch},
         )
         t = self.cfg.train
         stats = m.finish(stats, lw, t.micro_batch * t.grad_accum * self.cfg.data.seq_len)

@@ -7,6 +7,8 @@ Keys follow DESIGN.md and group by their first path segment in wandb:
   ``mixture/tokens/<domain>``, ``mixture/entropy``, ``mixture/loss_weight/<domain>``,
   ``mixture/excess_loss/<domain>``, ``mixture/<controller metric>``;
 - ``probe/align/<reference>/<domain>``, ``probe/grad_norm/<domain>``: what the probe measured;
+  ``probe/grad_var/<domain>`` (σ_k², the per-sequence gradient variance) and
+  ``probe/noise_scale/<domain>`` (σ_k²/‖g_k‖², the simple gradient noise scale in sequences);
 - ``eval/<domain>/loss``, ``eval/loss``, ``eval/macro_loss``, ``target/<set>/loss``: evaluation;
 - ``curriculum/fraction``, ``curriculum/score[/<domain>]``, ``curriculum/proxy_loss``;
 - ``perf/tokens_per_sec`` (global), ``perf/tokens_per_sec_per_device``, ``perf/mfu``,
@@ -76,6 +78,11 @@ def step_record(
             columns[f"probe/align/{name}"] = stats.align[:, r]
     if stats.norms is not None:
         columns["probe/grad_norm"] = stats.norms
+    if stats.grad_var is not None:
+        columns["probe/grad_var"] = stats.grad_var
+        if stats.norms is not None:  # B_simple = tr(Σ)/|G|², in sequences (McCandlish et al. 2018)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                columns["probe/noise_scale"] = stats.grad_var / stats.norms**2
     if stats.excess_loss is not None:
         columns["mixture/excess_loss"] = stats.excess_loss
     for key, values in columns.items():

@@ -508,6 +508,11 @@ def _products(a: torch.Tensor, b: torch.Tensor, block: int = 4096) -> torch.Tens
     return out
 
 
+def gram(rows: torch.Tensor) -> np.ndarray:
+    """rows rowsᵀ in float64 (numpy), with the blocked fp32 products of :func:`_products`."""
+    return _products(rows, rows).cpu().numpy()
+
+
 def _squared_norms(rows: torch.Tensor, block: int = 4096) -> torch.Tensor:
     """‖row‖² (float64) of each row: fp32 norms of ``block``-column pieces, squared and summed in
     float64. One fp32 norm over a K x P row loses precision with P (measured 7e-4 relative at 7.2M

@@ -13,6 +13,11 @@ Per step, only what is requested is computed:
   (``source="in_batch"``) or on a separate per-domain probe batch (``source="probe_batch"``; ``"auto"``:
   in the batch when it holds every domain,
   processed in chunks, optionally with one alignment row per sequence);
+- per-domain gradient variances σ_k² (``Request.grad_var``, PiKE) from the probe's pieces, in the
+  mode ``probe.grad_var`` picks;
+- norms/Gram of the last block only (``Request.params="final"``: a second probe scoped to it, R&B),
+  and per-domain gradients summed over several steps (``Request.accumulate``: :class:`GradientRound`,
+  which the checkpoint keeps);
 - per-domain excess loss against a frozen reference model on the training batch (DoReMi).
 
 Batches drawn here are pure functions of (seed, step): a resumed run measures the same things.
@@ -38,7 +43,10 @@ from .data.domains import DataBundle, SequenceView
 from .data.tokenizer import identity_difference
 from .engines import load_frozen
 from .models import frozen_token_losses, token_losses
-from .probe import Probe, ProbeSpec
+from .probe import Probe, ProbeSpec, gram
+
+PIECES_FOR_VARIANCE = 8
+"""probe.grad_var=auto estimates from micro-batch pieces when a step has at least this many."""
 
 _REF_STREAM, _PROBE_STREAM = 3, 4
 _PROBE_CHUNK = 32  # probe-batch sequences per forward/backward: bounds activation memory
@@ -139,6 +147,7 @@ class Measurement:
     spec: ProbeSpec | None = None  # per-sample probes start once the probe batch is drawn
     refs: list | None = None
     signals: Signals | None = None
+    using: Probe | None = None  # the probe this step's statistics come from (the full or the scoped one)
 
     def micro_batches(self, micro_batches: list) -> list:
         """The step's micro-batches with the fused reference rows appended to the last one (group
@@ -178,6 +187,81 @@ def _reference_model(loop) -> ReferenceModel | None:
     return ReferenceModel(name, loop.data, loop.engine.device) if name else None
 
 
+class GradientRound(Callback):
+    """Per-domain gradients summed over the steps of a round (``Request.accumulate``: R&B), as token
+    sums: row k is Σ over the round's tokens of domain k of the token-loss gradient, over the
+    probed parameters. Identical on every rank (each step's rows are reduced before they are
+    added), so rank 0's copy in the checkpoint is everyone's, and a resumed run continues the round
+    bit for bit."""
+
+    name = "gradient_round"
+
+    def __init__(self, K: int):
+        self.K = K
+        self.sum: torch.Tensor | None = None
+        self.tokens = np.zeros(K)
+        self.steps = 0
+
+    @property
+    def open(self) -> bool:
+        return self.steps > 0
+
+    def add(self, rows: torch.Tensor, factor: np.ndarray, tokens: np.ndarray) -> None:
+        """Add one step's reduced rows times ``factor`` (per domain: rows -> token sums)."""
+        part = rows * torch.as_tensor(factor, dtype=rows.dtype, device=rows.device).unsqueeze(1)
+        if self.sum is None or self.sum.shape != part.shape:
+            self.sum = part.clone()
+        else:
+            self.sum = self.sum.to(part.device).add_(part)
+        self.tokens = self.tokens + tokens
+        self.steps += 1
+
+    def take(self) -> np.ndarray:
+        """The Gram of the per-domain mean gradients over the round (NaN for a domain with no
+        tokens in it); the round is closed."""
+        present = self.tokens > 0
+        mean = self.sum / torch.as_tensor(np.where(present, self.tokens, 1.0), dtype=self.sum.dtype).to(
+            self.sum.device
+        ).unsqueeze(1)
+        out = gram(mean)
+        out[~present, :] = np.nan
+        out[:, ~present] = np.nan
+        self.sum, self.tokens, self.steps = None, np.zeros(self.K), 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "sum": None if self.sum is None else self.sum.detach().cpu().clone(),
+            "tokens": torch.from_numpy(self.tokens.copy()),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sum = state["sum"]
+        self.tokens = state["tokens"].numpy().astype(np.float64)
+        self.steps = int(state["steps"])
+
+
+@register
+def _gradient_round(loop) -> GradientRound | None:
+    return GradientRound(loop.K) if loop.controller.accumulates else None
+
+
+def final_block(model: torch.nn.Module) -> torch.nn.Module:
+    """The last transformer block of a (possibly wrapped) decoder: what ``Request.params="final"``
+    covers."""
+    inner = model
+    while not hasattr(inner, "blocks") and hasattr(inner, "module"):  # DDP, DeepSpeed
+        inner = inner.module
+    blocks = getattr(inner, "blocks", None)
+    if not blocks:
+        raise ConfigError(
+            f"final-layer gradients need a decoder with .blocks; {type(inner).__name__} has none "
+            "(set mixture.params=all)"
+        )
+    return blocks[-1]
+
+
 class Signals:
     def __init__(
         self,
@@ -188,6 +272,7 @@ class Signals:
         reference: torch.nn.Module | None,
         global_batch: int,
         grad_accum: int = 1,
+        gradient_round: GradientRound | None = None,
     ):
         self.engine = engine
         self.global_batch = global_batch
@@ -198,6 +283,9 @@ class Signals:
         self.reference = reference
         self.probe_cfg = probe_cfg
         self.probe = Probe(engine.model, self.K, exact_budget_bytes=int(probe_cfg.exact_budget_mb) << 20)
+        self._final: Probe | None = None  # scoped to the last block, built on first use
+        self._attached = self.probe
+        self.round = gradient_round
         self._excess = torch.zeros(2, self.K, dtype=torch.float64)
 
     # ---- reference gradients ----------------------------------------------------------------
@@ -282,6 +370,36 @@ class Signals:
             refs.append(grads)
         return refs, np.array(norms)
 
+    def _probe_for(self, req: Request) -> Probe:
+        """The probe covering ``req.params``, attached to the model's layers."""
+        if req.params == "final":
+            if req.align or req.grad_var:
+                raise ValueError("Request.params='final' covers norms/Gram only, not alignments or variances")
+            if self._final is None:
+                model = self.engine.model
+                budget = int(self.probe_cfg.exact_budget_mb) << 20
+                self._final = Probe(model, self.K, exact_budget_bytes=budget, scope=final_block(model))
+            probe = self._final
+        elif req.params == "all":
+            probe = self.probe
+        else:
+            raise ValueError(f"Request.params={req.params!r}; allowed: 'all', 'final'")
+        if probe is not self._attached:
+            probe.attach()
+            self._attached = probe
+        return probe
+
+    def _variance(self, req: Request, source: str) -> str:
+        """The probe's variance mode for ``req`` (probe.grad_var; "auto": pieces when the step has
+        enough micro-batches over all ranks, else per sequence)."""
+        if not req.grad_var:
+            return ""
+        mode = self.probe_cfg.grad_var
+        if mode == "auto":
+            pieces = self.grad_accum * self.probe.dp_size if source == "in_batch" else 0
+            mode = "pieces" if pieces >= PIECES_FOR_VARIANCE else "sequence"
+        return mode
+
     # ---- per step -----------------------------------------------------------------------------
     def begin(self, req: Request | None, step: int, batch_counts: np.ndarray | None = None) -> Measurement:
         """Work before the training backward (reference gradients, the probe's start); returns the
@@ -306,11 +424,17 @@ class Signals:
         if not req.any_gradient:
             return m
         m.names = names = self.expand(req.align)
-        m.probe = self.probe if source == "in_batch" else None
+        m.using = probe = self._probe_for(req)
+        m.probe = probe if source == "in_batch" else None
+        rows = req.accumulate or (self.round is not None and self.round.open)
+        if rows and (source != "in_batch" or req.align or req.grad_var or not (req.norms or req.gram)):
+            raise ValueError("Request.accumulate sums norms/Gram of the training batch (source='in_batch') only")
+        if rows and self.round is None:
+            raise RuntimeError("Request.accumulate from a controller whose `accumulates` is False")
         fused = ProbeSpec(
             norms=True, gram=True, micro_batches=self._micro_batches(req, source), extra_groups=len(names)
         )
-        if self._fuses(req, source, fused):
+        if not (rows or req.grad_var or probe is not self.probe) and self._fuses(req, source, fused):
             # the references as rows of the training micro-batch: one forward/backward, their
             # alignments and norms Gram entries (finish); nothing gradient-sized is kept
             n = self._ref_count(req)
@@ -320,16 +444,18 @@ class Signals:
         refs, m.ref_norms = self._reference_gradients(names, req, step)
         spec = ProbeSpec(
             refs=len(refs),
-            norms=req.norms or req.gram,
+            norms=req.norms or req.gram or req.grad_var,
             gram=req.gram,
-            sketch_dim=self.probe_cfg.sketch_dim,
+            sketch_dim=0 if rows else self.probe_cfg.sketch_dim,
             seed=(self.seed * 1_000_003 + step) & 0x7FFFFFFF,
             micro_batches=self._micro_batches(req, source),
+            variance=self._variance(req, source),
+            rows=rows,
         )
         if req.per_sample:  # started once the number of probe sequences is known
             m.spec, m.refs = spec, refs
         else:
-            self.probe.start(spec, refs or None)
+            probe.start(spec, refs or None)
         return m
 
     def _fuses(self, req: Request, source: str, spec: ProbeSpec) -> bool:
@@ -386,12 +512,13 @@ class Signals:
         req = m.req
         tokens, doms, ids, n_global = self._probe_batch(req, m.step)
         groups = ids if req.per_sample else doms
+        probe = m.using
         if req.per_sample:
-            self.probe.start(m.spec, m.refs, groups=n_global)
+            probe.start(m.spec, m.refs, groups=n_global)
         params = [p for p in self.engine.model.parameters() if p.requires_grad]
         for s in range(0, len(tokens), _PROBE_CHUNK):
             chunk = tokens[s : s + _PROBE_CHUNK].to(self.engine.device)
-            with self.probe.micro_batch(groups[s : s + _PROBE_CHUNK]):
+            with probe.micro_batch(groups[s : s + _PROBE_CHUNK]):
                 losses = token_losses(self.engine.model, chunk)
                 # autograd.grad, not backward: the probe sees every layer's backward while
                 # .grad (the training gradient) and the engine's reduction hooks stay untouched.
@@ -399,7 +526,7 @@ class Signals:
         seq_tokens = tokens.shape[1] - 1
         if req.per_sample:
             return np.full(n_global, 1.0 / seq_tokens), np.repeat(np.arange(self.K), n_global // self.K)
-        n = self.probe.dp_sum(torch.bincount(doms, minlength=self.K).double() * seq_tokens).numpy()
+        n = probe.dp_sum(torch.bincount(doms, minlength=self.K).double() * seq_tokens).numpy()
         return 1.0 / np.where(n > 0, n, np.nan), None
 
     def _fields(self, m: Measurement, counts: np.ndarray, loss_weights: np.ndarray, tokens_per_rank: int) -> dict:
@@ -422,8 +549,16 @@ class Signals:
                 scale, sample_domain = self._run_probe_batch(m)
             else:
                 scale = tokens_per_rank / np.where(counts > 0, loss_weights * counts, np.nan)
-            result = self.probe.finish(scale)
-            out.update(align=result.align, norms=result.norms, gram=result.gram)
+            result = m.using.finish(scale)
+            if result.rows is not None:  # a round: this step's token-sum gradients join the sum
+                with np.errstate(divide="ignore"):
+                    self.round.add(result.rows, tokens_per_rank / np.asarray(loss_weights, dtype=np.float64), counts)
+                if req.accumulate:
+                    return out
+                G = self.round.take()
+                result.gram = G if req.gram else None
+                result.norms = np.sqrt(np.diag(G)) if req.norms else None
+            out.update(align=result.align, norms=result.norms, gram=result.gram, grad_var=result.grad_var)
             if req.per_sample:
                 out.update(sample_align=result.align, sample_domain=sample_domain)
                 # equal-length sequences: a domain's token-mean gradient is the mean of its sequences'
