@@ -174,3 +174,88 @@ def test_fused_reference_rows_equal_a_separate_reference_pass(loop):
     # NaN: a domain absent from the batch
     assert np.nanmax(np.abs(fused.align - separate.align)) / np.nanmax(scale) <= 1e-5
     assert fused.align_names == separate.align_names == ("heldout",)
+
+
+def _train_measurement(loop, req, step=0):
+    """``req`` measured on step ``step``'s real training batch (no optimizer step: θ stays), with the
+    training gradient dropped afterwards; returns the stats and the micro-batches."""
+    loop.state.step = step
+    if loop.plan is None:
+        loop._next_shard()
+    lw = torch.ones(loop.K, dtype=torch.float64)
+    m = loop.signals.begin(req, step, loop._step_counts())
+    batch = loop._batch()
+    sums, counts = loop.engine.forward_backward(m.micro_batches(batch), lw, loop.K, probe=m.probe)
+    loop.engine.model.zero_grad(set_to_none=True)
+    stats = DomainStats(step=step, lr=1e-3, loss=(sums / counts).numpy(), tokens=counts.numpy())
+    t = loop.cfg.train
+    return m.finish(stats, lw.numpy(), t.micro_batch * t.grad_accum * loop.cfg.data.seq_len), batch
+
+
+@pytest.mark.parametrize("mode", ["sequence", "pieces"])
+def test_training_batch_variance_equals_the_per_sequence_oracle(tmp_path, mode):
+    """σ_k² of a real training step (2 micro-batches, so "pieces" has up to 2 per domain) against
+    one backward per sequence of the same batch."""
+    data = make_shardset(tmp_path / "data")
+    values = tiny_values(data, tmp_path / "run", **{"train.micro_batch": 6, "train.grad_accum": 2})
+    values["probe"] = {"grad_var": mode}
+    loop = Loop(load_config(values))
+    stats, batch = _train_measurement(loop, Request(norms=True, grad_var=True))
+    model = loop.engine.model
+    per_seq = {d: [] for d in range(loop.K)}
+    for j, mb in enumerate(batch):
+        for s in range(mb.tokens.shape[0]):
+            g = _flat_grad(model, token_losses(model, mb.tokens[s : s + 1]).mean()).numpy()
+            per_seq[int(mb.domains[s])].append((j, g))
+    checked = 0
+    for d, rows in per_seq.items():
+        pieces = [np.stack([g for j, g in rows if j == mb]) for mb in sorted({j for j, _ in rows})]
+        if mode == "sequence":
+            pieces = [g[None] for _, g in rows]
+        if len(pieces) < 2:
+            assert np.isnan(stats.grad_var[d])
+            continue
+        n = sum(len(p) for p in pieces)
+        mean = np.concatenate(pieces).mean(axis=0)
+        want = (sum(len(p) * np.sum(p.mean(axis=0) ** 2) for p in pieces) - n * np.sum(mean**2)) / (len(pieces) - 1)
+        assert stats.grad_var[d] == pytest.approx(want, rel=1e-4)
+        assert stats.norms[d] == pytest.approx(np.linalg.norm(mean), rel=1e-5)
+        checked += 1
+    assert checked >= 2
+
+
+def test_gradient_round_is_the_gram_of_the_rounds_mean_final_block_gradients(tmp_path):
+    """Three steps accumulated (the last one reporting): the Gram equals that of each domain's mean
+    token-loss gradient over all three batches, over the last block's parameters only; and a full
+    probe used afterwards gets its layers back."""
+    from trainer.signals import GradientRound, final_block
+
+    data = make_shardset(tmp_path / "data")
+    loop = Loop(load_config(tiny_values(data, tmp_path / "run", **{"train.micro_batch": 8})))
+    loop.signals.round = GradientRound(loop.K)
+    batches = []
+    for step in range(3):
+        req = Request(gram=True, norms=True, params="final", source="in_batch", accumulate=step < 2)
+        stats, batch = _train_measurement(loop, req, step)
+        batches += batch
+        assert (stats.gram is None) == (step < 2)
+    assert not loop.signals.round.open
+    model = loop.engine.model
+    block = [p for p in final_block(model).parameters() if p.requires_grad]
+    tokens = torch.cat([mb.tokens for mb in batches])
+    doms = torch.cat([mb.domains for mb in batches])
+    present = [d for d in range(loop.K) if (doms == d).any()]
+    G = {}
+    for d in present:
+        G[d] = torch.cat(
+            [g.reshape(-1) for g in torch.autograd.grad(token_losses(model, tokens[doms == d]).mean(), block)]
+        ).double()
+    for a in present:
+        for b in present:
+            want = float(G[a] @ G[b])
+            assert abs(stats.gram[a, b] - want) <= 1e-5 * float(G[a].norm() * G[b].norm())
+    for d in set(range(loop.K)) - set(present):
+        assert np.isnan(stats.gram[d]).all()
+    # the full probe takes its layers back
+    full, _ = _train_measurement(loop, Request(norms=True, source="in_batch"), 3)
+    assert np.isfinite(full.norms[present]).all()
