@@ -81,7 +81,8 @@ class ProbeSpec:
     """Per-domain gradient variance σ_k² (``ProbeResult.grad_var``; needs ``norms``): "" none,
     "pieces" (the pieces are the micro-batches on each rank: free, m = micro-batches x ranks), or
     "sequence" (every sequence its own piece: m = the domain's sequences; the layers then
-    materialise one piece per sequence, chunked within the transient budget)."""
+    materialise one piece per sequence, chunked within the transient budget, and sum them into
+    the domains' pieces, which every other tier, the direct one included, then takes as usual)."""
     rows: bool = False
     """Return the reduced exact K x P rows themselves (``ProbeResult.rows``, unscaled), e.g. to sum
     them over several steps; forces the exact tier (no sketch, no direct products)."""
@@ -416,6 +417,8 @@ class _MicroBatch:
             self.group_domain = self.domains
             self.group_bounds = self.seq_bounds
         self.train_groups = sum(1 for d in self.group_domain if d < probe.K)
+        self.domain_index = {d: i for i, d in enumerate(self.domains)}
+        self._pending: torch.Tensor | None = None
         self.squares = None
         if state.spec.variance:
             self.squares = _Squares(len(self.group_domain), self.device)
@@ -438,7 +441,9 @@ class _MicroBatch:
         return self._bounds[rows]
 
     def chunk(self, numel: int) -> int:
-        if self.state.direct is not None:  # products between every pair of domains need them all at once
+        if self.state.direct is not None and not self.per_sequence:
+            # products between every pair of domains need them all at once (per sequence, the
+            # domains' sums are complete after the last chunk: ``dense``)
             return len(self.domains)
         return max(1, self.probe.transient_bytes // (4 * numel))
 
@@ -468,11 +473,15 @@ class _MicroBatch:
         if not self.per_sequence:
             state.dense(slot, self.domains[first : first + k], self.domains_t[first : first + k], pieces)
             return
-        doms = self.group_domain[first : first + k]  # the chunk's sequences, summed per domain
-        cuts = [0] + [j for j in range(1, k) if doms[j] != doms[j - 1]] + [k]
-        summed = torch.stack([pieces[a:b].sum(0, dtype=torch.float32) for a, b in zip(cuts[:-1], cuts[1:])])
-        runs = [doms[c] for c in cuts[:-1]]
-        state.dense(slot, runs, torch.tensor(runs, device=self.device), summed)
+        # the chunk's sequences summed into their domains' pieces, handed over once all have come: the
+        # other statistics (the direct tier's products in particular) see whole domain pieces
+        if first == 0:
+            self._pending = pieces.new_zeros(len(self.domains), *pieces.shape[1:], dtype=torch.float32)
+        for j in range(k):
+            self._pending[self.domain_index[self.group_domain[first + j]]] += pieces[j]
+        if first + k == len(self.group_domain):
+            pending, self._pending = self._pending, None
+            state.dense(slot, self.domains, self.domains_t, pending)
 
     def rows(self, slot, ids, values, bounds) -> None:
         if not slot.counted:
@@ -782,7 +791,6 @@ class Probe:
         groups = self.K + spec.extra_groups
         return (
             spec.products
-            and spec.variance != "sequence"
             and not spec.rows
             and spec.sketch_dim == 0
             and spec.micro_batches == 1

@@ -1,7 +1,7 @@
 """Benchmark: what each controller costs a training run, against a static run, side by side.
 
     python tests/bench/bench_controllers.py [--config small,search] [--steps 40] [--block 10]
-                                           [--controllers doge,dga,tikmix_d,odm,doremi]
+                                           [--controllers doge,dga,tikmix_d,odm,doremi,pike,rnb]
 
 Every controller runs a real ``trainer.loop.Loop`` (sampler, engine, probe, reference gradients,
 probe batches, reference model, the controller's update, logging: everything a user's run pays
@@ -54,6 +54,8 @@ CONTROLLERS = {
     "tikmix_d": {"name": "tikmix_d"},
     "odm": {"name": "odm"},
     "doremi": {"name": "doremi"},  # reference: the bench's static run, checkpointed at step 5
+    "pike": {"name": "pike"},
+    "rnb": {"name": "rnb"},
 }
 PARTS = {
     "reference gradients": (signals_module.Signals, "_reference_gradients"),

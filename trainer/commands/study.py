@@ -21,7 +21,8 @@ Three phases, each a set of ordinary mixtrain runs under ``OUT`` (default ``runs
    ``mixtrain train -m +experiment=study +study=<conditions> train.seed=<seeds> data.path=<planted>``
    with ``MIXTRAIN_STUDY=OUT`` in the environment (``trainer/conf/study/`` reads the proxies' weights and
    the oracle's from there). Every condition trains the same model for the same tokens;
-   ``dga_humaneval`` runs DGA online on the main model toward the HumanEval few-shot pool.
+   ``dga_humaneval`` runs DGA online on the main model toward the HumanEval few-shot pool, ``pike``
+   and ``rnb`` run PiKE and R&B online on it (their own gradient statistics, no proxy).
 3. **Comparison**: ``mixtrain compare OUT/main --out OUT`` (every run, plots) and ``OUT/study.md``:
    per condition the macro validation loss, its paired difference from uniform with the standard
    error over evaluation sequences and seeds (``trainer.paired``), the share of the oracle's gain,
@@ -62,6 +63,8 @@ CONDITIONS = (
     "doge_mix",
     "tikmix_d",
     "dga_humaneval",
+    "pike",
+    "rnb",
     "random_best",
 )
 """trainer/conf/study/<name>.yaml."""
@@ -78,9 +81,9 @@ STATIC = (
     "tikmix_d",
     "random_best",
 )
-"""Conditions whose main run trains on fixed weights (DGA steers online)."""
+"""Conditions whose main run trains on fixed weights (DGA, PiKE and R&B steer online)."""
 
-LEARNED = ("doremi", "doremi_eta01", "doge", "doge_mix", "tikmix_d", "dga_humaneval", "random_best")
+LEARNED = ("doremi", "doremi_eta01", "doge", "doge_mix", "tikmix_d", "dga_humaneval", "pike", "rnb", "random_best")
 """Conditions whose mixture a method chose (their noise weight is checked)."""
 
 NEEDS = {
@@ -545,7 +548,7 @@ def checks(a: Analysis) -> list[str]:
         if name in a.conditions and a.planted.noise:
             w = np.mean([a.planted.noise_weight(r.weights) for r in a.conditions[name].runs if r.weights])
             out.append(f"noise weight of {name}: {w:.3f} (target ≤ 0.03) → {_verdict(w <= 0.03)}")
-    for name in ("doge", "doge_mix", "doremi", "doremi_eta01"):
+    for name in ("doge", "doge_mix", "doremi", "doremi_eta01", "pike", "rnb"):
         rec = a.recovered(name)
         if rec is not None:
             d = a.vs_uniform[name]
