@@ -111,6 +111,8 @@ class DomainStats:
     sample_domain: np.ndarray | None = None  # [n] domain index of each probe sequence
     grad_var: np.ndarray | None = None  # [K] σ_k²: trace of the per-sequence gradient covariance (NaN: < 2 pieces)
     extra: dict = field(default_factory=dict)
+    """Loose facts about the step: "batch_sequences" (the global batch, sequences) always;
+    "sequences" ([K], the sequences behind the gradient statistics) with ``grad_var``."""
 
     def finite(self) -> bool:
         """True when every statistic of the present domains is finite."""

@@ -210,6 +210,7 @@ def test_training_batch_variance_equals_the_per_sequence_oracle(tmp_path, mode):
     checked = 0
     for d, rows in per_seq.items():
         pieces = [np.stack([g for j, g in rows if j == mb]) for mb in sorted({j for j, _ in rows})]
+        assert stats.extra["sequences"][d] == len(rows)
         if mode == "sequence":
             pieces = [g[None] for _, g in rows]
         if len(pieces) < 2:

@@ -106,6 +106,9 @@ class ProbeResult:
     """[K] σ_k², the per-sequence gradient variance of each domain (NaN with fewer than 2 pieces)."""
     pieces: np.ndarray | None = None
     """[K] how many pieces σ_k² was estimated from."""
+    sequences: np.ndarray | None = None
+    """[K] the sequences of each domain behind the statistics (with ``variance``): σ_k²/n_k is the
+    part of ‖g_k‖² that is sampling noise, E‖g_k‖² = ‖∇L_k‖² + σ_k²/n_k."""
     rows: torch.Tensor | None = None
     """[K, P] the reduced exact rows (``ProbeSpec.rows``): a view valid until the next step starts."""
 
@@ -855,7 +858,7 @@ class Probe:
             q, m = state.q.cpu().numpy()[train], state.m.cpu().numpy()[train]
             with np.errstate(invalid="ignore", divide="ignore"):
                 var = scale[train] ** 2 * (n**2 * q - n * squared[train]) / (m - 1)
-            out.grad_var, out.pieces = np.where(m >= 2, var, np.nan), m
+            out.grad_var, out.pieces, out.sequences = np.where(m >= 2, var, np.nan), m, n
         if spec.rows:
             out.rows = state.exact.rows
         return out

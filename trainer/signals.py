@@ -165,7 +165,10 @@ class Measurement:
         """``stats`` (global token counts) with the requested fields filled."""
         if self.req is None:
             return stats
-        return dataclasses.replace(stats, **self.signals._fields(self, stats.tokens, loss_weights, tokens_per_rank))
+        fields = self.signals._fields(self, stats.tokens, loss_weights, tokens_per_rank)
+        if "extra" in fields:
+            fields["extra"] = {**stats.extra, **fields["extra"]}
+        return dataclasses.replace(stats, **fields)
 
 
 NOTHING = Measurement()
@@ -559,6 +562,8 @@ class Signals:
                 result.gram = G if req.gram else None
                 result.norms = np.sqrt(np.diag(G)) if req.norms else None
             out.update(align=result.align, norms=result.norms, gram=result.gram, grad_var=result.grad_var)
+            if result.sequences is not None:
+                out["extra"] = {"sequences": result.sequences}
             if req.per_sample:
                 out.update(sample_align=result.align, sample_domain=sample_domain)
                 # equal-length sequences: a domain's token-mean gradient is the mean of its sequences'
