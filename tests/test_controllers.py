@@ -1,4 +1,5 @@
-"""DoGE, DGA, DoReMi and ODM against updates computed by hand from controllers.md's equations.
+"""DoGE, DGA, DoReMi and ODM against updates computed by hand from controllers.md's equations (PiKE
+and R&B: test_pike_rnb.py); the invariants at the end run over every online controller.
 
 Every expected value below is written out with numpy from the equations, never by calling the
 controllers' own helpers, on K = 3 domains with fixed statistics.
@@ -407,12 +408,19 @@ CONTROLLERS = {
     "doremi": {"reference": "runs/ref"},
     "doremi_resample": {"reference": "runs/ref", "mode": "resample"},
     "odm": {},
+    "pike": {"update_every": 2},
+    "pike_balanced": {"update_every": 1, "tau": 2.0, "floor": 0.1, "source": "in_batch"},
+    "pike_raw": {"update_every": 3, "normalise": "none", "zeta2": 0.5, "source": "probe_batch"},
+    "rnb": {"round_steps": 2},
+    "rnb_all": {"round_steps": 3, "params": "all", "lam": 2.0, "floor": 0.1},
 }
 NEEDS = {
     "doge": ("loss", "align", "norms", "ref_norms", "lr"),
     "dga": ("loss", "align", "norms", "ref_norms", "lr"),
     "doremi": ("loss", "excess_loss", "lr"),
     "odm": ("loss", "lr"),
+    "pike": ("loss", "norms", "grad_var", "lr"),
+    "rnb": ("loss", "gram", "lr"),
 }
 
 
@@ -429,7 +437,7 @@ def random_stats(step: int, rng: np.random.Generator, *, everyone: bool = False)
     def rows(x):
         return np.where(present.reshape(-1, *[1] * (x.ndim - 1)), x, NAN)
 
-    return DomainStats(
+    out = DomainStats(
         step=step,
         lr=float(rng.uniform(1e-4, 1e-2)),
         loss=rows(rng.uniform(1, 5, 3)),
@@ -439,6 +447,12 @@ def random_stats(step: int, rng: np.random.Generator, *, everyone: bool = False)
         norms=rows(rng.uniform(0.1, 10, 3)),
         excess_loss=rows(rng.uniform(0, 2, 3)),
     )
+    # PiKE's variances and batch size, R&B's Gram (NaN rows and columns for absent domains)
+    out.grad_var = rows(rng.uniform(0.1, 50, 3))
+    vectors = rng.normal(0, 1, (3, 4))
+    out.gram = np.where(np.outer(present, present), vectors @ vectors.T, NAN)
+    out.extra = {"batch_sequences": 8}
+    return out
 
 
 def drive(c, steps, rng, start=0):
@@ -476,7 +490,8 @@ def test_non_finite_step_changes_nothing(key):
         if field == "lr":
             bad.lr = NAN
         else:
-            getattr(bad, field)[0] = np.inf if field == "loss" else NAN
+            # an infinite σ² (a NaN one means too few pieces: PiKE leaves that domain out instead)
+            getattr(bad, field)[0] = np.inf if field in ("loss", "grad_var") else NAN
         before, weights, loss_weights = c.state_dict(), c.weights.copy(), c.loss_weights.copy()
         c.observe(bad)
         assert same_state(c.state_dict(), before), field
@@ -537,6 +552,21 @@ def test_state_dict_round_trip_is_bit_exact(key):
         ("odm", {"gamma": 1.0}, "mixture.gamma"),
         ("odm", {"warmup_steps": -1}, "mixture.warmup_steps"),
         ("odm", {"epsilon": 0.1}, "mixture.epsilon"),
+        ("pike", {"update_every": 0}, "mixture.update_every"),
+        ("pike", {"update_every": 2.5}, "mixture.update_every"),
+        ("pike", {"zeta1": -1.0}, "mixture.zeta1"),
+        ("pike", {"zeta2": "big"}, "mixture.zeta2"),
+        ("pike", {"normalise": "max"}, "mixture.normalise"),
+        ("pike", {"tau": -0.5}, "mixture.tau"),
+        ("pike", {"tau": float("inf")}, "mixture.tau"),
+        ("pike", {"floor": 1.5}, "mixture.floor"),
+        ("pike", {"source": "probe"}, "mixture.source"),
+        ("pike", {"probe_sequences": 0}, "mixture.probe_sequences"),
+        ("rnb", {"round_steps": 0}, "mixture.round_steps"),
+        ("rnb", {"round_steps": True}, "mixture.round_steps"),
+        ("rnb", {"lam": 0}, "mixture.lam"),
+        ("rnb", {"params": "last"}, "mixture.params"),
+        ("rnb", {"floor": -0.1}, "mixture.floor"),
     ],
 )
 def test_config_errors_name_the_knob(name, values, knob):
