@@ -16,7 +16,12 @@ values. Project choices:
 - ``normalise="mean"`` (default): S_a = mean over the present domains of y_k² a_k and S_v that of
   y_k² v_k/(2b), so each term is divided by its own mean over the domains. The step is then free of
   the scale of the gradients, of the learning rate and of the batch size (b cancels), the same
-  ζ1 = ζ2 = 1 mean the same thing on any model, and a domain at the mean of both terms stays put.
+  same ζ1 = ζ2 mean the same thing on any model, and a domain at the mean of both terms stays put.
+- Defaults ζ1 = ζ2 = 0.1: the normalised terms, measured on a few sequences per domain, carry a
+  sampling spread of order 1 per update, so a unit step makes the weights a random walk (in the
+  study, ζ = 1 swung single domains to 0.5-0.6 and back within 150 steps); see ``zeta1``.
+- ``debias`` (default on): a_k = ‖g_k‖² − σ̂_k²/n_k, floored at 0, an unbiased estimate of
+  ‖∇L_k‖² (the measured squared norm of a mean over n_k sequences has σ_k²/n_k of noise in it).
   ``normalise="none"``: S_a = S_v = 1, the paper's raw constants (retune per run). A normaliser of
   0 (every present domain's term is 0) makes that term 0.
 - Balanced-PiKE (``tau`` > 0): the tilted objective (1/τ) log Σ_k exp(τ L_k) is realised as
@@ -60,10 +65,18 @@ class PikeConfig:
     """Registry name."""
     update_every: int = 10
     """T0: the weights are updated on every T0-th step (the paper's re-estimation interval)."""
-    zeta1: float = 1.0
-    """ζ1, the weight of the descent term y_k² ‖∇L_k‖² (over its mean across domains by default)."""
-    zeta2: float = 1.0
+    zeta1: float = 0.1
+    """ζ1, the weight of the descent term y_k² ‖∇L_k‖² (over its mean across domains by default).
+    With a few sequences per domain per step each normalised term has a sampling spread of order 1,
+    so one update's log-step carries noise of order ζ: at 0.1 that noise adds up to a spread of
+    about 0.1·√U after U updates (0.4 after 15), while a consistent signal moves a weight by e^{0.1 U}."""
+    zeta2: float = 0.1
     """ζ2, the weight of the noise term y_k² σ_k²/(2b) (over its mean across domains by default)."""
+    debias: bool = True
+    """Estimate ‖∇L_k‖² without its sampling noise: the measured squared norm of a mean over n_k
+    sequences is ‖∇L_k‖² + σ_k²/n_k in expectation, so σ̂_k²/n_k is subtracted (floored at 0;
+    n_k from ``DomainStats.extra["sequences"]``). False: the measured squared norm, which favours
+    the domains with the fewest sequences in the batch."""
     normalise: str = "mean"
     """"mean": divide each term by its mean over the present domains (scale-free across models, LRs
     and batch sizes; the paper gives no universal ζ); "none": the paper's raw step."""
@@ -112,6 +125,17 @@ def batch_sequences(stats, controller: str) -> float:
     if not (isinstance(b, numbers.Real) and not isinstance(b, bool) and math.isfinite(b) and b > 0):
         raise ValueError(f"{where} DomainStats.extra['batch_sequences']={b!r}, not a number > 0")
     return float(b)
+
+
+def sequences(stats, controller: str) -> np.ndarray:
+    """n_k, the sequences behind each domain's gradient statistics (``DomainStats.extra``)."""
+    n = stats.extra.get("sequences")
+    if n is None:
+        raise ValueError(
+            f"{controller}: step {stats.step} has no DomainStats.extra['sequences'] (per-domain sequences "
+            "behind the variances), which mixture.debias needs"
+        )
+    return np.asarray(n, dtype=np.float64)
 
 
 @register
@@ -165,8 +189,11 @@ class PiKE(LearnedMixture):
             return
         y = self._tilted(np.asarray(stats.loss, dtype=np.float64), np.asarray(stats.tokens))
         y2 = np.where(present, y**2, 0.0)
-        with np.errstate(over="ignore", invalid="ignore"):
-            descent = np.where(present, y2 * norms**2, 0.0)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            squared = norms**2
+            if cfg.debias:
+                squared = np.maximum(squared - np.maximum(grad_var, 0.0) / sequences(stats, self.name), 0.0)
+            descent = np.where(present, y2 * squared, 0.0)
             noise = np.where(present, y2 * np.maximum(grad_var, 0.0) / (2.0 * b), 0.0)
             if cfg.normalise == "mean":
                 s_a, s_v = descent[present].mean(), noise[present].mean()

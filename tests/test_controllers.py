@@ -451,7 +451,7 @@ def random_stats(step: int, rng: np.random.Generator, *, everyone: bool = False)
     out.grad_var = rows(rng.uniform(0.1, 50, 3))
     vectors = rng.normal(0, 1, (3, 4))
     out.gram = np.where(np.outer(present, present), vectors @ vectors.T, NAN)
-    out.extra = {"batch_sequences": 8}
+    out.extra = {"batch_sequences": 8, "sequences": rng.integers(1, 9, 3).astype(float)}
     return out
 
 

@@ -21,16 +21,26 @@ NAN = float("nan")
 CONF = Path(__file__).resolve().parents[1] / "trainer" / "conf"
 
 
-def stats(step=9, lr=1e-3, loss=(2.0, 3.0, 4.0), tokens=(100, 100, 100), batch=4, **kw) -> DomainStats:
+def stats(step=9, lr=1e-3, loss=(2.0, 3.0, 4.0), tokens=(100, 100, 100), batch=4, sequences=None, **kw) -> DomainStats:
     arrays = {k: None if v is None else np.asarray(v, dtype=np.float64) for k, v in kw.items()}
     return DomainStats(
         step=step,
         lr=lr,
         loss=np.asarray(loss, dtype=np.float64),
         tokens=np.asarray(tokens, dtype=np.float64),
-        extra={} if batch is None else {"batch_sequences": batch},
+        extra=({} if batch is None else {"batch_sequences": batch})
+        | ({} if sequences is None else {"sequences": np.asarray(sequences, dtype=np.float64)}),
         **arrays,
     )
+
+
+PAPER = {"zeta1": 1.0, "zeta2": 1.0, "debias": False}
+"""The bare equation of the paper (unit constants, the measured squared norm), which the hand
+computations below write out; the project defaults are tested apart."""
+
+
+def pike(values: dict):
+    return build_controller("pike", DOMAINS, {**PAPER, **values})
 
 
 def softmax(z):
@@ -46,19 +56,19 @@ def same_state(a: dict, b: dict) -> bool:
 
 
 def test_pike_requests_only_on_update_steps():
-    c = build_controller("pike", DOMAINS, {})
+    c = pike({})
     assert c.adaptive and not c.accumulates
     for step in (0, 1, 8, 10, 18):
         assert c.request(step) == Request()
     for step in (9, 19):
         assert c.request(step) == Request(norms=True, grad_var=True, source="auto", probe_sequences=16)
-    custom = build_controller("pike", DOMAINS, {"update_every": 3, "source": "in_batch", "probe_sequences": 4})
+    custom = pike({"update_every": 3, "source": "in_batch", "probe_sequences": 4})
     assert [s for s in range(9) if custom.request(s).grad_var] == [2, 5, 8]
     assert custom.request(5) == Request(norms=True, grad_var=True, source="in_batch", probe_sequences=4)
 
 
 def test_pike_between_updates_nothing_changes():
-    c = build_controller("pike", DOMAINS, {})
+    c = pike({})
     before = c.state_dict()
     c.observe(stats(step=3))  # no gradient statistics on a non-update step: no error either
     c.observe(stats(step=4, norms=[9.0, 1.0, 1.0], grad_var=[1.0, 1.0, 1.0]))
@@ -66,7 +76,7 @@ def test_pike_between_updates_nothing_changes():
 
 
 def test_pike_update_by_hand_mean_normalised():
-    c = build_controller("pike", DOMAINS, {"zeta1": 2.0, "zeta2": 0.5})
+    c = pike({"zeta1": 2.0, "zeta2": 0.5})
     c.observe(stats(norms=[1.0, 2.0, 3.0], grad_var=[8.0, 4.0, 20.0], batch=4))
     a = np.array([1.0, 4.0, 9.0])  # ‖∇L_k‖²
     noise = np.array([8.0, 4.0, 20.0]) / (2 * 4)  # σ_k²/(2b) = 1, 0.5, 2.5
@@ -84,7 +94,7 @@ def test_pike_update_by_hand_mean_normalised():
 
 
 def test_pike_update_by_hand_raw_constants():
-    c = build_controller("pike", DOMAINS, {"normalise": "none", "zeta1": 10.0, "zeta2": 2.0, "floor": 0.3})
+    c = pike({"normalise": "none", "zeta1": 10.0, "zeta2": 2.0, "floor": 0.3})
     c.observe(stats(norms=[0.1, 0.2, 0.3], grad_var=[0.8, 0.4, 2.0], batch=4))
     step = 10.0 * np.array([0.01, 0.04, 0.09]) - 2.0 * np.array([0.8, 0.4, 2.0]) / 8
     w = softmax(np.log(U) + step)
@@ -95,7 +105,7 @@ def test_pike_update_by_hand_raw_constants():
 
 def test_balanced_pike_by_hand():
     tau = 1.5
-    c = build_controller("pike", DOMAINS, {"tau": tau})
+    c = pike({"tau": tau})
     assert np.array_equal(c.loss_weights, np.ones(3))
     loss = np.array([2.0, 3.0, 4.0])
     c.observe(stats(loss=loss, norms=[1.0, 2.0, 3.0], grad_var=[8.0, 4.0, 20.0], batch=4))
@@ -117,7 +127,7 @@ def test_balanced_pike_by_hand():
 
 def test_balanced_pike_raw_constants_carry_y_squared():
     tau = 0.5
-    c = build_controller("pike", DOMAINS, {"tau": tau, "normalise": "none"})
+    c = pike({"tau": tau, "normalise": "none"})
     loss = np.array([1.0, 2.0, 4.0])
     c.observe(stats(loss=loss, norms=[0.5, 0.5, 0.5], grad_var=[0.4, 0.8, 1.6], batch=2))
     y = 3 * softmax(tau * loss)
@@ -128,7 +138,7 @@ def test_balanced_pike_raw_constants_carry_y_squared():
 
 def test_pike_absent_domain_keeps_its_weight_and_y():
     tau = 1.0
-    c = build_controller("pike", DOMAINS, {"source": "in_batch", "tau": tau})
+    c = pike({"source": "in_batch", "tau": tau})
     c.observe(
         stats(
             loss=[1.0, 2.0, NAN],
@@ -153,7 +163,7 @@ def test_pike_absent_domain_keeps_its_weight_and_y():
 def test_pike_probe_batch_scores_a_domain_outside_the_batch():
     """With probe batches a domain the sampler left out still has norms and variances: it takes
     part in the PiKE step; its y (no training loss this step) is kept."""
-    c = build_controller("pike", DOMAINS, {"source": "probe_batch", "tau": 1.0})
+    c = pike({"source": "probe_batch", "tau": 1.0})
     c.observe(stats(loss=[1.0, 3.0, NAN], tokens=[50, 50, 0], norms=[1.0, 1.0, 2.0], grad_var=[1.0, 1.0, 1.0]))
     y = np.array([*(2 * softmax(np.array([1.0, 3.0]))), 1.0])
     a, noise = y**2 * np.array([1.0, 1.0, 4.0]), y**2
@@ -161,7 +171,7 @@ def test_pike_probe_batch_scores_a_domain_outside_the_batch():
     assert np.allclose(c.weights, softmax(np.log(U) + step), rtol=1e-12, atol=0)
     assert np.allclose(c.loss_weights, y, rtol=1e-12, atol=0)
     # A domain whose rows are all NaN is absent even with probe batches.
-    d = build_controller("pike", DOMAINS, {"source": "probe_batch"})
+    d = pike({"source": "probe_batch"})
     d.observe(stats(norms=[1.0, 2.0, NAN], grad_var=[1.0, 1.0, NAN]))
     assert d.weights[2] == pytest.approx(1 / 3, abs=1e-15) and d.weights[1] > d.weights[0]
 
@@ -169,7 +179,7 @@ def test_pike_probe_batch_scores_a_domain_outside_the_batch():
 def test_pike_nan_variance_domain_sits_out_the_update():
     """σ_k² NaN (fewer than two pieces) with a finite norm: that domain is absent for the update,
     the others still update (means over them alone)."""
-    c = build_controller("pike", DOMAINS, {})
+    c = pike({})
     c.observe(stats(norms=[1.0, 5.0, 2.0], grad_var=[2.0, NAN, 6.0], batch=4))
     a, noise = np.array([1.0, 4.0]), np.array([2.0, 6.0]) / 8
     step = a / a.mean() - noise / noise.mean()
@@ -178,7 +188,7 @@ def test_pike_nan_variance_domain_sits_out_the_update():
     assert np.allclose(c.weights, [present[0], 1 / 3, present[1]], rtol=1e-12, atol=0)
     assert c.weights[1] == pytest.approx(1 / 3, abs=1e-15)
     # Every variance unknown: no update at all (and nothing recorded in the average).
-    d = build_controller("pike", DOMAINS, {})
+    d = pike({})
     before = d.state_dict()
     d.observe(stats(norms=[1.0, 5.0, 2.0], grad_var=[NAN, NAN, NAN]))
     assert same_state(d.state_dict(), before)
@@ -197,7 +207,7 @@ def test_pike_nan_variance_domain_sits_out_the_update():
     ],
 )
 def test_pike_non_finite_step_changes_nothing(change):
-    c = build_controller("pike", DOMAINS, {"tau": 1.0})
+    c = pike({"tau": 1.0})
     c.observe(stats(norms=[1.0, 2.0, 3.0], grad_var=[1.0, 2.0, 3.0]))
     before, weights, lw = c.state_dict(), c.weights.copy(), c.loss_weights.copy()
     good = dict(step=19, norms=[1.0, 2.0, 2.0], grad_var=[1.0, 1.0, 3.0])
@@ -209,18 +219,18 @@ def test_pike_non_finite_step_changes_nothing(change):
 
 
 def test_pike_zero_normaliser_drops_that_term():
-    c = build_controller("pike", DOMAINS, {})
+    c = pike({})
     c.observe(stats(norms=[1.0, 2.0, 3.0], grad_var=[0.0, 0.0, 0.0]))  # no noise at all
     a = np.array([1.0, 4.0, 9.0])
     assert np.allclose(c.weights, softmax(a / a.mean()), rtol=1e-12, atol=0)
-    d = build_controller("pike", DOMAINS, {})
+    d = pike({})
     d.observe(stats(norms=[0.0, 0.0, 0.0], grad_var=[1.0, 2.0, 3.0]))  # a zero gradient everywhere
     noise = np.array([1.0, 2.0, 3.0]) / 8
     assert np.allclose(d.weights, softmax(-noise / noise.mean()), rtol=1e-12, atol=0)
 
 
 def test_pike_needs_the_batch_size_and_its_statistics():
-    c = build_controller("pike", DOMAINS, {})
+    c = pike({})
     with pytest.raises(ValueError, match=r"batch_sequences"):
         c.observe(stats(norms=[1.0, 1.0, 1.0], grad_var=[1.0, 1.0, 1.0], batch=None))
     with pytest.raises(ValueError, match=r"batch_sequences"):
@@ -235,8 +245,8 @@ def test_pike_noisy_domain_loses_weight():
     The noisy domain's weight falls update after update; without the noise term (ζ2 = 0) it
     would not."""
     rng = np.random.default_rng(0)
-    c = build_controller("pike", DOMAINS, {})
-    ablated = build_controller("pike", DOMAINS, {"zeta2": 0.0})
+    c = pike({})
+    ablated = pike({"zeta2": 0.0})
     trajectory = []
     for t in range(30):
         s = stats(
@@ -254,7 +264,7 @@ def test_pike_noisy_domain_loses_weight():
 
 
 def test_pike_high_norm_domain_gains_weight():
-    c = build_controller("pike", DOMAINS, {})
+    c = pike({})
     for t in range(10):
         c.observe(stats(step=10 * t + 9, norms=[1.0, 1.0, 2.0], grad_var=[1.0, 1.0, 1.0]))
     assert c.weights[2] > 0.9
@@ -385,6 +395,7 @@ def test_rnb_opposing_domain_loses_weight():
                 loss=rng.uniform(1, 4, 3),
                 norms=rng.uniform(0.5, 2, 3),
                 grad_var=rng.uniform(0.5, 5, 3),
+                sequences=rng.integers(1, 9, 3),
             ),
         ),
         (
@@ -430,3 +441,21 @@ def test_hydra_config_file_selects_the_defaults(name):
     defaults = {f.name: f.default for f in dataclasses.fields(REGISTRY[name].Config)}
     assert mixture == {**defaults, "name": name}
     build_controller(name, DOMAINS, {k: v for k, v in mixture.items() if k != "name"})
+
+
+def test_pike_defaults_debias_the_squared_norm_and_take_tenth_steps():
+    """The defaults: ζ1 = ζ2 = 0.1 and a_k = ‖g_k‖² − σ̂_k²/n_k (floored at 0), n_k the sequences
+    behind domain k's statistics."""
+    c = build_controller("pike", DOMAINS, {})
+    assert (c.cfg.zeta1, c.cfg.zeta2, c.cfg.debias) == (0.1, 0.1, True)
+    st = stats(norms=[1.0, 2.0, 3.0], grad_var=[8.0, 4.0, 20.0], batch=4)
+    st.extra["sequences"] = np.array([4.0, 2.0, 1.0])
+    c.observe(st)
+    a = np.maximum(np.array([1.0, 4.0, 9.0]) - np.array([8.0, 4.0, 20.0]) / np.array([4.0, 2.0, 1.0]), 0.0)
+    assert np.array_equal(a, [0.0, 2.0, 0.0])  # the first and last are all noise
+    noise = np.array([1.0, 0.5, 2.5])
+    step = 0.1 * a / a.mean() - 0.1 * noise / noise.mean()
+    assert np.allclose(c.weights, softmax(np.log(U) + step), rtol=1e-12, atol=0)
+    missing = build_controller("pike", DOMAINS, {})
+    with pytest.raises(ValueError, match=r"extra\['sequences'\]"):
+        missing.observe(stats(norms=[1.0, 2.0, 3.0], grad_var=[8.0, 4.0, 20.0], batch=4))

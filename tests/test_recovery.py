@@ -104,3 +104,56 @@ def test_dga_moves_weight_onto_the_domain_the_target_comes_from(data, tmp_path):
     )
     words = result.domains.index("words")
     assert result.final_weights[words] > 0.5, dict(zip(result.domains, result.final_weights))
+
+
+def test_pike_moves_weight_off_the_high_variance_noise_domain(data, tmp_path):
+    """Random printable characters: the largest per-sequence gradient variance for the least mean
+    gradient (nothing beyond character frequencies to learn), so PiKE's noise term outweighs its
+    descent term there at every update."""
+    result = run(
+        tiny_config(
+            data,
+            tmp_path / "pike",
+            **MODEL,
+            **{
+                "train.steps": 60,
+                "train.lr": 5e-3,
+                "train.micro_batch": 8,
+                "data.steps_per_shard": 2,
+                "mixture": {"name": "pike", "update_every": 2},
+            },
+        )
+    )
+    var = _mean_by_domain(tmp_path / "pike", "probe/grad_var", result.domains)
+    noise = result.domains.index("noise")
+    weights = dict(zip(result.domains, result.final_weights))
+    assert int(np.argmin(result.final_weights)) == noise, weights
+    assert result.final_weights[noise] < 0.10, (weights, var)
+
+
+def test_rnb_moves_weight_off_the_domain_whose_gradient_opposes_the_rest(tmp_path):
+    """abc and abc2 (one pattern of letters) and words (letters and spaces) against counting (digits
+    and spaces): its last-block gradient pushes up the digits the others push down (cosines about
+    -0.35 with abc in the first round), so its score (G p)_i is the lowest and it loses its weight,
+    while the two domains that agree with each other gain."""
+    kinds = {"abc": "abc", "abc2": "abc", "words": "words", "counting": "counting"}
+    data = make_shardset(tmp_path / "data", kinds=kinds, n_docs=60, targets={})
+    result = run(
+        tiny_config(
+            data,
+            tmp_path / "rnb",
+            **MODEL,
+            **{
+                "train.steps": 40,
+                "train.lr": 5e-3,
+                "train.micro_batch": 8,
+                "data.steps_per_shard": 2,
+                "mixture": {"name": "rnb", "round_steps": 4},
+            },
+        )
+    )
+    weights = dict(zip(result.domains, result.final_weights))
+    average = dict(zip(result.domains, result.average_weights))
+    assert min(average, key=average.get) == "counting", average
+    assert weights["counting"] < 0.05, weights
+    assert weights["abc"] + weights["abc2"] > 0.8, weights
