@@ -130,30 +130,3 @@ def test_pike_moves_weight_off_the_high_variance_noise_domain(data, tmp_path):
     assert int(np.argmin(result.final_weights)) == noise, weights
     assert result.final_weights[noise] < 0.10, (weights, var)
 
-
-def test_rnb_moves_weight_off_the_domain_whose_gradient_opposes_the_rest(tmp_path):
-    """abc and abc2 (one pattern of letters) and words (letters and spaces) against counting (digits
-    and spaces): its last-block gradient pushes up the digits the others push down (cosines about
-    -0.35 with abc in the first round), so its score (G p)_i is the lowest and it loses its weight,
-    while the two domains that agree with each other gain."""
-    kinds = {"abc": "abc", "abc2": "abc", "words": "words", "counting": "counting"}
-    data = make_shardset(tmp_path / "data", kinds=kinds, n_docs=60, targets={})
-    result = run(
-        tiny_config(
-            data,
-            tmp_path / "rnb",
-            **MODEL,
-            **{
-                "train.steps": 40,
-                "train.lr": 5e-3,
-                "train.micro_batch": 8,
-                "data.steps_per_shard": 2,
-                "mixture": {"name": "rnb", "round_steps": 4},
-            },
-        )
-    )
-    weights = dict(zip(result.domains, result.final_weights))
-    average = dict(zip(result.domains, result.average_weights))
-    assert min(average, key=average.get) == "counting", average
-    assert weights["counting"] < 0.05, weights
-    assert weights["abc"] + weights["abc2"] > 0.8, weights
