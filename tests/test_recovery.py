@@ -129,4 +129,3 @@ def test_pike_moves_weight_off_the_high_variance_noise_domain(data, tmp_path):
     weights = dict(zip(result.domains, result.final_weights))
     assert int(np.argmin(result.final_weights)) == noise, weights
     assert result.final_weights[noise] < 0.10, (weights, var)
-
