@@ -64,7 +64,9 @@ class PikeConfig:
     name: str = "pike"
     """Registry name."""
     update_every: int = 10
-    """T0: the weights are updated on every T0-th step (the paper's re-estimation interval)."""
+    """T0: the weights are updated on every T0-th step (the paper's re-estimation interval; it gives
+    no value). 10, as DGA's T_r: the statistics are measured on update steps only, so their cost
+    (per-sequence pieces, or a probe batch when the batch misses a domain) is spread over T0 steps."""
     zeta1: float = 0.1
     """ζ1, the weight of the descent term y_k² ‖∇L_k‖² (over its mean across domains by default).
     With a few sequences per domain per step each normalised term has a sampling spread of order 1,
