@@ -55,6 +55,8 @@ CONTROLLERS = {
     "odm": {"name": "odm"},
     "doremi": {"name": "doremi"},  # reference: the bench's static run, checkpointed at step 5
     "pike": {"name": "pike"},
+    # the training batch only: a domain it misses sits the update out instead of costing a probe batch
+    "pike_in_batch": {"name": "pike", "source": "in_batch"},
     "rnb": {"name": "rnb"},
 }
 PARTS = {
