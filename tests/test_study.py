@@ -174,13 +174,14 @@ def test_study_end_to_end(tmp_path):
     assert json.loads((out / "proxies" / "random_best.json").read_text()) in draws
     # one multirun: every condition, one seed (--quick), each a finished run with its per-sequence evaluation
     jobs = sorted(p for p in (out / "main").iterdir() if p.is_dir() and p.name.isdigit())
-    assert len(jobs) == 11 and all((j / "weights.json").is_file() and (j / SEQUENCES).is_file() for j in jobs)
+    assert len(jobs) == 13 and all((j / "weights.json").is_file() and (j / SEQUENCES).is_file() for j in jobs)
     table = (out / "study.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert len(rows) == 11 and {r.split(" | ")[1] for r in rows} >= {"uniform", "oracle", "dga_humaneval", "unimax"}
+    names = {r.split(" | ")[1] for r in rows}
+    assert len(rows) == 13 and names >= {"uniform", "oracle", "dga_humaneval", "pike", "rnb"}
     assert "noise weight of doge" in table and "DGA → humaneval" in table
     assert (out / "compare.md").is_file() and (out / "study_delta.png").is_file()
     # a second call finds everything finished and only redoes the comparison
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "finished already" in again.stdout
-    assert "all 11 runs finished already" in again.stdout
+    assert "all 13 runs finished already" in again.stdout
