@@ -623,6 +623,11 @@ class Probe:
         self._workspace: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> the layers' buffer for dense pieces
         self._warned = False
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are FSDP2 shards (autograd.grad cannot reach them)."""
+        return self._sharded
+
     def attach(self) -> None:
         """Point this probe's layers at it again (after another probe on the same model used them)."""
         for m in self._layers:

@@ -413,7 +413,15 @@ class Signals:
             return NOTHING
         source = req.source
         if source == "auto":
-            source = "in_batch" if batch_counts is not None and np.all(np.asarray(batch_counts) > 0) else "probe_batch"
+            every = batch_counts is not None and np.all(np.asarray(batch_counts) > 0)
+            # a sharded model (FSDP2) takes no probe batch: a domain the batch misses sits the step out
+            source = "in_batch" if every or self.probe.sharded else "probe_batch"
+        if source == "probe_batch" and self.probe.sharded:
+            raise ConfigError(
+                "a probe batch (mixture.source=probe_batch) is not supported on engine=fsdp: autograd "
+                "cannot reach its sharded parameters; set mixture.source=in_batch or auto (the training "
+                "batch; a domain it misses sits the update out)"
+            )
         m = Measurement(req=req, source=source, step=step, signals=self)
         if req.ref_model_loss:
             if self.reference is None:
