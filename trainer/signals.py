@@ -212,10 +212,8 @@ class GradientRound(Callback):
     def add(self, rows: torch.Tensor, factor: np.ndarray, tokens: np.ndarray) -> None:
         """Add one step's reduced rows times ``factor`` (per domain: rows -> token sums)."""
         part = rows * torch.as_tensor(factor, dtype=rows.dtype, device=rows.device).unsqueeze(1)
-        if self.sum is None or self.sum.shape != part.shape:
-            self.sum = part.clone()
-        else:
-            self.sum = self.sum.to(part.device).add_(part)
+        # a sum loaded from a checkpoint is on the CPU until the first step adds to it
+        self.sum = part if self.sum is None else self.sum.to(part.device).add_(part)
         self.tokens = self.tokens + tokens
         self.steps += 1
 
@@ -445,7 +443,7 @@ class Signals:
         fused = ProbeSpec(
             norms=True, gram=True, micro_batches=self._micro_batches(req, source), extra_groups=len(names)
         )
-        if not (rows or req.grad_var or probe is not self.probe) and self._fuses(req, source, fused):
+        if self._fuses(req, source, fused):
             # the references as rows of the training micro-batch: one forward/backward, their
             # alignments and norms Gram entries (finish); nothing gradient-sized is kept
             n = self._ref_count(req)
@@ -472,10 +470,13 @@ class Signals:
     def _fuses(self, req: Request, source: str, spec: ProbeSpec) -> bool:
         """Whether this step's references ride in the training micro-batch: alignments with norms
         (DoGE, DGA) measured in the training batch by the direct tier, on an engine that takes
-        reference rows; not with Adam-preconditioned references (D⁻¹r is no gradient of a batch)."""
+        reference rows; not with Adam-preconditioned references (D⁻¹r is no gradient of a batch), nor
+        with variances (the fused spec has none). Alignments already rule out the scoped probe and
+        gradient rounds (both refused with them)."""
         return (
             source == "in_batch"
             and bool(req.align)
+            and not req.grad_var
             and (req.norms or req.gram)
             and not req.precondition
             and not req.per_sample
